@@ -1,0 +1,112 @@
+"""Model configuration: one dataclass for the caption model, its named presets, and JSON I/O.
+
+The JSON form is the seed's: ``embed_dim, num_heads, depth, image_size, max_text_tokens,
+vision{DINOv3ViTConfig kwargs}`` (see ``../shared/fixtures/seed-tiny/config.json``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Tokenizer facts of the seed (BERT-uncased vocabulary + five added special tokens).
+BASE_VOCAB_SIZE = 30522
+SPECIAL_TOKENS = ("[IMG_START]", "[IMG_END]", "[DESCRIPTIVE]", "[NARRATIVE]", "[CONCISE]")
+PAD_ID, CLS_ID, SEP_ID = 0, 101, 102
+IMG_START_ID, IMG_END_ID = BASE_VOCAB_SIZE, BASE_VOCAB_SIZE + 1
+STYLE_TOKEN_IDS = {"descriptive": BASE_VOCAB_SIZE + 2, "narrative": BASE_VOCAB_SIZE + 3, "concise": BASE_VOCAB_SIZE + 4}
+
+# DINOv3 prepends one CLS token and `num_register_tokens` registers to the patch tokens.
+PATCH_UNSHUFFLE = 2
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    hidden_size: int = 384
+    intermediate_size: int = 1536
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 6
+    num_register_tokens: int = 4
+    use_gated_mlp: bool = True
+    hidden_act: str = "silu"
+    patch_size: int = 16
+
+
+@dataclass(frozen=True)
+class CaptionConfig:
+    embed_dim: int = 768
+    num_heads: int = 12
+    depth: int = 12
+    image_size: int = 384
+    max_text_tokens: int = 128
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    ffn_multiplier: int = 3
+    rope_base: float = 10000.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the token table: base vocabulary plus the added special tokens."""
+        return BASE_VOCAB_SIZE + len(SPECIAL_TOKENS)
+
+    @property
+    def output_size(self) -> int:
+        """The output layer predicts only base-vocabulary tokens."""
+        return BASE_VOCAB_SIZE
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.vision.patch_size
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Projected image tokens after PixelUnshuffle(2)."""
+        return (self.grid_size // PATCH_UNSHUFFLE) ** 2
+
+    @property
+    def prefix_len(self) -> int:
+        """`[IMG_START]` + image tokens + `[IMG_END]`: the positions shared by every style."""
+        return self.num_image_tokens + 2
+
+    @property
+    def max_seq_len(self) -> int:
+        """Prefix, style token, `[CLS]` and up to `max_text_tokens` generated tokens."""
+        return self.prefix_len + 2 + self.max_text_tokens
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "CaptionConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(raw) - known
+        if unknown:
+            raise ValueError(f"unknown model config fields: {sorted(unknown)}")
+        values = dict(raw)
+        values["vision"] = VisionConfig(**raw.get("vision", {}))
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "CaptionConfig":
+        try:
+            raw = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"cannot read model config {path}: {exc}") from exc
+        return cls.from_dict(raw)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+PRESETS = {
+    "seed-full": CaptionConfig(),
+    "seed-tiny": CaptionConfig(
+        embed_dim=64, num_heads=4, depth=2, image_size=64, max_text_tokens=40,
+        vision=VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
+    ),
+}
