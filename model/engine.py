@@ -1,0 +1,211 @@
+"""The fast batched generation engine.
+
+For a batch of images and caption plans:
+1. encode every image once (the vision encoder, optionally `torch.compile`d);
+2. prefill each image's 146 prefix positions once: they never attend to the style token, so
+   their keys/values are the same for every style and caption;
+3. prefill `[style] [CLS]` once per (image, style) group on top of that prefix; its logits
+   give the first token of every caption of the group;
+4. decode all caption rows together against a static, preallocated KV cache, one compiled
+   step at a time, with per-row sampling parameters as tensors (`model/sampling.py`).
+The host synchronises only every `sync_every` steps to see whether every row has ended;
+then finished rows are dropped from the batch (compaction) when that halves its size.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .captioner import CaptionModel
+from .checkpoint import load_model
+from .config import PRESETS, SEP_ID, STYLE_TOKEN_IDS, CaptionConfig
+from .kv_cache import GroupKV, KVCache, PrefixKV
+from .sampling import RowParams, TokenState, make_row_params, select_next
+from .styles import STYLES, CaptionPlan, response_key
+from .text import tidy_caption
+from .tokenizer import VOCAB_PATH, Vocabulary
+
+ROW_KEY_STRIDE = 64  # row key = style index * stride + caption index (captions per style < stride)
+STATIC_ROW_BUCKETS = (8, 16, 32, 64, 128, 256, 512)
+
+
+@dataclass(frozen=True)
+class Row:
+    image: int
+    group: int
+    style: str
+
+
+def plan_rows(plans: list[CaptionPlan]) -> tuple[list[Row], list[tuple[int, str]], list[dict]]:
+    """Expand plans into caption rows, (image, style) groups and per-row sampling settings."""
+    rows, groups, settings = [], [], []
+    for image, plan in enumerate(plans):
+        seed = plan.seed if plan.seed is not None else secrets.randbits(63)
+        for style in plan.styles:
+            groups.append((image, style))
+            sampling = plan.sampling[style]
+            for caption in range(plan.num_captions[style]):
+                rows.append(Row(image, len(groups) - 1, style))
+                settings.append(
+                    dict(
+                        temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                        repetition_penalty=sampling.repetition_penalty, ngram=sampling.no_repeat_ngram_size,
+                        seed=seed, row_key=STYLES.index(style) * ROW_KEY_STRIDE + caption,
+                        max_new_tokens=plan.max_new_tokens,
+                    )
+                )
+    return rows, groups, settings
+
+
+def decode_step(model: CaptionModel, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
+    """Feed one token per row at `cache.position`: tokens (R,) -> next-token logits (R, V) float32."""
+    x = model.token_embeddings(tokens)[:, None]  # (R, 1, D)
+    cos, sin = model.rope(cache.position)
+    hidden = model.text_transformer(x, cos, sin, cache.decode_mask(), kv=cache)
+    return model.text_transformer.logits(hidden[:, -1]).float()
+
+
+def cut_at_end(ids: list[int]) -> list[int]:
+    return ids[: ids.index(SEP_ID)] if SEP_ID in ids else ids
+
+
+class CaptionEngine:
+    def __init__(self, model: CaptionModel, vocab: Vocabulary, *, compile_encoder=False, compile_decode=False,
+                 sync_every: int = 8):
+        self.model, self.vocab, self.config = model, vocab, model.config
+        self.device = model.token_embeddings.weight.device
+        self.dtype = model.token_embeddings.weight.dtype
+        self.sync_every = sync_every
+        self.static_shapes = compile_decode  # CUDA graphs need fixed shapes and addresses
+        self.encoder = torch.compile(model.encode_images) if compile_encoder else model.encode_images
+        self.step = (
+            torch.compile(decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+            if compile_decode else decode_step
+        )
+        self.last_stats: dict = {}
+
+    @classmethod
+    def from_files(cls, weights, *, config=None, vocab=None, device="cpu", dtype=torch.float32, **options):
+        if config is None:
+            config = PRESETS["seed-full"]
+        elif not isinstance(config, CaptionConfig):
+            config = CaptionConfig.from_json(config)
+        model = load_model(weights, config, device=torch.device(device), dtype=dtype)
+        return cls(model, Vocabulary(Path(vocab) if vocab else VOCAB_PATH), **options)
+
+    @contextmanager
+    def _timed(self, name: str):
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.last_stats[name] = self.last_stats.get(name, 0.0) + (time.perf_counter() - start) * 1e3
+
+    # -- phases -----------------------------------------------------------------------------
+
+    def prefill_prefix(self, pixel_values: torch.Tensor) -> PrefixKV:
+        """Encode images and run their prefix positions through the decoder once."""
+        with self._timed("encode_ms"):
+            image_tokens = self.encoder(pixel_values.to(self.device))
+        with self._timed("prefill_ms"):
+            prefix = self.model.prefix_embeddings(image_tokens)
+            cos, sin = self.model.rope(torch.arange(prefix.shape[1], device=self.device))
+            kv = PrefixKV()
+            self.model.text_transformer(prefix, cos, sin, mask=None, kv=kv)
+        return kv
+
+    def prefill_groups(self, prefix: PrefixKV, groups: list[tuple[int, str]]) -> tuple[GroupKV, torch.Tensor]:
+        """`[style] [CLS]` for each (image, style) group -> its keys/values and first-token logits (G, V)."""
+        with self._timed("prefill_ms"):
+            image_index = torch.tensor([image for image, _ in groups], device=self.device)
+            style_ids = torch.tensor([STYLE_TOKEN_IDS[style] for _, style in groups], device=self.device)
+            cls_ids = torch.full_like(style_ids, self.vocab.ids["[CLS]"])
+            x = self.model.token_embeddings(torch.stack((style_ids, cls_ids), dim=1))  # (G, 2, D)
+            start = self.config.prefix_len
+            cos, sin = self.model.rope(torch.arange(start, start + 2, device=self.device))
+            mask = torch.ones(2, start + 2, dtype=torch.bool, device=self.device)
+            mask[0, -1] = False  # the style token does not see `[CLS]`
+            kv = GroupKV(prefix, image_index)
+            hidden = self.model.text_transformer(x, cos, sin, mask=mask, kv=kv)
+            logits = self.model.text_transformer.logits(hidden[:, -1]).float()
+        return kv, logits
+
+    def _rows_for_cache(self, count: int) -> int:
+        if not self.static_shapes:
+            return count
+        return next((b for b in STATIC_ROW_BUCKETS if b >= count), count)
+
+    @torch.inference_mode()
+    def generate(self, pixel_values: torch.Tensor, plans: list[CaptionPlan]) -> tuple[list[Row], list[list[int]]]:
+        """Token ids (without `[CLS]`, cut at `[SEP]`) for every caption row of the batch."""
+        self.last_stats = {"images": len(plans)}
+        rows, groups, settings = plan_rows(plans)
+        padded = self._rows_for_cache(len(rows))
+        # Padding rows (static shapes only) copy row 0 but end after one token.
+        settings = settings + [dict(settings[0], max_new_tokens=1)] * (padded - len(rows))
+        row_group = torch.tensor([r.group for r in rows] + [0] * (padded - len(rows)), device=self.device)
+        row_image = torch.tensor([r.image for r in rows] + [0] * (padded - len(rows)), device=self.device)
+        params = make_row_params(settings, self.config.output_size, self.device)
+        max_new = max(plan.max_new_tokens for plan in plans)
+
+        prefix = self.prefill_prefix(pixel_values)
+        group_kv, group_logits = self.prefill_groups(prefix, groups)
+        with self._timed("generate_ms"):
+            history = self._decode(prefix, group_kv, group_logits, row_image, row_group, params, max_new)
+        ids = [cut_at_end(h[1:]) for h in history[: len(rows)].tolist()]
+        self.last_stats.update(rows=len(rows), new_tokens=sum(min(len(i) + 1, max_new) for i in ids))
+        return rows, ids
+
+    def _decode(self, prefix, group_kv, group_logits, row_image, row_group, params: RowParams, max_new: int):
+        first_position = self.config.prefix_len + 2
+        cfg = self.config
+        cache_len = cfg.max_seq_len if self.static_shapes else first_position + max_new - 1
+        cache = KVCache(cfg.depth, len(row_group), cfg.num_heads, cache_len, cfg.head_dim, self.dtype, self.device,
+                        static_shapes=self.static_shapes)
+        cache.fill(prefix, group_kv, row_image, row_group)
+        state = TokenState(len(row_group), max_new, cfg.output_size, self.device)
+        final_history = state.history.clone()
+        live = torch.arange(len(row_group), device=self.device)  # original row of each cache row
+        logits = group_logits.index_select(0, row_group)
+        for step in range(max_new):
+            tokens = state.append(select_next(logits, params, state.history, state.length, state.seen, step), params)
+            if step == max_new - 1:
+                break
+            if (step + 1) % self.sync_every == 0:
+                active = (~state.done).nonzero()[:, 0]  # the one host synchronisation
+                if len(active) == 0:
+                    break
+                if not self.static_shapes and len(active) <= len(live) // 2:
+                    final_history[live] = state.history
+                    live, tokens, params = live[active], tokens[active], params.select(active)
+                    state.select(active)
+                    cache.select_rows(active)
+            cache.advance(first_position + step)
+            logits = self.step(self.model, cache, tokens)
+        final_history[live] = state.history
+        return final_history
+
+    # -- public API -------------------------------------------------------------------------
+
+    def caption(self, pixel_values: torch.Tensor, plans: list[CaptionPlan]) -> list[dict[str, list[str]]]:
+        """One dict per image, e.g. {"Concise": [...], "Narrative": [...]} for the styles asked for."""
+        rows, ids = self.generate(pixel_values, plans)
+        results = [{response_key(style): [] for style in plan.styles} for plan in plans]
+        for row, row_ids in zip(rows, ids):
+            results[row.image][response_key(row.style)].append(tidy_caption(self.vocab.decode(row_ids)))
+        return results
+
+    def warmup(self, batch_sizes=(1,), max_new_tokens: int = 8) -> None:
+        """Run dummy batches so that compilation and allocation happen before real traffic."""
+        from .styles import make_plan
+
+        size = self.config.image_size
+        for batch in batch_sizes:
+            pixels = torch.zeros(batch, 3, size, size)
+            self.generate(pixels, [make_plan({"max_new_tokens": max_new_tokens, "seed": 0})] * batch)

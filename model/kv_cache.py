@@ -1,0 +1,96 @@
+"""Key/value storage for the three phases of generation.
+
+- `PrefixKV`: prefill of the image prefix, once per image; keeps each layer's keys/values.
+- `GroupKV`: prefill of `[style] [CLS]` for each (image, style) group, attending to its
+  image's prefix (gathered by index) plus its own positions.
+- `KVCache`: the static decode cache, one row per caption, preallocated for the whole
+  generation and written in place at an explicit position. Rows are filled from the prefix
+  and group keys/values, so a row's cache never grows with `torch.cat`.
+
+Each has `update(layer, k, v) -> (keys, values)`, which `SelfAttention` calls.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class PrefixKV:
+    def __init__(self):
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        self.keys.append(k)
+        self.values.append(v)
+        return k, v
+
+
+class GroupKV:
+    def __init__(self, prefix: PrefixKV, image_index: torch.Tensor):
+        self.prefix, self.image_index = prefix, image_index
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        self.keys.append(k)
+        self.values.append(v)
+        prefix_k = self.prefix.keys[layer].index_select(0, self.image_index)
+        prefix_v = self.prefix.values[layer].index_select(0, self.image_index)
+        return torch.cat((prefix_k, k), dim=2), torch.cat((prefix_v, v), dim=2)
+
+
+class KVCache(nn.Module):
+    """(layers, rows, heads, max_len, head_dim) keys and values, written at `position`.
+
+    With `static_shapes` every step attends over the whole buffer under a mask (one graph
+    for CUDA graphs); otherwise over the filled part only, which is cheaper on CPU.
+    """
+
+    def __init__(self, layers, rows, heads, max_len, head_dim, dtype, device, static_shapes=False):
+        super().__init__()
+        shape = (layers, rows, heads, max_len, head_dim)
+        self.register_buffer("keys", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("values", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("position", torch.zeros(1, dtype=torch.long, device=device), persistent=False)
+        self.static_shapes = static_shapes
+        self.filled = 0  # host-side length after the current step (dynamic-shape mode)
+
+    @property
+    def rows(self) -> int:
+        return self.keys.shape[1]
+
+    def fill(self, prefix: PrefixKV, groups: GroupKV, row_image: torch.Tensor, row_group: torch.Tensor):
+        """Copy each row's image prefix and its group's `[style] [CLS]` keys/values."""
+        prefix_len = prefix.keys[0].shape[2]
+        group_len = groups.keys[0].shape[2]
+        end = prefix_len + group_len
+        for layer in range(self.keys.shape[0]):
+            self.keys[layer, :, :, :prefix_len] = prefix.keys[layer].index_select(0, row_image)
+            self.values[layer, :, :, :prefix_len] = prefix.values[layer].index_select(0, row_image)
+            self.keys[layer, :, :, prefix_len:end] = groups.keys[layer].index_select(0, row_group)
+            self.values[layer, :, :, prefix_len:end] = groups.values[layer].index_select(0, row_group)
+        self.filled = end
+
+    def advance(self, position: int) -> None:
+        """Set the position the next decode step writes at."""
+        self.position.fill_(position)
+        self.filled = position + 1
+
+    def decode_mask(self) -> torch.Tensor | None:
+        if not self.static_shapes:
+            return None
+        return torch.arange(self.keys.shape[3], device=self.keys.device) <= self.position  # (max_len,)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        self.keys[layer].index_copy_(2, self.position, k)
+        self.values[layer].index_copy_(2, self.position, v)
+        if self.static_shapes:
+            return self.keys[layer], self.values[layer]
+        return self.keys[layer, :, :, : self.filled], self.values[layer, :, :, : self.filled]
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only `rows` (compaction after rows finished)."""
+        self.keys = self.keys.index_select(1, rows)
+        self.values = self.values.index_select(1, rows)

@@ -1,0 +1,102 @@
+"""Decoder building blocks of the seed: RoPE helpers, QK-normed self-attention, SwiGLU, blocks.
+
+Module and parameter names follow the seed checkpoint exactly
+(`decoder_blocks.N.self_attention.{pre_norm,q_proj,k_proj,v_proj,q_norm,k_norm,proj}`,
+`decoder_blocks.N.feed_forward.{pre_norm,feature,gate,proj}`, `decoder_blocks.N.ffn_norm`).
+
+Attention does not own its key/value storage: each call receives a `kv` object whose
+`update(layer, k, v)` stores the new keys/values and returns the keys/values to attend over.
+The engine passes different ones for prefix prefill, per-style prefill and decode steps
+(see `model/kv_cache.py`); `kv=None` attends over the call's own positions only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import CaptionConfig
+
+
+def rope_tables(head_dim: int, max_len: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (max_len, head_dim // 2) in float32 for interleaved-pair RoPE."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (2i, 2i+1) of x (B, H, T, hd) by cos/sin (T, hd/2) or (B, 1, T, hd/2)."""
+    pairs = x.float().unflatten(-1, (-1, 2))  # (B, H, T, hd/2, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return rotated.flatten(-2).to(x.dtype)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: CaptionConfig):
+        super().__init__()
+        dim, self.num_heads, self.head_dim = config.embed_dim, config.num_heads, config.head_dim
+        self.pre_norm = nn.RMSNorm(dim)
+        self.q_proj = nn.Linear(dim, dim, bias=False)
+        self.k_proj = nn.Linear(dim, dim, bias=False)
+        self.v_proj = nn.Linear(dim, dim, bias=False)
+        self.q_norm = nn.RMSNorm(self.head_dim)
+        self.k_norm = nn.RMSNorm(self.head_dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)  # (B, T, D) -> (B, H, T, hd)
+
+    def forward(self, x, cos, sin, mask=None, kv=None, layer: int = 0):
+        h = self.pre_norm(x)
+        q = apply_rope(self.q_norm(self._heads(self.q_proj(h))), cos, sin)
+        k = apply_rope(self.k_norm(self._heads(self.k_proj(h))), cos, sin)
+        v = self._heads(self.v_proj(h))
+        if kv is not None:
+            k, v = kv.update(layer, k, v)
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return x + self.proj(context.transpose(1, 2).flatten(2))  # (B, H, T, hd) -> (B, T, D)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: CaptionConfig):
+        super().__init__()
+        dim, hidden = config.embed_dim, config.embed_dim * config.ffn_multiplier
+        self.pre_norm = nn.RMSNorm(dim)
+        self.feature = nn.Linear(dim, hidden)
+        self.gate = nn.Linear(dim, hidden)
+        self.proj = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        h = self.pre_norm(x)
+        return x + self.proj(F.silu(self.feature(h)) * self.gate(h))
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, config: CaptionConfig):
+        super().__init__()
+        self.self_attention = SelfAttention(config)
+        self.feed_forward = FeedForward(config)
+        self.ffn_norm = nn.RMSNorm(config.embed_dim)  # in the checkpoint, unused by the seed
+
+    def forward(self, x, cos, sin, mask=None, kv=None, layer: int = 0):
+        return self.feed_forward(self.self_attention(x, cos, sin, mask, kv, layer))
+
+
+class DecoderTransformer(nn.Module):
+    def __init__(self, config: CaptionConfig):
+        super().__init__()
+        self.decoder_blocks = nn.ModuleList(DecoderBlock(config) for _ in range(config.depth))
+        self.final_norm = nn.RMSNorm(config.embed_dim)
+        self.output = nn.Linear(config.embed_dim, config.output_size)
+
+    def forward(self, x, cos, sin, mask=None, kv=None):
+        """Hidden states after every block (no final norm / output: prefix prefill needs no logits)."""
+        for layer, block in enumerate(self.decoder_blocks):
+            x = block(x, cos, sin, mask, kv, layer)
+        return x
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.output(self.final_norm(hidden))
