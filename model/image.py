@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import re
-import warnings
 from pathlib import Path
 
 import torch
@@ -47,7 +46,8 @@ class ImageError(ValueError):
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode ``data`` into an RGB image, upright according to its EXIF orientation.
 
-    The pixel count in the header is checked against ``max_pixels`` before decoding.
+    The pixel count in the header is checked against ``max_pixels`` (and Pillow's
+    ``Image.MAX_IMAGE_PIXELS``, whichever is lower) before anything is decoded.
     Animated images (GIF, WebP, APNG) and multi-page TIFFs give their first frame.
     Alpha is dropped (not composited), like ``Image.convert("RGB")``, so plain RGB, RGBA,
     L and P images decode exactly as ``Image.open(f).convert("RGB")``; 16-bit and float
@@ -66,14 +66,17 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
 
 
 def open_lazily(data: bytes, max_pixels: int) -> Image.Image:
-    """Identify the format and read the header only; no pixel data is decoded here."""
+    """Identify the format and read the header only; no pixel data is decoded here.
+
+    Pillow raises DecompressionBombError itself beyond twice ``Image.MAX_IMAGE_PIXELS``;
+    below that it only warns, and `pixel_limit` refuses what it warns about. (No
+    ``warnings.catch_warnings`` here: it is not thread-safe and the handler decodes in threads.)
+    """
     formats = [name for name in ACCEPTED_FORMATS if name in registered_formats()]
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return Image.open(io.BytesIO(data), formats=formats)
+        return Image.open(io.BytesIO(data), formats=formats)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise ImageError(bomb_message(str(error), max_pixels)) from error
+        raise ImageError(bomb_message(str(error), pixel_limit(max_pixels))) from error
     except Image.UnidentifiedImageError as error:
         raise ImageError(f"not a recognised image ({len(data)} bytes)") from error
     except Exception as error:  # a plugin choking on a malformed header
@@ -91,12 +94,19 @@ def bomb_message(pillow_message: str, max_pixels: int) -> str:
     return f"image is {pixels} pixels; the limit is {max_pixels} (possible decompression bomb)"
 
 
+def pixel_limit(max_pixels: int) -> int:
+    """``max_pixels``, but never above Pillow's own decompression-bomb threshold."""
+    pillow_limit = Image.MAX_IMAGE_PIXELS
+    return max_pixels if pillow_limit is None else min(max_pixels, pillow_limit)
+
+
 def check_pixel_count(size: tuple[int, int], max_pixels: int) -> None:
     width, height = size
+    limit = pixel_limit(max_pixels)
     if width <= 0 or height <= 0:
         raise ImageError(f"image has no pixels ({width}x{height})")
-    if width * height > max_pixels:
-        raise ImageError(f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
+    if width * height > limit:
+        raise ImageError(f"image is {width}x{height} = {width * height} pixels; the limit is {limit}")
 
 
 def upright(image: Image.Image) -> Image.Image:

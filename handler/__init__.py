@@ -1,0 +1,1 @@
+"""TorchServe handler package: request parsing, batching and the caption handler."""
