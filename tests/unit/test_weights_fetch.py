@@ -1,0 +1,292 @@
+"""`python -m weights fetch` / `verify` against a local HTTP server (no network needed).
+
+The server runs in a thread on 127.0.0.1 and a free port and serves a few MB of generated
+bytes with `Range` support; per test it can cut the first transfer after N bytes, ignore
+`Range`, or serve a Git LFS pointer. Every request's `Range` header is recorded so that
+the tests can see a resume happen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from weights import __main__ as cli
+from weights import manifest_mismatches
+from weights.fetch import ChecksumMismatch, FetchError, NetworkUnavailable, check_file, fetch
+
+pytestmark = pytest.mark.unit
+
+PAYLOAD_BYTES = 3 * 1024 * 1024 + 12345
+CUT_AFTER = 2 * 1024 * 1024 + 7  # the client keeps whole chunks: 2 MiB of it reach the .part
+
+
+@pytest.fixture(scope="module")
+def payload() -> bytes:
+    return os.urandom(PAYLOAD_BYTES)
+
+
+@pytest.fixture(scope="module")
+def digest(payload) -> str:
+    return hashlib.sha256(payload).hexdigest()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: "_Server"
+
+    def log_message(self, *args) -> None:  # keep pytest output clean
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        srv = self.server
+        rng = self.headers.get("Range")
+        srv.ranges.append(rng)
+        body = srv.body
+        start = 0
+        if rng and srv.honour_range:
+            start = int(rng.removeprefix("bytes=").split("-")[0])
+            if start >= len(body):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(body)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(body) - start))
+        self.send_header("Accept-Ranges", "bytes" if srv.honour_range else "none")
+        self.end_headers()
+        chunk = body[start:]
+        if srv.cut_first_after is not None and len(srv.ranges) == 1:
+            # Promise the whole body, send part of it, drop the connection.
+            self.wfile.write(chunk[: srv.cut_first_after])
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        self.wfile.write(chunk)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, body: bytes, honour_range: bool = True, cut_first_after: int | None = None):
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.body, self.honour_range, self.cut_first_after = body, honour_range, cut_first_after
+        self.ranges: list[str | None] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/models/weights.pt"
+
+
+@pytest.fixture
+def serve():
+    servers = []
+
+    def start(body: bytes, **kwargs) -> _Server:
+        srv = _Server(body, **kwargs)
+        threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        servers.append(srv)
+        return srv
+
+    yield start
+    for srv in servers:
+        srv.shutdown()
+        srv.server_close()
+
+
+def _fetch(srv: _Server, out: Path, sha: str, size: int | None, **kw) -> Path:
+    return fetch(srv.url, out, sha, size, progress=io.StringIO(), **kw)
+
+
+def test_right_checksum_puts_verified_file_in_place(serve, payload, digest, tmp_path):
+    srv = serve(payload)
+    out = tmp_path / "w" / "weights.pt"
+    assert _fetch(srv, out, digest, len(payload)) == out
+    assert out.read_bytes() == payload
+    assert check_file(out, digest, len(payload)) is None
+    assert not out.with_name("weights.pt.part").exists()
+    assert srv.ranges == [None]
+
+
+def test_progress_goes_to_the_given_stream(serve, payload, digest, tmp_path):
+    stream = io.StringIO()
+    fetch(serve(payload).url, tmp_path / "weights.pt", digest, len(payload), progress=stream)
+    text = stream.getvalue()
+    assert "100.0%" in text and "MiB" in text and "verified" in text
+
+
+def test_wrong_checksum_fails_and_leaves_nothing_under_the_final_name(serve, payload, tmp_path):
+    srv = serve(payload)
+    out = tmp_path / "weights.pt"
+    with pytest.raises(ChecksumMismatch, match="sha256"):
+        _fetch(srv, out, hashlib.sha256(b"something else").hexdigest(), len(payload))
+    assert not out.exists()
+    assert not out.with_name("weights.pt.part").exists()
+
+
+def test_wrong_size_fails_before_hashing(serve, payload, digest, tmp_path):
+    out = tmp_path / "weights.pt"
+    with pytest.raises(ChecksumMismatch, match="bytes, expected"):
+        _fetch(serve(payload), out, digest, len(payload) + 10)
+    assert not out.exists()
+
+
+def test_interrupted_download_resumes_with_range_on_the_next_run(serve, payload, digest, tmp_path):
+    srv = serve(payload, cut_first_after=CUT_AFTER)
+    out = tmp_path / "weights.pt"
+    part = tmp_path / "weights.pt.part"
+    with pytest.raises(FetchError, match="run the same command again to resume"):
+        _fetch(srv, out, digest, len(payload), retries=0)
+    assert not out.exists()
+    kept = part.stat().st_size
+    assert 0 < kept <= CUT_AFTER
+    assert part.read_bytes() == payload[:kept]
+
+    _fetch(srv, out, digest, len(payload), retries=0)
+    assert srv.ranges == [None, f"bytes={kept}-"]
+    assert out.read_bytes() == payload
+    assert not part.exists()
+
+
+def test_interrupted_download_resumes_within_the_same_run(serve, payload, digest, tmp_path):
+    srv = serve(payload, cut_first_after=CUT_AFTER)
+    out = tmp_path / "weights.pt"
+    _fetch(srv, out, digest, len(payload), retries=1)
+    assert len(srv.ranges) == 2 and srv.ranges[0] is None
+    assert 0 < int(srv.ranges[1].removeprefix("bytes=").rstrip("-")) <= CUT_AFTER
+    assert check_file(out, digest, len(payload)) is None
+
+
+def test_server_that_ignores_range_makes_the_download_restart(serve, payload, digest, tmp_path):
+    srv = serve(payload, honour_range=False)
+    out = tmp_path / "weights.pt"
+    # A stale .part whose bytes are NOT a prefix of the file: appending to it would fail the check.
+    (tmp_path / "weights.pt.part").write_bytes(b"\0" * CUT_AFTER)
+    _fetch(srv, out, digest, len(payload))
+    assert srv.ranges == [f"bytes={CUT_AFTER}-"]  # asked to resume, got 200, started over
+    assert out.read_bytes() == payload
+
+
+def test_complete_part_file_is_verified_and_renamed(serve, payload, digest, tmp_path):
+    srv = serve(payload)
+    (tmp_path / "weights.pt.part").write_bytes(payload)
+    _fetch(srv, tmp_path / "weights.pt", digest, len(payload))
+    assert srv.ranges == []  # nothing left to download
+    assert (tmp_path / "weights.pt").read_bytes() == payload
+
+
+def test_already_present_verified_file_is_skipped(serve, payload, digest, tmp_path):
+    srv = serve(payload)
+    out = tmp_path / "weights.pt"
+    out.write_bytes(payload)
+    before = out.stat().st_mtime_ns
+    _fetch(srv, out, digest, len(payload))
+    assert srv.ranges == []
+    assert out.stat().st_mtime_ns == before
+
+
+def test_present_but_wrong_file_is_replaced_only_by_a_verified_one(serve, payload, digest, tmp_path):
+    out = tmp_path / "weights.pt"
+    out.write_bytes(b"corrupt")
+    _fetch(serve(payload), out, digest, len(payload))
+    assert out.read_bytes() == payload
+
+
+def test_lfs_pointer_is_named_in_the_error(serve, tmp_path):
+    pointer = b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 339176593\n"
+    with pytest.raises(ChecksumMismatch, match="Git LFS pointer"):
+        _fetch(serve(pointer), tmp_path / "weights.pt", "0" * 64, 339176593, retries=0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [f"http://127.0.0.1:{_free_port()}/weights.pt", "http://weights.nonexistent.invalid/weights.pt"],
+    ids=["connection-refused", "unresolvable-host"],
+)
+def test_unreachable_url_fails_fast_with_offline_instructions(url, tmp_path):
+    out = tmp_path / "weights.pt"
+    start = time.monotonic()
+    with pytest.raises(NetworkUnavailable) as info:
+        fetch(url, out, "0" * 64, 10, progress=io.StringIO(), connect_timeout=3)
+    assert time.monotonic() - start < 5
+    message = str(info.value)
+    assert "WEIGHTS=/path/to/weights.pt" in message
+    assert "python -m weights random" in message
+    assert not out.exists() and not out.with_name("weights.pt.part").exists()
+
+
+def test_cli_fetch_exit_codes(serve, payload, digest, tmp_path, capsys):
+    srv = serve(payload)
+    out = tmp_path / "weights.pt"
+    args = ["fetch", "--url", srv.url, "--output", str(out), "--sha256", digest, "--size", str(len(payload))]
+    assert cli.main(args) == 0
+    assert check_file(out, digest, len(payload)) is None
+    bad = ["fetch", "--url", srv.url, "--output", str(tmp_path / "x.pt"), "--sha256", "0" * 64]
+    assert cli.main(bad + ["--size", str(len(payload))]) == cli.EXIT_FAILED
+    offline = ["fetch", "--url", f"http://127.0.0.1:{_free_port()}/w.pt", "--output", str(tmp_path / "y.pt")]
+    assert cli.main(offline) == cli.EXIT_OFFLINE
+    assert "no network access" in capsys.readouterr().err
+
+
+def test_cli_url_comes_from_the_environment(serve, payload, digest, tmp_path, monkeypatch):
+    srv = serve(payload)
+    monkeypatch.setenv("CAPTION_WEIGHTS_URL", srv.url)
+    out = tmp_path / "weights.pt"
+    assert cli.main(["fetch", "--output", str(out), "--sha256", digest, "--size", str(len(payload))]) == 0
+    assert srv.ranges == [None]
+
+
+def test_cli_verify_official_file(payload, digest, tmp_path, monkeypatch, capsys):
+    official = {"name": "models/weights.pt", "size_bytes": len(payload), "sha256": digest}
+    monkeypatch.setattr(cli, "official_file", lambda: official)
+    good = tmp_path / "weights.pt"
+    good.write_bytes(payload)
+    assert cli.main(["verify", str(good)]) == 0
+    assert "official checkpoint" in capsys.readouterr().out
+    other = tmp_path / "other.pt"
+    other.write_bytes(payload[:-1] + b"\x00")
+    assert cli.main(["verify", "--official", str(other)]) == cli.EXIT_FAILED
+    assert cli.main(["verify", str(tmp_path / "missing.pt")]) == cli.EXIT_FAILED
+
+
+def test_cli_verify_hands_other_checkpoints_to_the_model_loader(tmp_path, monkeypatch, capsys):
+    seen = []
+    monkeypatch.setattr(cli, "validate_structure", lambda path, config: seen.append((path, config)))
+    mine = tmp_path / "fine-tuned.pt"
+    mine.write_bytes(b"not the official bytes")
+    assert cli.main(["verify", str(mine)]) == 0
+    assert seen == [(mine, None)]
+    assert "structurally valid" in capsys.readouterr().out
+
+
+def test_cli_verify_rejects_a_file_that_is_no_checkpoint(tmp_path, capsys):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"junk")
+    assert cli.main(["verify", str(junk)]) == cli.EXIT_FAILED
+    assert "not a readable PyTorch checkpoint" in capsys.readouterr().err
+
+
+def test_manifest_mismatches_names_the_differences():
+    shapes = {"a": (2, 3), "b": (4,)}
+    manifest = {"keys": {"a": [2, 3], "b": [5], "c": [1]}}
+    problems = manifest_mismatches(shapes, manifest)
+    assert problems == ["missing key c [1]", "shape of b: [4], expected [5]"]
+    assert manifest_mismatches({"a": (2, 3), "b": (5,), "c": (1,)}, manifest) == []
