@@ -1,0 +1,63 @@
+"""Book-keeping for one TorchServe batch: which requests failed (and how), which go to the model.
+
+Kept out of ``captioner_handler.py`` because TorchServe requires the handler file to define
+exactly one class.
+"""
+
+from __future__ import annotations
+
+import http
+from dataclasses import dataclass, field
+
+import torch
+
+from model.styles import CaptionPlan
+
+
+@dataclass
+class PreparedBatch:
+    """The requests of one batch after parsing, validation and image decoding.
+
+    ``good`` lists the batch indexes that reach the model, in order, with their plans and
+    pixel tensors; ``errors`` maps every other index to ``(status, message)``.
+    """
+
+    size: int
+    errors: dict[int, tuple[int, str]] = field(default_factory=dict)
+    good: list[int] = field(default_factory=list)
+    plans: list[CaptionPlan] = field(default_factory=list)
+    pixels: list[torch.Tensor] = field(default_factory=list)
+    decode_ms: float = 0.0
+
+    def fail(self, idx: int, status: int, message: str) -> None:
+        self.errors[idx] = (status, message)
+
+    def fail_good(self, status: int, message: str) -> None:
+        """Fail every request that was to reach the model (an OOM or a crash of the batch)."""
+        for idx in self.good:
+            self.errors.setdefault(idx, (status, message))
+
+    def pixel_values(self) -> torch.Tensor:
+        return torch.stack(self.pixels) if self.pixels else torch.empty(0)
+
+
+_OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA OOM, a Python MemoryError, or a CPU allocator failure (a RuntimeError)."""
+    oom_types: tuple[type, ...] = (MemoryError, torch.cuda.OutOfMemoryError)
+    if hasattr(torch, "OutOfMemoryError"):
+        oom_types += (torch.OutOfMemoryError,)
+    if isinstance(exc, oom_types):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _OOM_MARKERS)
+
+
+def reason_phrase(status: int) -> str:
+    """The standard phrase for the HTTP status line. The detailed message goes in the JSON body:
+    a phrase built from request data could carry characters a status line must not contain."""
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"

@@ -1,0 +1,238 @@
+"""TorchServe handler of the three-style caption model.
+
+One TorchServe batch (up to ``batchSize`` HTTP requests) becomes one call of the caption
+engine. Requests that cannot be parsed, carry invalid options or an unreadable image are
+answered 400 with ``{"error": ...}`` while the rest of the batch is still captioned; an
+out-of-memory error fails the batch's remaining requests with 507 and any other failure with
+500, and the worker keeps serving.
+
+TorchServe requires a handler file to define exactly one class: helpers live in
+``handler/batching.py``, ``handler/settings.py`` and ``handler/metrics.py``. In the archive this
+file sits at the root of the model directory next to the ``model/`` and ``handler/`` packages.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+# Inside an extracted archive (a MAR-INF folder beside this file) the packages shipped in the
+# archive must win over any installed copy of the project: put the model directory first.
+_HERE = Path(__file__).resolve().parent
+if (_HERE / "MAR-INF").is_dir() and (not sys.path or sys.path[0] != str(_HERE)):
+    sys.path.insert(0, str(_HERE))
+
+import torch  # noqa: E402
+
+from handler import metrics as handler_metrics  # noqa: E402
+from handler.batching import PreparedBatch, is_out_of_memory, reason_phrase  # noqa: E402
+from handler.request_parsing import RequestError, error_body, parse_request  # noqa: E402
+from handler.settings import HandlerSettings  # noqa: E402
+from model.image import decode_image, to_pixel_values  # noqa: E402
+from model.styles import make_plan  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+OOM_MESSAGE = "out of memory while captioning this batch; retry later or ask for fewer captions"
+
+
+class CaptionHandler:
+    """``initialize`` once per worker, then ``handle(data, context)`` once per batch."""
+
+    def __init__(self):
+        self.initialized = False
+        self.engine = None
+        self.settings: HandlerSettings | None = None
+        self.limits = None
+        self.device = torch.device("cpu")
+        self.image_size = 0
+        self.context = None
+        self._decode_pool: ThreadPoolExecutor | None = None
+
+    # ------------------------------------------------------------------ start-up
+    def initialize(self, context) -> None:
+        started = time.perf_counter()
+        self.context = context
+        props = context.system_properties
+        model_dir = Path(props["model_dir"]).resolve()
+        self.settings = settings = HandlerSettings.from_model_yaml(getattr(context, "model_yaml_config", None))
+        code_dir = _check_code_origin(model_dir)
+
+        gpu_id = props.get("gpu_id")
+        if gpu_id is not None and torch.cuda.is_available():
+            self.device = torch.device(f"cuda:{int(gpu_id)}")
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        dtype = settings.dtype_for(self.device)
+
+        from model.engine import CaptionEngine  # the heavy import, after sys.path is settled
+
+        weights = model_dir / (settings.weights or _serialized_file(context) or "weights.pt")
+        self.engine = CaptionEngine.from_files(
+            weights,
+            config=model_dir / settings.model_config,
+            vocab=model_dir / settings.vocab,
+            device=self.device,
+            dtype=dtype,
+            compile_encoder=settings.compile_encoder,
+            compile_decode=settings.compile_decode,
+        )
+        config = self.engine.config
+        self.image_size = config.image_size
+        # A request may not ask for more tokens than the model's position table holds.
+        self.limits = replace(settings.limits,
+                              max_new_tokens=min(settings.limits.max_new_tokens, config.max_text_tokens))
+        self._decode_pool = ThreadPoolExecutor(max_workers=settings.decode_threads,
+                                               thread_name_prefix="caption-decode")
+        loaded = time.perf_counter()
+        if settings.warmup:
+            self.engine.warmup()
+        logger.info(
+            "caption handler ready: model=%s device=%s dtype=%s threads=%d compile_encoder=%s "
+            "image_size=%d code=%s load=%.1fs warmup=%.1fs",
+            context.model_name, self.device, str(dtype).removeprefix("torch."), torch.get_num_threads(),
+            settings.compile_encoder, self.image_size, code_dir, loaded - started, time.perf_counter() - loaded,
+        )
+        self.initialized = True
+
+    # ------------------------------------------------------------------ one batch
+    def handle(self, data, context):
+        started = time.perf_counter()
+        self.context = context
+        batch = PreparedBatch(size=len(data))
+        results: list[dict] = []
+        try:
+            batch = self.preprocess(data)
+            results = self.inference(batch)
+        except Exception as exc:  # noqa: BLE001 - one bad batch must not kill the worker
+            results = []
+            if is_out_of_memory(exc):
+                logger.error("out of memory in a batch of %d request(s)", batch.size, exc_info=True)
+                self._release_memory()
+                batch.fail_good(507, OOM_MESSAGE)
+            else:
+                logger.error("caption batch failed", exc_info=True)
+                batch.fail_good(500, f"internal error while captioning ({type(exc).__name__})")
+                if not batch.good and not batch.errors:  # failed before any row was classified
+                    for idx in range(batch.size):
+                        batch.fail(idx, 500, f"internal error while captioning ({type(exc).__name__})")
+        responses = self.postprocess(batch, results)
+        handler_metrics.emit_batch(
+            context, batch_size=batch.size, requests=batch.size, errors=len(batch.errors),
+            decode_ms=batch.decode_ms, stats=getattr(self.engine, "last_stats", None) if results else None,
+            handler_ms=(time.perf_counter() - started) * 1000,
+        )
+        return responses
+
+    def preprocess(self, data) -> PreparedBatch:
+        """Parse and validate every request, then decode the images in parallel."""
+        batch = PreparedBatch(size=len(data))
+        parsed = {}
+        for idx, row in enumerate(data):
+            try:
+                request = parse_request(row)
+                plan = make_plan(request.options, self.limits)
+            except RequestError as exc:
+                batch.fail(idx, int(getattr(exc, "status", 400)), _message(exc))
+            except ValueError as exc:  # OptionError and other validation errors
+                batch.fail(idx, 400, _message(exc))
+            else:
+                parsed[idx] = (request.image, plan)
+
+        started = time.perf_counter()
+        futures = {idx: self._decode_pool.submit(self._pixels, image) for idx, (image, _) in parsed.items()}
+        for idx, future in futures.items():
+            try:
+                pixels = future.result()
+            except (ValueError, OSError) as exc:  # ImageError, or a Pillow error it did not wrap
+                batch.fail(idx, 400, _message(exc))
+            except MemoryError:
+                batch.fail(idx, 507, "out of memory while decoding the image")
+            except Exception as exc:  # noqa: BLE001
+                logger.error("image decoding failed unexpectedly", exc_info=True)
+                batch.fail(idx, 500, f"internal error while decoding the image ({type(exc).__name__})")
+            else:
+                batch.good.append(idx)
+                batch.plans.append(parsed[idx][1])
+                batch.pixels.append(pixels)
+        batch.decode_ms = (time.perf_counter() - started) * 1000
+        return batch
+
+    def _pixels(self, image: bytes) -> torch.Tensor:
+        return to_pixel_values(decode_image(image, self.settings.max_pixels), self.image_size)
+
+    def inference(self, batch: PreparedBatch) -> list[dict]:
+        """One engine call for every request of the batch that survived preprocessing."""
+        if not batch.good:
+            return []
+        with torch.inference_mode():
+            results = self.engine.caption(batch.pixel_values(), batch.plans)
+        if len(results) != len(batch.good):
+            raise RuntimeError(f"engine returned {len(results)} results for {len(batch.good)} images")
+        return results
+
+    def postprocess(self, batch: PreparedBatch, results: list[dict]) -> list[str]:
+        """One JSON document per request, in batch order, with its own status."""
+        by_index = dict(zip(batch.good, results)) if results else {}
+        responses = []
+        for idx in range(batch.size):
+            _set_content_type(self.context, idx)
+            if idx in batch.errors or idx not in by_index:
+                status, message = batch.errors.get(idx, (500, "no result for this request"))
+                self.context.set_response_status(status, reason_phrase(status), idx)
+                responses.append(_error_json(message))
+            else:
+                responses.append(json.dumps(by_index[idx], ensure_ascii=False))
+        return responses
+
+    def _release_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _message(exc: BaseException) -> str:
+    message = getattr(exc, "message", None)
+    return str(message if isinstance(message, str) and message else exc) or type(exc).__name__
+
+
+def _error_json(message: str) -> str:
+    body = error_body(message)
+    if isinstance(body, bytes):
+        return body.decode("utf-8")
+    if isinstance(body, str):
+        return body
+    return json.dumps(body, ensure_ascii=False)
+
+
+def _set_content_type(context, idx: int) -> None:
+    if getattr(context, "request_processor", None) is not None:
+        context.set_response_content_type(idx, "application/json")
+
+
+def _serialized_file(context) -> str | None:
+    manifest = getattr(context, "manifest", None) or {}
+    return (manifest.get("model") or {}).get("serializedFile")
+
+
+def _check_code_origin(model_dir: Path) -> str:
+    """From an archive, the `model` and `handler` packages must be the archive's own copies."""
+    import handler as handler_pkg
+    import model as model_pkg
+
+    origins = {name: Path(next(iter(pkg.__path__))).resolve() for name, pkg in
+               (("model", model_pkg), ("handler", handler_pkg))}
+    if (model_dir / "MAR-INF").is_dir():
+        stray = {name: str(path) for name, path in origins.items() if model_dir not in path.parents}
+        if stray:
+            raise RuntimeError(f"packages not loaded from the model archive {model_dir}: {stray}; "
+                               "another copy on PYTHONPATH shadows them")
+    return str(origins["model"].parent)

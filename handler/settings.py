@@ -1,0 +1,124 @@
+"""The handler's own configuration: the ``handler:`` section of ``model-config.yaml``.
+
+TorchServe reads the top-level keys of ``model-config.yaml`` (``minWorkers``, ``batchSize``,
+``responseTimeout`` ...) itself and hands the whole parsed file to the worker as
+``context.model_yaml_config``. The ``handler:`` section is ours; it is parsed and validated
+here once, when a worker starts, so that a typo fails the model registration with a clear
+message instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from model.styles import Limits
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class SettingsError(ValueError):
+    """The ``handler:`` section of model-config.yaml is invalid."""
+
+
+@dataclass(frozen=True)
+class HandlerSettings:
+    # Files inside the model directory (the extracted archive). `weights` defaults to the
+    # manifest's serializedFile.
+    weights: str | None = None
+    model_config: str = "caption_config.json"
+    vocab: str = "model/assets/vocab.txt"
+    # Precision per device kind: bfloat16 halves the memory traffic on GPUs (tensor cores);
+    # on CPU float32 is both faster (no native bf16 matmul on most CPUs) and exact.
+    gpu_dtype: str = "bfloat16"
+    cpu_dtype: str = "float32"
+    # torch.compile: only the vision encoder (static shapes: N x 3 x S x S) compiles well;
+    # the decode loop is left to the engine's own option.
+    compile_encoder: bool = False
+    compile_decode: bool = False
+    # Intra-op threads of this worker; 0 leaves PyTorch's default (all cores). With several
+    # CPU workers on one host set it to cores / workers.
+    threads: int = 0
+    # Decoding/resizing the images of one batch runs in a thread pool (Pillow releases the GIL).
+    decode_threads: int = 4
+    # Images above this many pixels are refused (decompression bombs); 40 MP is a 7300x5500
+    # photo, far above what a 384 px model needs.
+    max_pixels: int = 40_000_000
+    # Run one dummy batch at start so the first real request does not pay for lazy init.
+    warmup: bool = True
+    # Per-request bounds (model.styles.Limits fields).
+    limits: Limits = field(default_factory=Limits)
+
+    def dtype_for(self, device: torch.device) -> torch.dtype:
+        return DTYPES[self.gpu_dtype if device.type == "cuda" else self.cpu_dtype]
+
+    @classmethod
+    def from_model_yaml(cls, model_yaml_config: dict | None) -> "HandlerSettings":
+        """Build from the whole parsed model-config.yaml (``context.model_yaml_config``)."""
+        section = (model_yaml_config or {}).get("handler") or {}
+        if not isinstance(section, dict):
+            raise SettingsError("model-config.yaml: 'handler' must be a mapping")
+        return cls.from_dict(section)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "HandlerSettings":
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - set(known))
+        if unknown:
+            raise SettingsError(f"model-config.yaml handler: unknown key(s) {unknown}; allowed: {sorted(known)}")
+        values: dict[str, Any] = {}
+        for name, value in raw.items():
+            if name == "limits":
+                values[name] = _limits(value)
+                continue
+            default = known[name].default
+            values[name] = _check(name, value, default)
+        settings = cls(**values)
+        for name in ("gpu_dtype", "cpu_dtype"):
+            if getattr(settings, name) not in DTYPES:
+                raise SettingsError(f"model-config.yaml handler: {name} must be one of {sorted(DTYPES)}")
+        if settings.threads < 0 or settings.decode_threads < 1 or settings.max_pixels < 1:
+            raise SettingsError("model-config.yaml handler: threads >= 0, decode_threads >= 1, max_pixels >= 1")
+        return settings
+
+
+def _check(name: str, value: Any, default: Any) -> Any:
+    if default is None:  # optional path
+        if value is not None and not isinstance(value, str):
+            raise SettingsError(f"model-config.yaml handler: {name} must be a string")
+        return value
+    kind = type(default)
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise SettingsError(f"model-config.yaml handler: {name} must be true or false, got {value!r}")
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SettingsError(f"model-config.yaml handler: {name} must be an integer, got {value!r}")
+        return value
+    if not isinstance(value, kind):
+        raise SettingsError(f"model-config.yaml handler: {name} must be a {kind.__name__}, got {value!r}")
+    return value
+
+
+def _limits(raw: Any) -> Limits:
+    if not isinstance(raw, dict):
+        raise SettingsError("model-config.yaml handler: limits must be a mapping")
+    known = {f.name: f for f in dataclasses.fields(Limits)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise SettingsError(f"model-config.yaml handler.limits: unknown key(s) {unknown}; allowed: {sorted(known)}")
+    values = {}
+    for name, value in raw.items():
+        default = known[name].default
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise SettingsError(f"model-config.yaml handler.limits: {name} must be a positive number, got {value!r}")
+        if isinstance(default, int) and not float(value).is_integer():
+            raise SettingsError(f"model-config.yaml handler.limits: {name} must be an integer, got {value!r}")
+        values[name] = type(default)(value)
+    # The engine's KV cache is sized for the config's max_text_tokens; make_plan enforces
+    # max_new_tokens <= limits.max_new_tokens, the engine the hard cap.
+    return Limits(**values)

@@ -1,0 +1,179 @@
+"""The caption handler inside TorchServe's worker code (ts.service.Service), no server.
+
+Seed-tiny checkpoint in float32 on CPU: greedy requests must give the golden captions.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from handler_harness import (
+    IMAGES,
+    batch,
+    golden,
+    json_row,
+    make_model_dir,
+    make_service,
+    mime,
+    multipart_row,
+    predict,
+    raw_row,
+)
+
+pytestmark = pytest.mark.integration
+
+GREEDY = {"temperature": 0, "num_captions": 1}
+PLAIN = {**GREEDY, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    model_dir = make_model_dir(tmp_path_factory.mktemp("model"))
+    return make_service(model_dir)
+
+
+def test_initialize_picks_cpu_float32_and_caps_tokens(served):
+    _, handler = served
+    assert handler.device == torch.device("cpu")
+    assert handler.engine.dtype == torch.float32
+    assert handler.limits.max_new_tokens == handler.engine.config.max_text_tokens == 40
+
+
+@pytest.mark.parametrize("kind,options", [("greedy", GREEDY), ("greedy_plain", PLAIN)])
+def test_golden_captions_for_every_image_and_style(served, kind, options):
+    service, _ = served
+    names = list(IMAGES)
+    replies = predict(service, batch(*(json_row(IMAGES[n], **options) for n in names)))
+    for name, reply in zip(names, replies):
+        assert reply.status == 200, reply
+        assert reply.content_type == "application/json"
+        assert reply.json() == golden(name, kind)
+
+
+def test_every_input_form_in_one_batch_with_invalid_rows(served):
+    service, _ = served
+    rows = [
+        json_row(IMAGES["chelsea.png"], **GREEDY),                                   # 0 JSON
+        raw_row(IMAGES["rocket.jpg"], mime("rocket.jpg"), query=GREEDY),             # 1 raw + query
+        multipart_row(IMAGES["coffee.png"], "data", fields=GREEDY),                  # 2 multipart data
+        multipart_row(IMAGES["chelsea.png"], "file", fields=GREEDY),                 # 3 multipart file
+        json_row(IMAGES["coffee.png"], num_captions=99),                             # 4 bad option value
+        json_row(IMAGES["coffee.png"], colour="blue"),                               # 5 unknown option
+        raw_row(b"this is not an image", "application/octet-stream"),                # 6 undecodable image
+        raw_row(IMAGES["rocket.jpg"][: len(IMAGES["rocket.jpg"]) // 3], "image/jpeg"),  # 7 truncated image
+        [{"name": "body", "contentType": "application/json", "value": {"image": "@@not base64@@"}}],  # 8
+        [{"name": "body", "contentType": "application/json", "value": {"styles": ["concise"]}}],      # 9 no image
+        raw_row(b"", "image/png"),                                                   # 10 empty body
+        json_row(IMAGES["rocket.jpg"], styles=["poetic"]),                           # 11 unknown style
+        json_row(IMAGES["rocket.jpg"], temperature=0, styles=["narrative"], num_captions=3),  # 12 valid
+    ]
+    replies = predict(service, batch(*rows))
+    assert [r.content_type for r in replies] == ["application/json"] * len(rows)
+    assert replies[0].json() == golden("chelsea.png")
+    assert replies[1].json() == golden("rocket.jpg")
+    assert replies[2].json() == golden("coffee.png")
+    assert replies[3].json() == golden("chelsea.png")
+    narrative = golden("rocket.jpg", styles=["narrative"])["Narrative"][0]
+    assert replies[12].json() == {"Narrative": [narrative] * 3}
+    for idx in range(4, 12):
+        reply = replies[idx]
+        assert reply.status == 400, (idx, reply)
+        assert reply.phrase == "Bad Request"
+        body = reply.json()
+        assert set(body) == {"error"} and body["error"], (idx, body)
+    assert "num_captions" in replies[4].json()["error"]
+    assert "colour" in replies[5].json()["error"]
+    assert "poetic" in replies[11].json()["error"]
+
+
+def test_response_holds_only_the_styles_and_count_asked_for(served):
+    service, _ = served
+    replies = predict(service, batch(json_row(IMAGES["coffee.png"], styles=["descriptive", "concise"],
+                                              num_captions=2, seed=7, max_new_tokens=12)))
+    body = replies[0].json()
+    assert list(body) == ["Concise", "Descriptive"]
+    assert all(len(v) == 2 and all(isinstance(c, str) and c for c in v) for v in body.values())
+
+
+def test_batch_of_only_invalid_requests(served):
+    service, _ = served
+    replies = predict(service, batch(raw_row(b"nope", "image/png"), json_row(None, temperature=0)))
+    assert [r.status for r in replies] == [400, 400]
+
+
+@pytest.mark.parametrize("error,status", [
+    (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), 507),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
+                  "you tried to allocate 123456789 bytes."), 507),
+    (MemoryError(), 507),
+    (RuntimeError("shape mismatch in some kernel"), 500),
+    (KeyError("boom"), 500),
+])
+def test_a_failing_batch_fails_its_rows_and_the_worker_keeps_serving(served, monkeypatch, error, status):
+    service, handler = served
+
+    def failing(*_args, **_kwargs):
+        raise error
+
+    with monkeypatch.context() as patch:
+        patch.setattr(handler.engine, "caption", failing)
+        replies = predict(service, batch(json_row(IMAGES["chelsea.png"], **GREEDY),
+                                         raw_row(b"not an image", "image/png"),
+                                         json_row(IMAGES["rocket.jpg"], **GREEDY)))
+    assert [r.status for r in replies] == [status, 400, status]
+    for reply in replies:
+        assert reply.content_type == "application/json"
+        assert set(reply.json()) == {"error"}
+    if status == 507:
+        assert "out of memory" in replies[0].json()["error"]
+    # The next batch is served normally.
+    replies = predict(service, batch(json_row(IMAGES["chelsea.png"], **GREEDY)))
+    assert replies[0].status == 200 and replies[0].json() == golden("chelsea.png")
+
+
+def test_metrics_are_emitted_with_the_declared_dimensions(served, caplog):
+    service, _ = served
+    with caplog.at_level(logging.INFO, logger="ts.metrics.caching_metric"):
+        predict(service, batch(json_row(IMAGES["chelsea.png"], **GREEDY), json_row(IMAGES["rocket.jpg"], **GREEDY),
+                               raw_row(b"bad", "image/png")))
+    lines = [r.getMessage() for r in caplog.records if r.name == "ts.metrics.caching_metric"]
+    assert not [line for line in lines if "Failed" in line], lines
+    emitted = {line.split("]", 1)[1].split(".", 1)[0]: line for line in lines if line.startswith("[METRICS]")}
+    for name in ("CaptionBatchSize", "CaptionBatchesTotal", "CaptionRequestsTotal", "CaptionErrorsTotal",
+                 "CaptionDecodeImageMs", "CaptionEncodeMs", "CaptionPrefillMs", "CaptionGenerateMs",
+                 "CaptionTokensTotal", "CaptionHandlerMs"):
+        assert name in emitted, (name, sorted(emitted))
+        assert "|#ModelName:captioner,Level:Model|" in emitted[name]
+    assert emitted["CaptionBatchSize"].startswith("[METRICS]CaptionBatchSize.Count:3|")
+    assert "#type:GAUGE" in emitted["CaptionBatchSize"]
+    assert emitted["CaptionErrorsTotal"].startswith("[METRICS]CaptionErrorsTotal.Count:1|")
+    assert "#type:COUNTER" in emitted["CaptionTokensTotal"]
+
+
+def test_gpu_id_without_cuda_falls_back_to_cpu(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    _, handler = make_service(make_model_dir(tmp_path), gpu=0)
+    assert handler.device == torch.device("cpu")
+
+
+def test_invalid_handler_settings_fail_the_worker_start(tmp_path):
+    from handler.settings import SettingsError
+
+    with pytest.raises(SettingsError, match="compile_encdoer"):
+        make_service(make_model_dir(tmp_path, {"compile_encdoer": True}))
+    with pytest.raises(SettingsError, match="cpu_dtype"):
+        make_service(make_model_dir(tmp_path / "b", {"cpu_dtype": "int8"}))
+
+
+def test_settings_threads_and_dtype_are_applied(tmp_path):
+    before = torch.get_num_threads()
+    try:
+        _, handler = make_service(make_model_dir(tmp_path, {"threads": 1, "cpu_dtype": "bfloat16", "warmup": True}))
+        assert torch.get_num_threads() == 1
+        assert handler.engine.dtype == torch.bfloat16
+    finally:
+        torch.set_num_threads(before)
