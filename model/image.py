@@ -170,7 +170,8 @@ def scale_to_byte_range(values: torch.Tensor, *, sixteen_bit: bool, unit_float: 
 
 def to_pixel_values(image: Image.Image, size: int) -> torch.Tensor:
     """float32 (3, size, size): the original torchvision v2 serving transform."""
-    pixels = image_to_uint8_tensor(limit_aspect_ratio(image.convert("RGB")))
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    pixels = image_to_uint8_tensor(limit_aspect_ratio(rgb))
     pixels = resize_shorter_side(pixels, size)
     pixels = center_crop(pixels, size)
     return normalize(pixels)
