@@ -59,6 +59,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
     check_pixel_count(image.size, max_pixels)
     try:
         image.load()
+    except MemoryError:
+        raise
     except Exception as error:  # any decoder failure on client data is a client error
         raise ImageError(f"truncated or corrupt image: {error}") from error
     image = upright(image)
@@ -79,6 +81,8 @@ def open_lazily(data: bytes, max_pixels: int) -> Image.Image:
         raise ImageError(bomb_message(str(error), pixel_limit(max_pixels))) from error
     except Image.UnidentifiedImageError as error:
         raise ImageError(f"not a recognised image ({len(data)} bytes)") from error
+    except MemoryError:
+        raise
     except Exception as error:  # a plugin choking on a malformed header
         raise ImageError(f"truncated or corrupt image: {error}") from error
 
@@ -113,6 +117,8 @@ def upright(image: Image.Image) -> Image.Image:
     """Apply the EXIF orientation; a corrupt EXIF block is ignored rather than fatal."""
     try:
         return ImageOps.exif_transpose(image)
+    except MemoryError:
+        raise
     except Exception:
         return image
 
@@ -124,6 +130,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
         return high_depth_to_grey(image).convert("RGB")
     try:
         return image.convert("RGB")
+    except MemoryError:
+        raise
     except Exception as error:
         raise ImageError(f"unsupported image mode {image.mode}: {error}") from error
 

@@ -386,3 +386,12 @@ def test_zero_sized_image(width, height):
 
 def test_image_error_is_a_value_error():
     assert issubclass(ImageError, ValueError)
+
+
+def test_out_of_memory_is_not_reported_as_a_bad_image(monkeypatch):
+    def out_of_memory(self):
+        raise MemoryError
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", out_of_memory)
+    with pytest.raises(MemoryError):
+        decode_image(encode(noisy_rgb()))
