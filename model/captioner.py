@@ -33,7 +33,7 @@ class CaptionModel(nn.Module):
         self.token_embeddings = nn.Embedding(config.vocab_size, config.embed_dim)
         self.vision_encoder = VisionEncoder(config)
         self.text_transformer = DecoderTransformer(config)
-        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_base)
+        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_base, config.rope_table_dtype)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 

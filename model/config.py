@@ -44,6 +44,9 @@ class CaptionConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     ffn_multiplier: int = 3
     rope_base: float = 10000.0
+    # The seed cast its whole model, RoPE tables included, to bfloat16 after building it, so
+    # the trained weights expect cos/sin rounded to bfloat16 (the golden logits need it too).
+    rope_table_dtype: str = "bfloat16"
 
     @property
     def head_dim(self) -> int:

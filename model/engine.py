@@ -42,8 +42,11 @@ class Row:
     style: str
 
 
-def plan_rows(plans: list[CaptionPlan]) -> tuple[list[Row], list[tuple[int, str]], list[dict]]:
-    """Expand plans into caption rows, (image, style) groups and per-row sampling settings."""
+def plan_rows(plans: list[CaptionPlan], max_text_tokens: int) -> tuple[list[Row], list[tuple[int, str]], list[dict]]:
+    """Expand plans into caption rows, (image, style) groups and per-row sampling settings.
+
+    A row generates at most `max_text_tokens` (the model's RoPE table ends there).
+    """
     rows, groups, settings = [], [], []
     for image, plan in enumerate(plans):
         seed = plan.seed if plan.seed is not None else secrets.randbits(63)
@@ -57,7 +60,7 @@ def plan_rows(plans: list[CaptionPlan]) -> tuple[list[Row], list[tuple[int, str]
                         temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
                         repetition_penalty=sampling.repetition_penalty, ngram=sampling.no_repeat_ngram_size,
                         seed=seed, row_key=STYLES.index(style) * ROW_KEY_STRIDE + caption,
-                        max_new_tokens=plan.max_new_tokens,
+                        max_new_tokens=min(plan.max_new_tokens, max_text_tokens),
                     )
                 )
     return rows, groups, settings
@@ -77,12 +80,13 @@ def cut_at_end(ids: list[int]) -> list[int]:
 
 class CaptionEngine:
     def __init__(self, model: CaptionModel, vocab: Vocabulary, *, compile_encoder=False, compile_decode=False,
-                 sync_every: int = 8):
+                 static_shapes: bool | None = None, sync_every: int = 8):
         self.model, self.vocab, self.config = model, vocab, model.config
         self.device = model.token_embeddings.weight.device
         self.dtype = model.token_embeddings.weight.dtype
         self.sync_every = sync_every
-        self.static_shapes = compile_decode  # CUDA graphs need fixed shapes and addresses
+        # CUDA graphs need fixed shapes and addresses; the static path also runs (slower) in eager mode.
+        self.static_shapes = compile_decode if static_shapes is None else static_shapes
         self.encoder = torch.compile(model.encode_images) if compile_encoder else model.encode_images
         self.step = (
             torch.compile(decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
@@ -145,14 +149,14 @@ class CaptionEngine:
     def generate(self, pixel_values: torch.Tensor, plans: list[CaptionPlan]) -> tuple[list[Row], list[list[int]]]:
         """Token ids (without `[CLS]`, cut at `[SEP]`) for every caption row of the batch."""
         self.last_stats = {"images": len(plans)}
-        rows, groups, settings = plan_rows(plans)
+        rows, groups, settings = plan_rows(plans, self.config.max_text_tokens)
         padded = self._rows_for_cache(len(rows))
         # Padding rows (static shapes only) copy row 0 but end after one token.
         settings = settings + [dict(settings[0], max_new_tokens=1)] * (padded - len(rows))
         row_group = torch.tensor([r.group for r in rows] + [0] * (padded - len(rows)), device=self.device)
         row_image = torch.tensor([r.image for r in rows] + [0] * (padded - len(rows)), device=self.device)
         params = make_row_params(settings, self.config.output_size, self.device)
-        max_new = max(plan.max_new_tokens for plan in plans)
+        max_new = max(row["max_new_tokens"] for row in settings)
 
         prefix = self.prefill_prefix(pixel_values)
         group_kv, group_logits = self.prefill_groups(prefix, groups)

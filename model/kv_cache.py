@@ -81,7 +81,7 @@ class KVCache(nn.Module):
     def decode_mask(self) -> torch.Tensor | None:
         if not self.static_shapes:
             return None
-        return torch.arange(self.keys.shape[3], device=self.keys.device) <= self.position  # (max_len,)
+        return (torch.arange(self.keys.shape[3], device=self.keys.device) <= self.position)[None]  # (1, max_len)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         self.keys[layer].index_copy_(2, self.position, k)

@@ -19,11 +19,12 @@ from torch import nn
 from .config import CaptionConfig
 
 
-def rope_tables(head_dim: int, max_len: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables (max_len, head_dim // 2) in float32 for interleaved-pair RoPE."""
+def rope_tables(head_dim: int, max_len: int, base: float, rounding: str = "float32"):
+    """cos/sin tables (max_len, head_dim // 2), rounded through `rounding`, stored in float32."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
+    rounded = getattr(torch, rounding)
+    return angles.cos().to(rounded).float(), angles.sin().to(rounded).float()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ from .config import CLS_ID, SEP_ID
 
 _MASK32 = 0xFFFFFFFF
 _HASH_MULTIPLIER = 0x45D9F3B  # < 2**27, so products of 32-bit values fit in int64
-_NOISE_BITS = 24  # uniform floats with 24 random bits are exact in float32
+_NOISE_BITS = 23  # (bits + 0.5) / 2**23 is exact in float32 and strictly inside (0, 1)
 
 
 @dataclass

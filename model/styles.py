@@ -80,7 +80,7 @@ class CaptionPlan:
 def _number(name: str, value, kind: type, low: float, high: float):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise OptionError(f"'{name}' must be a number, got {type(value).__name__}")
-    if kind is int and not float(value).is_integer():
+    if kind is int and isinstance(value, float) and not value.is_integer():
         raise OptionError(f"'{name}' must be an integer, got {value}")
     if isinstance(value, float) and not math.isfinite(value):
         raise OptionError(f"'{name}' must be finite")

@@ -1,0 +1,97 @@
+"""Checkpoint loading: the full-size layout, both backbone key layouts, and clear failures."""
+
+import json
+
+import pytest
+import torch
+
+from model.checkpoint import CheckpointError, expected_shapes, load_model, load_state_dict
+from model.config import PRESETS, CaptionConfig
+from tests.conftest import REPO, SEED_TINY
+
+pytestmark = pytest.mark.unit
+MANIFEST = json.loads((REPO / "weights" / "manifest.json").read_text())
+
+
+def test_full_size_model_matches_the_manifest():
+    shapes = expected_shapes(PRESETS["seed-full"])
+    assert shapes == {k: tuple(v) for k, v in MANIFEST["keys"].items()}
+    assert sum(torch.Size(s).numel() for s in shapes.values()) == MANIFEST["num_parameters"] == 169_498_554
+    assert CaptionConfig.from_dict(MANIFEST["config"]) == PRESETS["seed-full"]
+
+
+def test_full_size_random_checkpoint_loads(tmp_path):
+    path = tmp_path / "random.pt"
+    generator = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(v, generator=generator).to(torch.bfloat16) * 0.02 for k, v in MANIFEST["keys"].items()}
+    torch.save(state, path)
+    del state
+    loaded = load_state_dict(path, PRESETS["seed-full"])
+    assert {k: list(v.shape) for k, v in loaded.items()} == MANIFEST["keys"]
+    assert {v.dtype for v in loaded.values()} == {torch.bfloat16}
+
+
+def test_transformers4_backbone_keys_are_accepted(tmp_path):
+    state = torch.load(SEED_TINY / "weights.pt", weights_only=True)
+    renamed = {k.replace("backbone.model.layer.", "backbone.layer."): v for k, v in state.items()}
+    assert renamed.keys() != state.keys()
+    torch.save(renamed, tmp_path / "v4.pt")
+    config = CaptionConfig.from_json(SEED_TINY / "config.json")
+    model = load_model(tmp_path / "v4.pt", config)
+    assert torch.equal(model.vision_encoder.backbone.model.layer[0].norm1.weight,
+                       state["vision_encoder.backbone.model.layer.0.norm1.weight"].float())
+
+
+def test_marker_embeddings_come_from_the_checkpoint():
+    state = torch.load(SEED_TINY / "weights.pt", weights_only=True)
+    model = load_model(SEED_TINY / "weights.pt", CaptionConfig.from_json(SEED_TINY / "config.json"))
+    prefix = model.prefix_embeddings(torch.zeros(1, 4, 64))
+    assert torch.equal(prefix[0, 0], state["token_embeddings.weight"][30522].float())
+    assert torch.equal(prefix[0, -1], state["token_embeddings.weight"][30523].float())
+
+
+def test_truncated_file(tmp_path):
+    data = (SEED_TINY / "weights.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_state_dict(tmp_path / "cut.pt", PRESETS["seed-tiny"])
+
+
+def test_not_a_checkpoint(tmp_path):
+    (tmp_path / "text.pt").write_text("hello")
+    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
+        load_state_dict(tmp_path / "text.pt", PRESETS["seed-tiny"])
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    with pytest.raises(CheckpointError, match="does not hold a state dict"):
+        load_state_dict(tmp_path / "list.pt", PRESETS["seed-tiny"])
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_state_dict(tmp_path / "missing.pt", PRESETS["seed-tiny"])
+
+
+def test_wrong_shape_missing_and_unexpected_keys_are_named(tmp_path):
+    state = torch.load(SEED_TINY / "weights.pt", weights_only=True)
+    state["text_transformer.output.bias"] = torch.zeros(7)
+    del state["text_transformer.final_norm.weight"]
+    state["extra.weight"] = torch.zeros(1)
+    torch.save(state, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError) as error:
+        load_state_dict(tmp_path / "bad.pt", CaptionConfig.from_json(SEED_TINY / "config.json"))
+    message = str(error.value)
+    assert "text_transformer.output.bias is (7,), expected (30522,)" in message
+    assert "missing key(s): text_transformer.final_norm.weight" in message
+    assert "unexpected key(s): extra.weight" in message
+
+
+def test_full_size_checkpoint_against_tiny_config_fails(tmp_path):
+    with pytest.raises(CheckpointError, match="mis-shaped"):
+        load_state_dict(SEED_TINY / "weights.pt", PRESETS["seed-full"])
+
+
+def test_checkpoints_are_read_weights_only(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("executed",))
+
+    torch.save({"x": Evil()}, tmp_path / "evil.pt", _use_new_zipfile_serialization=True)
+    with pytest.raises(CheckpointError, match="not a readable"):
+        load_state_dict(tmp_path / "evil.pt", PRESETS["seed-tiny"])

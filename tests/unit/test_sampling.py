@@ -1,0 +1,136 @@
+"""Batched token selection: agreement with the seed's per-row processing, and property tests.
+
+Every sampled token must lie inside the set the seed would allow (top-k, top-p, n-gram
+ban), whatever the logits; the tensor implementation must pick exactly what the plain
+per-row reference (`model/reference.py`) picks, given the same counter-based noise.
+"""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from model.config import CLS_ID
+from model.reference import next_token
+from model.sampling import TokenState, gumbel_noise, make_row_params, repeated_ngram_mask, select_next
+from model.styles import SamplingParams
+
+pytestmark = pytest.mark.unit
+VOCAB = 64
+
+row_settings = st.fixed_dictionaries(
+    {
+        "temperature": st.sampled_from([0.0, 0.2, 0.75, 1.0, 2.0]),
+        "top_k": st.sampled_from([0, 1, 3, 15, 30]),
+        "top_p": st.sampled_from([0.0, 0.5, 0.75, 0.9, 1.0]),
+        "repetition_penalty": st.sampled_from([1.0, 1.15, 1.4, 2.0]),
+        "ngram": st.sampled_from([0, 2, 3, 4]),
+        "seed": st.integers(0, 2**63 - 1),
+        "row_key": st.integers(0, 200),
+    }
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.lists(row_settings, min_size=1, max_size=5),
+    length=st.integers(0, 12),
+    data=st.data(),
+)
+def test_batched_selection_equals_per_row_reference(rows, length, data):
+    vocab = CLS_ID + 1 + VOCAB  # token ids 0..vocab-1, `[CLS]` inside
+    tokens = [data.draw(st.lists(st.integers(95, vocab - 1), min_size=length, max_size=length)) for _ in rows]
+    generator = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31)))
+    logits = torch.randn(len(rows), vocab, generator=generator) * data.draw(st.sampled_from([0.5, 3.0, 10.0]))
+    step = data.draw(st.integers(0, 127))
+    for row in rows:
+        row["max_new_tokens"] = 128
+    params = make_row_params(rows, vocab, "cpu")
+    state = TokenState(len(rows), length + 1, vocab, "cpu")
+    for i in range(length):
+        column = torch.tensor([t[i] for t in tokens])
+        state.history[:, state.length] = column
+        state.seen.scatter_(1, column[:, None], True)
+        state.length += 1
+    chosen = select_next(logits, params, state.history, state.length, state.seen, step)
+    for r, row in enumerate(rows):
+        sampling = SamplingParams(row["temperature"], row["top_k"], row["top_p"], row["repetition_penalty"], row["ngram"])
+        expected = next_token(logits[r], [CLS_ID] + tokens[r], sampling, row["seed"], row["row_key"], step)
+        assert int(chosen[r]) == expected
+
+
+@settings(max_examples=40, deadline=None)
+@given(row=row_settings, seed=st.integers(0, 2**31), steps=st.integers(1, 40))
+def test_sampled_tokens_lie_in_the_allowed_set(row, seed, steps):
+    vocab = 300
+    generator = torch.Generator().manual_seed(seed)
+    row = dict(row, max_new_tokens=128, temperature=max(row["temperature"], 0.2))
+    params = make_row_params([row], vocab, "cpu")
+    state = TokenState(1, steps + 1, vocab, "cpu")
+    for step in range(steps):
+        logits = torch.randn(1, vocab, generator=generator) * 4
+        token = int(select_next(logits, params, state.history, state.length, state.seen, step)[0])
+        history = state.history[0, : state.length].tolist()
+        allowed = allowed_tokens(logits[0] / row["temperature"], history, row)
+        assert token in allowed
+        state.history[0, state.length] = token
+        state.seen[0, token] = True
+        state.length += 1
+
+
+def allowed_tokens(scaled: torch.Tensor, history: list[int], row: dict) -> set[int]:
+    """The seed's allowed set, computed independently with plain Python over sorted scores."""
+    scores = scaled.tolist()
+    for t in set(history):
+        scores[t] = scores[t] * row["repetition_penalty"] if scores[t] < 0 else scores[t] / row["repetition_penalty"]
+    n = row["ngram"]
+    banned = set()
+    if n > 0:
+        tail = history[len(history) - (n - 1):] if n > 1 else []
+        banned = {history[j + n - 1] for j in range(len(history) - n + 1) if history[j : j + n - 1] == tail}
+    order = sorted((i for i in range(len(scores)) if i not in banned), key=lambda i: -scores[i])
+    if row["top_k"] > 0:
+        kth = scores[order[min(row["top_k"], len(order)) - 1]]
+        order = [i for i in order if scores[i] >= kth]
+    if 0 < row["top_p"] < 1:
+        weights = torch.softmax(torch.tensor([scores[i] for i in order]), 0).tolist()
+        kept, mass = [], 0.0
+        for i, w in zip(order, weights):
+            kept.append(i)
+            mass += w
+            if mass > row["top_p"] + 1e-6:
+                break
+        order = kept
+    return set(order)
+
+
+def test_ngram_mask_matches_the_seed_rule():
+    history = torch.tensor([[CLS_ID, 5, 6, 7, 5, 6, 0, 0]])
+    mask = repeated_ngram_mask(history, 6, torch.tensor([3]), 3, 200)  # last two tokens "5 6" seen before "7"
+    assert mask[0].nonzero()[:, 0].tolist() == [7]
+    mask = repeated_ngram_mask(history, 6, torch.tensor([2]), 3, 200)  # "6" was followed by "7"
+    assert mask[0].nonzero()[:, 0].tolist() == [7]
+    assert not repeated_ngram_mask(history, 6, torch.tensor([0]), 3, 200).any()
+
+
+def test_finished_rows_emit_end_tokens_and_respect_max_new_tokens():
+    rows = [dict(temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, ngram=0, seed=0, row_key=0,
+                 max_new_tokens=m) for m in (2, 5)]
+    params = make_row_params(rows, 300, "cpu")
+    state = TokenState(2, 5, 300, "cpu")
+    logits = torch.zeros(2, 300)
+    logits[:, 200] = 1.0
+    for _ in range(3):
+        state.append(select_next(logits, params, state.history, state.length, state.seen, 0), params)
+    assert state.history[:, 1:4].tolist() == [[200, 200, 102], [200, 200, 200]]
+    assert state.done.tolist() == [True, False]
+
+
+def test_gumbel_noise_is_finite_for_every_hash_value():
+    from model.sampling import _NOISE_BITS
+
+    extremes = torch.tensor([[0, 1, (1 << _NOISE_BITS) - 1]], dtype=torch.long)
+    uniform = (extremes.float() + 0.5) / float(1 << _NOISE_BITS)
+    assert bool(((uniform > 0) & (uniform < 1)).all())
+    noise = gumbel_noise(torch.arange(1000), torch.arange(30522)[None].expand(1000, -1))
+    assert bool(torch.isfinite(noise).all())

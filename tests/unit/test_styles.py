@@ -1,0 +1,60 @@
+"""Style defaults and validation of request options."""
+
+import pytest
+
+from model.styles import STYLE_DEFAULTS, Limits, OptionError, make_plan
+
+pytestmark = pytest.mark.unit
+
+
+def test_defaults_are_the_seeds():
+    table = {s: (d.num_captions, *vars(d.sampling).values()) for s, d in STYLE_DEFAULTS.items()}
+    assert table == {
+        "concise": (2, 0.20, 3, 0.75, 1.4, 2),
+        "narrative": (2, 0.75, 30, 0.90, 1.15, 3),
+        "descriptive": (2, 0.45, 15, 0.85, 1.2, 3),
+    }
+
+
+def test_overrides_apply_to_every_selected_style():
+    plan = make_plan({"styles": ["Descriptive", "concise"], "temperature": 0, "num_captions": 3, "seed": 5})
+    assert plan.styles == ("concise", "descriptive")
+    assert plan.num_captions == {"concise": 3, "descriptive": 3}
+    assert {p.temperature for p in plan.sampling.values()} == {0.0}
+    assert plan.sampling["concise"].top_k == 3 and plan.sampling["descriptive"].top_k == 15
+    assert plan.seed == 5 and plan.max_new_tokens == 128 and plan.num_rows == 6
+
+
+def test_styles_as_comma_string():
+    assert make_plan({"styles": "narrative, concise"}).styles == ("concise", "narrative")
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"styles": ["poetic"]}, "unknown style 'poetic'"),
+        ({"styles": ["concise", "Concise"]}, "listed twice"),
+        ({"styles": []}, "non-empty list"),
+        ({"styles": [3]}, "must be strings"),
+        ({"num_captions": 0}, "'num_captions' must be between 1 and 8"),
+        ({"num_captions": 9}, "'num_captions' must be between 1 and 8"),
+        ({"num_captions": 1.5}, "must be an integer"),
+        ({"max_new_tokens": 129}, "'max_new_tokens' must be between 1 and 128"),
+        ({"temperature": -1}, "'temperature' must be between"),
+        ({"temperature": "hot"}, "'temperature' must be a number"),
+        ({"temperature": float("nan")}, "must be finite"),
+        ({"top_p": 1.5}, "'top_p' must be between 0.0 and 1.0"),
+        ({"top_k": True}, "must be a number"),
+        ({"seed": -1}, "'seed' must be between"),
+        ({"colour": "red"}, "unknown option(s): colour"),
+    ],
+)
+def test_bad_options(options, message):
+    with pytest.raises(OptionError) as error:
+        make_plan(options)
+    assert message in str(error.value)
+
+
+def test_limits_are_configurable():
+    with pytest.raises(OptionError, match="between 1 and 2"):
+        make_plan({"num_captions": 3}, Limits(max_num_captions=2))

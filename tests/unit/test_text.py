@@ -1,0 +1,26 @@
+"""Caption tidying."""
+
+import pytest
+
+from model.text import tidy_caption
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize(
+    "raw, tidy",
+    [
+        ("a red cup of coffee on a tabby cat on the launch pad , and a pink nose .",
+         "A red cup of coffee on a tabby cat on the launch pad, and a pink nose."),
+        ("a chain - link fence", "A chain-link fence."),
+        ("the cup ' s handle is red . it is hot", "The cup's handle is red. It is hot."),
+        ("wow ! a dog ? yes", "Wow! A dog? Yes."),
+        ("it was 3 . 5 m tall , 1 , 000 people came", "It was 3.5 m tall, 1,000 people came."),
+        ("a man ( in red ) waves", "A man (in red) waves."),
+        ("a dog ,", "A dog."),
+        ("  spaced   out  ", "Spaced out."),
+        ("", ""),
+    ],
+)
+def test_tidy_caption(raw, tidy):
+    assert tidy_caption(raw) == tidy

@@ -1,0 +1,45 @@
+"""The vendored vocabulary: checksum, special-token ids, decoding and encoding."""
+
+import pytest
+
+from model.config import CLS_ID, IMG_END_ID, IMG_START_ID, PAD_ID, SEP_ID, STYLE_TOKEN_IDS
+from model.tokenizer import VOCAB_PATH, VOCAB_SHA256, Vocabulary, file_sha256
+
+pytestmark = pytest.mark.unit
+
+
+def test_vendored_vocab_checksum():
+    assert file_sha256(VOCAB_PATH) == VOCAB_SHA256
+    assert VOCAB_PATH.stat().st_size == 231_508
+
+
+def test_special_token_ids():
+    vocab = Vocabulary()
+    assert len(vocab) == 30527
+    assert [vocab.ids[t] for t in ("[PAD]", "[CLS]", "[SEP]")] == [PAD_ID, CLS_ID, SEP_ID]
+    assert vocab.ids["[IMG_START]"] == IMG_START_ID == 30522
+    assert vocab.ids["[IMG_END]"] == IMG_END_ID == 30523
+    assert STYLE_TOKEN_IDS == {"descriptive": 30524, "narrative": 30525, "concise": 30526}
+
+
+def test_decode_skips_special_tokens_and_joins_wordpieces(golden):
+    vocab = Vocabulary()
+    ids = golden["images"]["coffee.png"]["greedy"]["concise"]["ids"]
+    assert vocab.decode(ids) == "a red cup of coffee on a tabby cat on the launch pad , and a pink nose ."
+    assert vocab.decode([vocab.ids["play"], vocab.ids["##ing"], 30526, PAD_ID]) == "playing"
+
+
+def test_encode_round_trips_golden_input_ids(golden):
+    vocab = Vocabulary()
+    for name, image in golden["images"].items():
+        ids = image["teacher_forced"]["input_ids"][0].tolist()
+        assert [CLS_ID] + vocab.encode(golden["captions"][name]["concise"]) == ids
+
+
+def test_bad_vocabulary_file(tmp_path):
+    short = tmp_path / "vocab.txt"
+    short.write_text("[PAD]\n[UNK]\n")
+    with pytest.raises(ValueError, match="expected 30522"):
+        Vocabulary(short)
+    with pytest.raises(ValueError, match="cannot read"):
+        Vocabulary(tmp_path / "missing.txt")
