@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import urllib.error
 import urllib.request
@@ -45,10 +46,13 @@ def inference_key(path: Path) -> tuple[str | None, str | None]:
         return None, f"cannot read the inference key from {path}: {exc!r}"
     expires = entry.get("expiration time")
     if expires:
+        # Java's Instant.toString: "2026-01-02T03:04:05.123456789Z"; Python 3.10 (the image's)
+        # parses at most 6 fractional digits and no "Z".
+        stamp = re.sub(r"(\.\d{6})\d+", r"\1", expires.replace("Z", "+00:00"))
         try:
-            when = datetime.fromisoformat(expires.replace("Z", "+00:00"))
+            when = datetime.fromisoformat(stamp)
         except ValueError:
-            when = None
+            when = None  # unknown format: let /ping decide
         if when is not None and when <= datetime.now(timezone.utc):
             return None, (
                 f"the inference key expired at {expires}: rotate it with "

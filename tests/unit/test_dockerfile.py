@@ -316,7 +316,7 @@ def ping_server():
 def _key_file(run_dir: Path, key: str, expires: datetime | None = None) -> None:
     expires = expires or datetime.now(timezone.utc) + timedelta(hours=1)
     run_dir.mkdir(parents=True, exist_ok=True)
-    stamp = expires.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    stamp = expires.strftime("%Y-%m-%dT%H:%M:%S.%f") + "789Z"  # Java prints nanoseconds
     (run_dir / "key_file.json").write_text(json.dumps({
         "management": {"key": "mgmt", "expiration time": stamp},
         "inference": {"key": key, "expiration time": stamp},
