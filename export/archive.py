@@ -1,0 +1,280 @@
+"""Build the TorchServe model archive (``.mar``) of the caption model.
+
+Layout of the archive (the root is the worker's model directory and sits first on its
+``sys.path``)::
+
+    captioner_handler.py        the handler (manifest "handler")
+    weights.pt                  the checkpoint (manifest "serializedFile"; original file name kept)
+    caption_config.json         the model config (the name handler.model_config in the yaml gives)
+    model-config.yaml           TorchServe per-model config + our handler: section (manifest "configFile")
+    model/...                   the model package, with model/assets/vocab.txt
+    handler/...                 the handler's helper package
+    MAR-INF/MANIFEST.json
+
+torch-model-archiver's ``--extra-files`` copies a *folder's contents* (files flat, subfolders
+as trees), so the packages are first staged as ``stage/model`` and ``stage/handler`` and the
+stage folder is given as the one extra file: its two subfolders land at the archive root
+intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+import handler as handler_package
+import model as model_package
+from model.config import PRESETS, CaptionConfig
+
+HANDLER_FILE = Path(handler_package.__path__[0]) / "captioner_handler.py"
+DEFAULT_MODEL_CONFIG = Path(handler_package.__path__[0]) / "model-config.yaml"
+PACKAGES = {"model": Path(model_package.__path__[0]), "handler": Path(handler_package.__path__[0])}
+_IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyo", ".*", "model-config.yaml")
+
+
+class ExportError(Exception):
+    """The archive cannot be built; the message says why (exit status 2)."""
+
+
+@dataclass(frozen=True)
+class ArchiveResult:
+    path: Path
+    size_bytes: int
+    seconds: float
+    config: CaptionConfig
+
+
+def build_archive(
+    weights: str | Path,
+    config: str | Path | CaptionConfig | None = None,
+    *,
+    model_name: str = "captioner",
+    version: str = "1.0",
+    output: str | Path = "model-store",
+    model_config: str | Path | None = None,
+    archive_format: str = "default",
+    check_weights: bool = True,
+    progress=None,
+) -> ArchiveResult:
+    """Validate the inputs, then build ``output/<model_name>.mar`` atomically.
+
+    ``progress(message)`` receives status lines (default: print to stderr).
+    """
+    say = progress or _stderr
+    started = time.perf_counter()
+    weights = Path(weights)
+    output = Path(output)
+    model_config = Path(model_config) if model_config else DEFAULT_MODEL_CONFIG
+    _check_name(model_name)
+    if archive_format not in ("default", "zip-store"):
+        raise ExportError(f"archive format {archive_format!r} is not supported here (use default or zip-store)")
+
+    caption_config = _load_config(config)
+    settings = _load_model_config(model_config)
+    if not weights.is_file():
+        raise ExportError(f"weights file {weights} does not exist")
+    if check_weights:
+        say(f"checking {weights} ({_mb(weights.stat().st_size)}) against the model config ...")
+        _check_weights(weights, caption_config)
+    if settings.weights and settings.weights != weights.name:
+        raise ExportError(f"{model_config}: handler.weights is {settings.weights!r} but the weights file is "
+                          f"named {weights.name!r}; rename one of them")
+
+    output.mkdir(parents=True, exist_ok=True)
+    target = output / f"{model_name}.mar"
+    work = Path(tempfile.mkdtemp(prefix=f".{model_name}-export-", dir=output))
+    try:
+        stage = work / "stage"
+        for name, source in PACKAGES.items():
+            shutil.copytree(source, stage / name, ignore=_IGNORE)
+        config_name = settings.model_config
+        if "/" in config_name or config_name in (weights.name, "model-config.yaml", HANDLER_FILE.name):
+            raise ExportError(f"{model_config}: handler.model_config {config_name!r} must be a plain file "
+                              "name distinct from the other archive files")
+        caption_config.to_json(stage / config_name)
+        if not (stage / settings.vocab).is_file():
+            raise ExportError(f"{model_config}: handler.vocab {settings.vocab!r} is not in the staged packages")
+        if weights.name in {p.name for p in stage.iterdir()} | {HANDLER_FILE.name, model_config.name}:
+            raise ExportError(f"the weights file name {weights.name!r} clashes with an archive file; rename it")
+        (work / "tmp").mkdir()
+        (work / "out").mkdir()
+        total = weights.stat().st_size + _tree_size(stage)
+        say(f"archiving {model_name} v{version} ({_mb(total)}, format {archive_format}) ...")
+        with _progress_monitor(work, model_name, total, say, weights):
+            _run_archiver(
+                model_name=model_name, version=version, handler=HANDLER_FILE, weights=weights,
+                extra=stage, model_config=model_config, export_path=work / "out",
+                archive_format=archive_format, tmp=work / "tmp",
+            )
+        built = work / "out" / f"{model_name}.mar"
+        _verify(built, weights.name, config_name)
+        os.replace(built, target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return ArchiveResult(target, target.stat().st_size, time.perf_counter() - started, caption_config)
+
+
+def _run_archiver(*, model_name, version, handler, weights, extra, model_config, export_path, archive_format, tmp):
+    from model_archiver.model_archiver import ModelArchiver
+    from model_archiver.model_archiver_config import ModelArchiverConfig
+    from model_archiver.model_archiver_error import ModelArchiverError
+
+    archiver_config = ModelArchiverConfig(
+        model_name=model_name,
+        handler=str(handler),
+        version=version,
+        serialized_file=str(weights),
+        extra_files=str(extra),
+        export_path=str(export_path),
+        archive_format=archive_format,
+        force=True,
+        config_file=str(model_config),
+    )
+    # The archiver copies everything to <tempdir>/<model name> first (and deletes that folder
+    # at start): give it a private tempdir so concurrent exports cannot collide.
+    saved = tempfile.tempdir
+    tempfile.tempdir = str(tmp)
+    try:
+        ModelArchiver.generate_model_archive(archiver_config)
+    except (ModelArchiverError, OSError, ValueError) as exc:
+        raise ExportError(f"torch-model-archiver failed: {exc}") from exc
+    finally:
+        tempfile.tempdir = saved
+
+
+def _verify(mar: Path, weights_name: str, config_name: str) -> None:
+    with zipfile.ZipFile(mar) as archive:
+        names = set(archive.namelist())
+    required = {"MAR-INF/MANIFEST.json", "captioner_handler.py", "model-config.yaml", weights_name, config_name,
+                "model/__init__.py", "model/engine.py", "model/assets/vocab.txt", "handler/__init__.py",
+                "handler/request_parsing.py", "handler/settings.py"}
+    missing = sorted(required - names)
+    if missing:
+        raise ExportError(f"archive {mar} lacks {missing}")
+
+
+def _load_config(config) -> CaptionConfig:
+    if config is None:
+        return PRESETS["seed-full"]
+    if isinstance(config, CaptionConfig):
+        return config
+    try:
+        return CaptionConfig.from_json(config)
+    except (ValueError, TypeError) as exc:
+        raise ExportError(f"model config {config}: {exc}") from exc
+
+
+def _load_model_config(path: Path):
+    from handler.settings import HandlerSettings, SettingsError
+
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ExportError(f"cannot read model-config.yaml {path}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ExportError(f"{path}: expected a mapping of TorchServe settings")
+    if "pt2" in raw:
+        raise ExportError(f"{path}: remove the 'pt2' section (TorchServe would compile the whole model); "
+                          "use handler.compile_encoder")
+    if path.name != "model-config.yaml":
+        raise ExportError(f"{path}: the file must be named model-config.yaml")
+    try:
+        return HandlerSettings.from_model_yaml(raw)
+    except SettingsError as exc:
+        raise ExportError(str(exc)) from exc
+
+
+def _check_weights(weights: Path, config: CaptionConfig) -> None:
+    from model.checkpoint import CheckpointError, load_state_dict
+
+    try:
+        state_dict = load_state_dict(weights, config)
+    except CheckpointError as exc:
+        raise ExportError(f"refusing to archive {weights}: {exc}") from exc
+    del state_dict
+
+
+def _check_name(name: str) -> None:
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_\-.]*", name):
+        raise ExportError(f"model name {name!r}: use letters, digits, '_', '-' and '.', starting with a letter or digit")
+
+
+def _tree_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _read_position(path: Path) -> int | None:
+    """How far this process has read an open file (Linux /proc), else None."""
+    fd_dir = Path("/proc/self/fd")
+    if not fd_dir.is_dir():
+        return None
+    for fd in fd_dir.iterdir():
+        try:
+            if os.readlink(fd) == str(path):
+                info = (Path("/proc/self/fdinfo") / fd.name).read_text()
+                return int(info.split("pos:", 1)[1].split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+    return None
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _progress_monitor(work: Path, model_name: str, total: int, say, weights: Path, interval: float = 0.5,
+                      quiet_interval: float = 5.0):
+    """Report the archiver's progress from outside: the bytes of its staging copy, then of the
+    archive being written (the archiver itself reports nothing)."""
+    stop = threading.Event()
+    weights_name, weights_size = weights.name, weights.stat().st_size
+    tty = sys.stderr.isatty() and say is _stderr
+
+    def measure() -> str:
+        mar = work / "out" / f"{model_name}.mar"
+        if not mar.exists():
+            return f"  copying: {_mb(_tree_size(work / 'tmp'))} / {_mb(total)}"
+        position = _read_position(work / "tmp" / model_name / weights_name)
+        if position is None:  # not the weights (or no /proc): show what was written
+            return f"  writing archive: {_mb(mar.stat().st_size)} written"
+        return f"  compressing {weights_name}: {_mb(position)} / {_mb(weights_size)} ({100 * position / max(weights_size, 1):.0f}%)"
+
+    def loop():
+        last, last_time = "", 0.0
+        while not stop.wait(interval):
+            try:
+                line = measure()
+            except OSError:
+                continue
+            if tty:
+                print("\r" + line.ljust(70), end="", file=sys.stderr, flush=True)
+            elif line != last and time.monotonic() - last_time >= quiet_interval:
+                say(line)  # a log, not a terminal: one line every few seconds
+                last, last_time = line, time.monotonic()
+
+    thread = threading.Thread(target=loop, name="export-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        if tty:
+            print(file=sys.stderr)
