@@ -1,0 +1,134 @@
+"""Export of a full-size checkpoint (all 436 keys, bfloat16, 339 MB; RANDOM weights built in
+the test) and its load by a real TorchServe worker; refused exports of broken checkpoints."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import SEED, image_b64
+from torchserve import REPO
+
+from export import ExportError, build_archive
+from model.config import PRESETS
+
+pytestmark = pytest.mark.e2e
+
+NAME = "captioner-full"
+# Deflating 339 MB of bfloat16 takes over a minute on 2 cores; the stored (uncompressed) zip
+# variant keeps this test short. The default format is exercised by the seed archive.
+FORMAT = "zip-store"
+
+
+@pytest.fixture(scope="module")
+def full_checkpoint(tmp_path_factory) -> Path:
+    from weights.random_init import write_random_checkpoint
+
+    path = tmp_path_factory.mktemp("full") / "random-init-weights.pt"
+    write_random_checkpoint(path, seed=0)
+    return path
+
+
+@pytest.fixture(scope="module")
+def full_archive(full_checkpoint, model_store) -> Path:
+    lines = []
+    result = build_archive(full_checkpoint, None, model_name=NAME, output=model_store, archive_format=FORMAT,
+                           progress=lines.append)
+    assert lines[0].startswith(f"checking {full_checkpoint}")
+    assert result.config == PRESETS["seed-full"]
+    assert result.size_bytes > full_checkpoint.stat().st_size
+    assert not [p for p in model_store.iterdir() if p.name.startswith(".")], "export left its work folder"
+    return result.path
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_archive_contents(full_archive, full_checkpoint):
+    with zipfile.ZipFile(full_archive) as archive:
+        names = set(archive.namelist())
+        manifest = json.loads(archive.read("MAR-INF/MANIFEST.json"))
+        assert manifest["model"] == {"modelName": NAME, "serializedFile": full_checkpoint.name,
+                                     "handler": "captioner_handler.py", "modelVersion": "1.0",
+                                     "configFile": "model-config.yaml"}
+        assert json.loads(archive.read("caption_config.json")) == PRESETS["seed-full"].to_dict()
+        assert archive.read("model-config.yaml") == (REPO / "handler" / "model-config.yaml").read_bytes()
+        assert archive.read("model/assets/vocab.txt") == (REPO / "model" / "assets" / "vocab.txt").read_bytes()
+        assert archive.getinfo(full_checkpoint.name).file_size == full_checkpoint.stat().st_size
+        assert archive.read("captioner_handler.py") == (REPO / "handler" / "captioner_handler.py").read_bytes()
+    expected_code = {f"{package}/{p.relative_to(REPO / package)}" for package in ("model", "handler")
+                     for p in (REPO / package).rglob("*")
+                     if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"
+                     and not p.name.startswith(".") and p.name != "model-config.yaml"}
+    assert expected_code <= names
+    assert {"model/engine.py", "model/checkpoint.py", "handler/request_parsing.py", "handler/settings.py"} <= names
+    top_level = {n for n in names if "/" not in n}
+    assert top_level == {full_checkpoint.name, "caption_config.json", "model-config.yaml", "captioner_handler.py"}
+    assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc") or n.startswith(("tests/", "export/"))]
+
+
+def test_a_worker_loads_the_full_size_archive(server, full_archive):
+    response = server.manage("POST", "/models", params={"url": full_archive.name, "initial_workers": 1,
+                                                        "synchronous": "true"}, timeout=600)
+    try:
+        assert response.status_code == 200, (response.text, server.log_tail())
+        description = server.describe(NAME)[0]
+        assert [w["status"] for w in description["workers"]] == ["READY"]
+        request = {"image": image_b64("rocket.jpg"), "styles": ["concise"], "num_captions": 1, "max_new_tokens": 4}
+        response = server.infer(NAME, json=request, timeout=300)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert list(body) == ["Concise"] and len(body["Concise"]) == 1 and isinstance(body["Concise"][0], str)
+        ready = server.grep_log(rf"caption handler ready: model={NAME} ")
+        assert ready and "image_size=384" in ready[-1] and "dtype=float32" in ready[-1], ready
+    finally:
+        server.manage("DELETE", f"/models/{NAME}")
+
+
+def test_export_of_a_truncated_checkpoint_fails_clearly(full_checkpoint, tmp_path):
+    truncated = tmp_path / "truncated.pt"
+    with open(full_checkpoint, "rb") as source:
+        truncated.write_bytes(source.read(full_checkpoint.stat().st_size // 2))
+    result = subprocess.run([sys.executable, "-m", "export", "--weights", str(truncated), "--output",
+                             str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result
+    assert "export failed" in result.stderr and "truncated.pt" in result.stderr
+    assert "not a readable PyTorch checkpoint" in result.stderr, result.stderr
+    assert not list((tmp_path / "out").glob("*.mar")) if (tmp_path / "out").exists() else True
+
+
+def test_export_of_a_wrong_shape_checkpoint_fails_clearly(full_checkpoint, tmp_path):
+    import torch
+
+    state = torch.load(full_checkpoint, weights_only=True, mmap=True)
+    state["text_transformer.decoder_blocks.3.ffn_norm.weight"] = torch.ones(512, dtype=torch.bfloat16)
+    del state["vision_encoder.backbone.embeddings.mask_token"]
+    wrong = tmp_path / "wrong-shape.pt"
+    torch.save(state, wrong)
+    del state
+    with pytest.raises(ExportError) as error:
+        build_archive(wrong, None, output=tmp_path / "out", progress=lambda _line: None)
+    message = str(error.value)
+    assert "wrong-shape.pt" in message
+    assert "1 mis-shaped key(s): text_transformer.decoder_blocks.3.ffn_norm.weight is (512,), expected (768,)" in message
+    assert "1 missing key(s): vision_encoder.backbone.embeddings.mask_token" in message
+    assert not list(tmp_path.glob("out/*.mar"))
+    # Config and checkpoint of different sizes: every differing key is named (first few shown).
+    with pytest.raises(ExportError, match=r"mis-shaped key\(s\)"):
+        build_archive(SEED / "weights.pt", None, output=tmp_path / "out", progress=lambda _line: None)
+
+
+def test_export_refuses_a_model_config_with_a_pt2_section(tmp_path):
+    config = yaml.safe_load((REPO / "handler" / "model-config.yaml").read_text())
+    config["pt2"] = {"compile": {"enable": True}}
+    (tmp_path / "model-config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(ExportError, match="pt2"):
+        build_archive(SEED / "weights.pt", SEED / "config.json", output=tmp_path / "out",
+                      model_config=tmp_path / "model-config.yaml", progress=lambda _line: None)
