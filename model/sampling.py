@@ -71,12 +71,12 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def row_stream(seed: torch.Tensor, row_key: torch.Tensor, step) -> torch.Tensor:
+def row_stream(seed: torch.Tensor, row_key: torch.Tensor, step: int) -> torch.Tensor:
     """(R,) hash state for one row at one step."""
     h = _mix32(seed & _MASK32)
     h = _mix32(h ^ ((seed >> 32) & _MASK32))
     h = _mix32(h ^ (row_key & _MASK32))
-    return _mix32(h ^ (torch.as_tensor(step, device=seed.device) & _MASK32))
+    return _mix32(h ^ (step & _MASK32))
 
 
 def gumbel_noise(stream: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
@@ -92,7 +92,7 @@ def penalise_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Te
     return torch.where(seen, penalised, logits)
 
 
-def repeated_ngram_mask(history: torch.Tensor, length, ngram: torch.Tensor, max_ngram: int, vocab_size: int):
+def repeated_ngram_mask(history: torch.Tensor, length: int, ngram: torch.Tensor, max_ngram: int, vocab_size: int):
     """(R, V) True where a token would complete an n-gram that already occurs in the row.
 
     history (R, Hmax) holds each row's tokens, `length` of them valid. Position q of the
@@ -104,7 +104,7 @@ def repeated_ngram_mask(history: torch.Tensor, length, ngram: torch.Tensor, max_
     match = (q < length) & (q >= n - 1) & (n > 0)
     for back in range(1, max_ngram):
         before_q = F.pad(history, (back, 0), value=-1)[:, :hmax]  # history[q - back]
-        last = history.gather(1, (torch.as_tensor(length, device=history.device) - back).clamp(min=0).expand(rows, 1))
+        last = history[:, max(length - back, 0), None]  # (R, 1): the row's back-th last token
         match &= (before_q == last) | (back > n - 1)
     banned_ids = torch.where(match, history, vocab_size)
     banned = torch.zeros(rows, vocab_size + 1, dtype=torch.bool, device=history.device)
@@ -122,7 +122,7 @@ def keep_top_k_top_p(values: torch.Tensor, top_k: torch.Tensor, top_p: torch.Ten
     return keep & (~nucleus[:, None] | (mass_before <= top_p[:, None]))
 
 
-def select_next(logits, params: RowParams, history, length, seen, step) -> torch.Tensor:
+def select_next(logits, params: RowParams, history, length: int, seen, step: int) -> torch.Tensor:
     """One step of token selection for every row: logits (R, V) float32 -> tokens (R,)."""
     greedy = params.temperature == 0
     scaled = logits / torch.where(greedy, 1.0, params.temperature)[:, None]

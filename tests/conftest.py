@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+# ../shared beside the checkout; CAPTION_SHARED points elsewhere (e.g. a copy on a GPU box).
+SHARED = Path(os.environ.get("CAPTION_SHARED", REPO.parent / "shared"))
 SEED_TINY = SHARED / "fixtures" / "seed-tiny"
 PREPROCESS = SHARED / "fixtures" / "preprocess"
 

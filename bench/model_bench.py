@@ -1,0 +1,197 @@
+"""Model benchmark: the engine across batch sizes, per stage, against the seed's algorithm.
+
+For each batch size it times decoding the JPEG bytes, preprocessing, and one engine call
+(encode, prefill, decode steps), then reports images/s and new tokens/s. The baseline
+(`bench/baseline.py`, what the original server did) runs on the same images, checkpoint and
+device in the same process, one request at a time, and the ratio is printed. A decode-step
+micro-benchmark times one step of the (compiled) decoder for several row counts.
+Writes `<out>/model-<device>.json` and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from model.engine import CaptionEngine, decode_step
+from model.image import decode_image, to_pixel_values
+from model.kv_cache import KVCache
+from model.styles import make_plan
+
+from .baseline import baseline_caption_ids
+
+TARGETS = {  # figure -> (limit, unit, comparison); from the speed issue
+    "cpu_one_image_s": (1.5, "s", "<="),
+    "cpu_batch8_s_per_image": (0.6, "s/image", "<="),
+    "gpu_decode_step_ms_64_rows": (0.3, "ms", "<="),
+    "gpu_images_per_s": (300.0, "images/s", ">="),
+}
+
+
+def synthetic_jpegs(count: int, size=(640, 480), seed: int = 0) -> list[bytes]:
+    """Photo-sized JPEGs with smooth gradients and noise (decode cost like a real photo)."""
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        w, h = size
+        ramp = torch.linspace(0, 1, w)[None, :, None] * torch.linspace(0, 1, h)[:, None, None]
+        pixels = (ramp * torch.rand(1, 1, 3, generator=generator) * 255 + torch.rand(h, w, 3, generator=generator) * 40)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels.clamp(0, 255).to(torch.uint8).numpy()).save(buffer, format="JPEG", quality=90)
+        out.append(buffer.getvalue())
+    return out
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_batch(engine: CaptionEngine, jpegs: list[bytes], options: dict) -> dict:
+    device = engine.device
+    start = time.perf_counter()
+    images = [decode_image(b) for b in jpegs]
+    decoded = time.perf_counter()
+    pixels = torch.stack([to_pixel_values(im, engine.config.image_size) for im in images])
+    preprocessed = time.perf_counter()
+    engine.caption(pixels, [make_plan(options)] * len(jpegs))
+    sync(device)
+    done = time.perf_counter()
+    stats = engine.last_stats
+    total = done - start
+    return {
+        "batch": len(jpegs), "rows": stats["rows"], "new_tokens": stats["new_tokens"],
+        "decode_image_ms": (decoded - start) * 1e3, "preprocess_ms": (preprocessed - decoded) * 1e3,
+        "encode_ms": stats["encode_ms"], "prefill_ms": stats["prefill_ms"], "decode_steps_ms": stats["generate_ms"],
+        "total_s": total, "s_per_image": total / len(jpegs), "images_per_s": len(jpegs) / total,
+        "new_tokens_per_s": stats["new_tokens"] / total,
+    }
+
+
+def time_baseline(engine: CaptionEngine, jpegs: list[bytes], options: dict) -> dict:
+    start = time.perf_counter()
+    for data in jpegs:
+        pixels = to_pixel_values(decode_image(data), engine.config.image_size).to(engine.device)
+        baseline_caption_ids(engine.model, pixels, make_plan(options))
+    sync(engine.device)
+    total = time.perf_counter() - start
+    return {"images": len(jpegs), "total_s": total, "s_per_image": total / len(jpegs)}
+
+
+@torch.inference_mode()
+def time_decode_step(engine: CaptionEngine, rows: int, steps: int = 50) -> float:
+    """Milliseconds per decode step for `rows` rows, mid-sequence, cache of the full length."""
+    cfg, device = engine.config, engine.device
+    cache = KVCache(cfg.depth, rows, cfg.num_heads, cfg.max_seq_len, cfg.head_dim, engine.dtype, device,
+                    static_shapes=engine.static_shapes)
+    tokens = torch.full((rows,), 1037, device=device)
+    position = cfg.prefix_len + 2 + cfg.max_text_tokens // 2
+    step = engine.step if engine.static_shapes else decode_step
+    for _ in range(3):
+        cache.advance(position)
+        step(engine.model, cache, tokens)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        cache.advance(position)
+        step(engine.model, cache, tokens)
+    sync(device)
+    return (time.perf_counter() - start) / steps * 1e3
+
+
+def check_targets(figures: dict) -> list[str]:
+    lines = []
+    for name, value in figures.items():
+        if name not in TARGETS or value is None:
+            continue
+        limit, unit, comparison = TARGETS[name]
+        met = value <= limit if comparison == "<=" else value >= limit
+        lines.append(f"{name}: {value:.3f} {unit} (target {comparison} {limit} {unit}) -> {'MET' if met else 'MISSED'}")
+    return lines
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = results["engine"]
+    batches = [r["batch"] for r in runs]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.plot(batches, [r["images_per_s"] for r in runs], marker="o", label="engine")
+    if results.get("baseline"):
+        left.axhline(1 / results["baseline"]["s_per_image"], color="grey", linestyle="--", label="seed algorithm")
+    left.set_xlabel("images per batch")
+    left.set_ylabel("images / s")
+    left.set_xscale("log", base=2)
+    left.legend()
+    stages = ["decode_image_ms", "preprocess_ms", "encode_ms", "prefill_ms", "decode_steps_ms"]
+    bottom = [0.0] * len(runs)
+    for stage in stages:
+        values = [r[stage] / r["batch"] for r in runs]
+        right.bar([str(b) for b in batches], values, bottom=bottom, label=stage.replace("_ms", ""))
+        bottom = [a + b for a, b in zip(bottom, values)]
+    right.set_xlabel("images per batch")
+    right.set_ylabel("ms per image")
+    right.legend(fontsize=8)
+    fig.suptitle(f"{results['device_name']} · {results['dtype']} · {results['max_new_tokens']} new tokens max")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def run(args) -> dict:
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    engine = CaptionEngine.from_files(args.weights, config=args.config, device=device, dtype=dtype,
+                                      compile_encoder=args.compile, compile_decode=args.compile)
+    options = {"seed": 0, "max_new_tokens": args.max_new_tokens}
+    jpegs = synthetic_jpegs(max(args.batch_sizes))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    results = {"device": str(device), "device_name": name, "dtype": args.dtype, "compile": args.compile,
+               "max_new_tokens": args.max_new_tokens, "torch": torch.__version__, "engine": [], "decode_step_ms": {}}
+    for batch in args.batch_sizes:
+        time_batch(engine, jpegs[:batch], dict(options, max_new_tokens=4))  # warm-up (and compile)
+        runs = [time_batch(engine, jpegs[:batch], options) for _ in range(args.repeats)]
+        best = min(runs, key=lambda r: r["total_s"])
+        results["engine"].append(best)
+        print(f"batch {batch:4d}: {best['images_per_s']:8.2f} images/s {best['new_tokens_per_s']:9.0f} tok/s  "
+              f"{best['s_per_image']:.3f} s/image  (decode {best['decode_image_ms']:.0f} ms, preprocess "
+              f"{best['preprocess_ms']:.0f} ms, encode {best['encode_ms']:.0f} ms, prefill {best['prefill_ms']:.0f} ms,"
+              f" steps {best['decode_steps_ms']:.0f} ms)", flush=True)
+    for rows in args.step_rows:
+        results["decode_step_ms"][rows] = time_decode_step(engine, rows)
+        print(f"decode step, {rows} rows: {results['decode_step_ms'][rows]:.3f} ms", flush=True)
+    if args.baseline:
+        results["baseline"] = time_baseline(engine, jpegs[: args.baseline_images], options)
+        base = results["baseline"]["s_per_image"]
+        print(f"baseline (seed algorithm, one request at a time): {base:.3f} s/image", flush=True)
+        for run_ in results["engine"]:
+            run_["speedup_vs_baseline"] = base / run_["s_per_image"]
+            print(f"  engine batch {run_['batch']}: {run_['speedup_vs_baseline']:.1f}x faster per image")
+    by_batch = {r["batch"]: r for r in results["engine"]}
+    kind = "gpu" if device.type == "cuda" else "cpu"
+    figures = {
+        f"{kind}_one_image_s": by_batch.get(1, {}).get("total_s"),
+        f"{kind}_batch8_s_per_image": by_batch.get(8, {}).get("s_per_image"),
+        f"{kind}_decode_step_ms_64_rows": results["decode_step_ms"].get(64),
+        f"{kind}_images_per_s": max(r["images_per_s"] for r in results["engine"]),
+    }
+    if device.type == "cuda":
+        results["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        print(f"peak GPU memory: {results['peak_gpu_memory_gib']:.2f} GiB")
+    results["targets"] = check_targets(figures)
+    print("\n".join(results["targets"]))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"model-{kind}-{args.dtype}{'-compiled' if args.compile else ''}"
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, out / f"{stem}.png")
+    print(f"wrote {out / (stem + '.json')} and {out / (stem + '.png')}")
+    return results

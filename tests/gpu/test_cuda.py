@@ -1,0 +1,64 @@
+"""CUDA paths: parity on the GPU, the compiled static-shape decode (CUDA graphs), bfloat16.
+
+Selected only with `-m gpu` (bench/gpu_check.sh); without a CUDA device they fail loudly.
+The same code paths run on CPU in tests/integration/test_engine.py (static shapes, compaction).
+"""
+
+import pytest
+import torch
+
+from model.config import STYLE_TOKEN_IDS
+from model.engine import CaptionEngine
+from model.reference import sequence_logits
+from model.styles import STYLES, make_plan
+from tests.conftest import SEED_TINY
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def cuda_engine():
+    assert torch.cuda.is_available(), "the gpu tests need a CUDA device"
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    return CaptionEngine.from_files(SEED_TINY / "weights.pt", config=SEED_TINY / "config.json", device="cuda")
+
+
+def test_teacher_forced_logits_on_cuda(cuda_engine, golden):
+    for image in golden["images"].values():
+        forced = image["teacher_forced"]
+        styles = torch.tensor([STYLE_TOKEN_IDS[s] for s in forced["styles"]], device="cuda")
+        pixels = image["pixel_values"][None].expand(len(styles), -1, -1, -1).cuda()
+        with torch.inference_mode():
+            logits = sequence_logits(cuda_engine.model, pixels, styles, forced["input_ids"].cuda()).cpu()
+        assert (logits.logsumexp(-1) - forced["logsumexp"]).abs().max() <= 1e-3
+        assert torch.equal(logits.topk(5).indices, forced["top20_indices"][..., :5])
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_greedy_golden_on_cuda(cuda_engine, golden, golden_pixels, compiled):
+    names, pixels = golden_pixels
+    engine = cuda_engine
+    if compiled:
+        engine = CaptionEngine(cuda_engine.model, cuda_engine.vocab, compile_encoder=True, compile_decode=True)
+    rows, ids = engine.generate(pixels.cuda(), [make_plan({"temperature": 0, "num_captions": 1})] * len(names))
+    for row, row_ids in zip(rows, ids):
+        assert [101] + row_ids + [102] == golden["images"][names[row.image]]["greedy"][row.style]["ids"]
+
+
+def test_compiled_sampling_equals_eager_on_cuda(cuda_engine, golden_pixels):
+    _, pixels = golden_pixels
+    plans = [make_plan({"seed": s, "max_new_tokens": m}) for s, m in ((1, 40), (2, 5), (3, 17))]
+    eager = cuda_engine.generate(pixels.cuda(), plans)[1]
+    compiled = CaptionEngine(cuda_engine.model, cuda_engine.vocab, compile_decode=True)
+    assert compiled.generate(pixels.cuda(), plans)[1] == eager
+    assert compiled.generate(pixels[:1].cuda(), plans[:1])[1] == eager[: 3 * 2]  # another row bucket
+
+
+def test_bfloat16_on_cuda(golden_pixels):
+    _, pixels = golden_pixels
+    engine = CaptionEngine.from_files(SEED_TINY / "weights.pt", config=SEED_TINY / "config.json", device="cuda",
+                                      dtype=torch.bfloat16, compile_decode=True)
+    results = engine.caption(pixels.cuda(), [make_plan({"temperature": 0, "num_captions": 1})] * 3)
+    assert all(set(r) == {s.capitalize() for s in STYLES} for r in results)
+    assert results[1]["Concise"][0].startswith("A ")
