@@ -34,6 +34,7 @@ def main(argv=None) -> int:
     handler.add_argument("--batch-size", type=int, default=8)
     handler.add_argument("--batches", type=int, default=3)
     handler.add_argument("--max-new-tokens", type=int, default=64)
+    handler.add_argument("--decode-threads", type=int, default=8)
     handler.add_argument("--out", default="bench/results")
     args = parser.parse_args(argv)
     if args.command == "model":

@@ -50,7 +50,8 @@ def make_model_dir(path: Path, weights: Path, config: CaptionConfig, handler_ove
 def run(args) -> dict:
     config = CaptionConfig.from_json(args.config) if args.config else PRESETS["seed-full"]
     gpu_id = 0 if args.device.startswith("cuda") else None
-    overrides = {"compile_encoder": args.compile, "compile_decode": args.compile, "warmup": False}
+    overrides = {"compile_encoder": args.compile, "compile_decode": args.compile, "warmup": False,
+                 "decode_threads": args.decode_threads}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp)
         context = StubContext(model_dir, gpu_id, make_model_dir(model_dir, Path(args.weights), config, overrides))
