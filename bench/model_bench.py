@@ -90,8 +90,8 @@ def time_baseline(engine: CaptionEngine, jpegs: list[bytes], options: dict) -> d
 def time_decode_step(engine: CaptionEngine, rows: int, steps: int = 50) -> float:
     """Milliseconds per decode step for `rows` rows, mid-sequence, cache of the full length."""
     cfg, device = engine.config, engine.device
-    cache = KVCache(cfg.depth, rows, cfg.num_heads, cfg.max_seq_len, cfg.head_dim, engine.dtype, device,
-                    static_shapes=engine.static_shapes)
+    cache = engine._cache(rows, cfg.max_seq_len) if engine.static_shapes else KVCache(
+        cfg.depth, rows, cfg.num_heads, cfg.max_seq_len, cfg.head_dim, engine.dtype, device)
     tokens = torch.full((rows,), 1037, device=device)
     position = cfg.prefix_len + 2 + cfg.max_text_tokens // 2
     step = engine.step if engine.static_shapes else decode_step

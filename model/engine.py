@@ -93,6 +93,7 @@ class CaptionEngine:
             if compile_decode else decode_step
         )
         self.last_stats: dict = {}
+        self._static_caches: dict[int, KVCache] = {}
 
     @classmethod
     def from_files(cls, weights, *, config=None, vocab=None, device="cpu", dtype=torch.float32, **options):
@@ -140,6 +141,17 @@ class CaptionEngine:
             logits = self.model.text_transformer.logits(hidden[:, -1]).float()
         return kv, logits
 
+    def _cache(self, rows: int, length: int) -> KVCache:
+        """A decode cache; with static shapes one per row bucket, allocated once and reused
+        (CUDA graphs are recorded against its addresses)."""
+        cfg = self.config
+        if not self.static_shapes:
+            return KVCache(cfg.depth, rows, cfg.num_heads, length, cfg.head_dim, self.dtype, self.device)
+        if rows not in self._static_caches:
+            self._static_caches[rows] = KVCache(cfg.depth, rows, cfg.num_heads, length, cfg.head_dim, self.dtype,
+                                                self.device, static_shapes=True)
+        return self._static_caches[rows]
+
     def _rows_for_cache(self, count: int) -> int:
         if not self.static_shapes:
             return count
@@ -170,8 +182,7 @@ class CaptionEngine:
         first_position = self.config.prefix_len + 2
         cfg = self.config
         cache_len = cfg.max_seq_len if self.static_shapes else first_position + max_new - 1
-        cache = KVCache(cfg.depth, len(row_group), cfg.num_heads, cache_len, cfg.head_dim, self.dtype, self.device,
-                        static_shapes=self.static_shapes)
+        cache = self._cache(len(row_group), cache_len)
         cache.fill(prefix, group_kv, row_image, row_group)
         state = TokenState(len(row_group), max_new, cfg.output_size, self.device)
         final_history = state.history.clone()

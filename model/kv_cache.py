@@ -56,6 +56,9 @@ class KVCache(nn.Module):
         self.register_buffer("position", torch.zeros(1, dtype=torch.long, device=device), persistent=False)
         self.static_shapes = static_shapes
         self.filled = 0  # host-side length after the current step (dynamic-shape mode)
+        if static_shapes:  # fixed addresses: CUDA graphs then read them in place, with no copies
+            for buffer in (self.keys, self.values, self.position):
+                torch._dynamo.mark_static_address(buffer)
 
     @property
     def rows(self) -> int:

@@ -21,8 +21,8 @@ def sequence_logits(model: CaptionModel, pixel_values, style_ids, input_ids) -> 
     prefix = model.prefix_embeddings(model.encode_images(pixel_values))
     x = torch.cat((prefix, model.token_embeddings(style_ids)[:, None], model.token_embeddings(input_ids)), dim=1)
     length = x.shape[1]
-    cos, sin = model.rope(torch.arange(length))
-    mask = prefix_lm_mask(model.config.prefix_len, length)
+    cos, sin = model.rope(torch.arange(length, device=x.device))
+    mask = prefix_lm_mask(model.config.prefix_len, length, x.device)
     hidden = model.text_transformer(x, cos, sin, mask=mask)
     return model.text_transformer.logits(hidden[:, model.config.prefix_len + 1 :]).float()
 
@@ -53,8 +53,9 @@ def next_token(logits: torch.Tensor, tokens: list[int], params: SamplingParams, 
         remove[1:] = remove[:-1].clone()
         remove[0] = False
         logits[order[remove]] = float("-inf")
-    stream = row_stream(torch.tensor([seed]), torch.tensor([row_key]), step)
-    noise = gumbel_noise(stream, torch.arange(logits.numel())[None])[0]
+    device = logits.device
+    stream = row_stream(torch.tensor([seed], device=device), torch.tensor([row_key], device=device), step)
+    noise = gumbel_noise(stream, torch.arange(logits.numel(), device=device)[None])[0]
     return int((logits + noise).argmax())
 
 
@@ -64,9 +65,10 @@ def generate_caption(model: CaptionModel, pixel_values, style: str, params: Samp
     """One caption's token ids (without `[CLS]`, cut at `[SEP]`) for one image (3, S, S)."""
     tokens = [CLS_ID]
     max_new_tokens = min(max_new_tokens, model.config.max_text_tokens)
-    style_ids = torch.tensor([STYLE_TOKEN_IDS[style]])
+    device = pixel_values.device
+    style_ids = torch.tensor([STYLE_TOKEN_IDS[style]], device=device)
     for step in range(max_new_tokens):
-        logits = sequence_logits(model, pixel_values[None], style_ids, torch.tensor([tokens]))[0, -1]
+        logits = sequence_logits(model, pixel_values[None], style_ids, torch.tensor([tokens], device=device))[0, -1]
         token = next_token(logits, tokens, params, seed, row_key, step)
         if token == SEP_ID:
             break
