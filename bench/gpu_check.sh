@@ -9,7 +9,7 @@ set -uo pipefail
 OUT=${1:?usage: bench/gpu_check.sh OUT_DIR}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 CKPT=${CKPT:-/tmp/random-init-weights.pt}
 step() { echo "=== $* ($(date +%T))" | tee -a "$OUT/summary.txt"; }
