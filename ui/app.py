@@ -160,23 +160,22 @@ def main() -> None:
         picked = choose_image()
         if picked:
             show_image(*picked)
+        else:
+            st.info("Upload an image or pick a sample to start.")
     with right:
         options = choose_options()
         clicked = st.button("Caption it", type="primary", key="caption", disabled=picked is None or options is None)
-
-    if picked is None:
-        st.info("Upload an image or pick a sample to start.")
-        return
-    label, data = picked
-    digest = hashlib.sha256(data).hexdigest()
-    if clicked and options is not None:
-        with st.spinner(f"Captioning {label}…"):
-            result = client.caption(settings, data, options)
-        st.session_state["last"] = {"digest": digest, "label": label, "result": result}
-    last = st.session_state.get("last")
-    if last and last["digest"] == digest:  # forget the captions of an image no longer shown
-        st.divider()
-        show_result(last["result"], last["label"])
+        if picked is None:
+            return
+        label, data = picked
+        digest = hashlib.sha256(data).hexdigest()
+        if clicked and options is not None:
+            with st.spinner(f"Captioning {label}…"):
+                result = client.caption(settings, data, options)
+            st.session_state["last"] = {"digest": digest, "label": label, "result": result}
+        last = st.session_state.get("last")
+        if last and last["digest"] == digest:  # forget the captions of an image no longer shown
+            show_result(last["result"], last["label"])
 
 
 main()
