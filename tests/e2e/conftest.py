@@ -3,40 +3,12 @@ real TorchServe (CPU) for the whole session, stopped at the end whatever happens
 
 from __future__ import annotations
 
-import base64
-import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from torchserve import REPO, TorchServe  # noqa: E402
-
-SEED = Path("/work/shared/fixtures/seed-tiny")
-if not SEED.is_dir():  # a checkout with ../shared beside it
-    SEED = REPO.parent / "shared" / "fixtures" / "seed-tiny"
-IMAGE_NAMES = ("chelsea.png", "coffee.png", "rocket.jpg")
-STYLE_KEYS = {"concise": "Concise", "narrative": "Narrative", "descriptive": "Descriptive"}
-MODEL = "captioner"
-
-
-def image_bytes(name: str) -> bytes:
-    return (SEED / "images" / name).read_bytes()
-
-
-def image_b64(name: str) -> str:
-    return base64.b64encode(image_bytes(name)).decode()
-
-
-def content_type(name: str) -> str:
-    return "image/png" if name.endswith(".png") else "image/jpeg"
-
-
-def golden(name: str, kind: str = "greedy", styles=("concise", "narrative", "descriptive")) -> dict:
-    expected = json.loads((SEED / "expected_captions.json").read_text())
-    return {STYLE_KEYS[s]: [expected[name][kind][s]] for s in styles}
+from tests.e2e.seed import MODEL, SEED
+from tests.e2e.torchserve import TorchServe
 
 
 @pytest.fixture(scope="session")

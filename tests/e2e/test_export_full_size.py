@@ -3,7 +3,6 @@ the test) and its load by a real TorchServe worker; refused exports of broken ch
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import sys
@@ -12,11 +11,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import SEED, image_b64
-from torchserve import REPO
 
 from export import ExportError, build_archive
 from model.config import PRESETS
+from tests.e2e.seed import REPO, SEED, image_b64
 
 pytestmark = pytest.mark.e2e
 
@@ -45,10 +43,6 @@ def full_archive(full_checkpoint, model_store) -> Path:
     assert result.size_bytes > full_checkpoint.stat().st_size
     assert not [p for p in model_store.iterdir() if p.name.startswith(".")], "export left its work folder"
     return result.path
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def test_archive_contents(full_archive, full_checkpoint):
@@ -101,7 +95,7 @@ def test_export_of_a_truncated_checkpoint_fails_clearly(full_checkpoint, tmp_pat
     assert result.returncode == 2, result
     assert "export failed" in result.stderr and "truncated.pt" in result.stderr
     assert "not a readable PyTorch checkpoint" in result.stderr, result.stderr
-    assert not list((tmp_path / "out").glob("*.mar")) if (tmp_path / "out").exists() else True
+    assert not list(tmp_path.glob("out/*.mar"))
 
 
 def test_export_of_a_wrong_shape_checkpoint_fails_clearly(full_checkpoint, tmp_path):

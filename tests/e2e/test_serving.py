@@ -16,7 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from conftest import IMAGE_NAMES, MODEL, content_type, golden, image_b64, image_bytes
+
+from tests.e2e.seed import IMAGE_NAMES, MODEL, content_type, golden, image_b64, image_bytes
 
 pytestmark = pytest.mark.e2e
 
@@ -36,7 +37,7 @@ def test_model_loaded_at_start_with_the_archive_settings(server):
     description = server.describe(MODEL)[0]
     assert description["batchSize"] == 8
     assert description["maxBatchDelay"] == 50
-    assert description["responseTimeout"] == 300
+    assert description["responseTimeout"] == 600
     assert description["loadedAtStartup"] is True
     assert [w["status"] for w in description["workers"]] == ["READY"]
     # The worker ran the code shipped inside the archive (extracted under TorchServe's temp
@@ -151,7 +152,7 @@ def test_register_with_batching_then_concurrent_requests_are_batched(server, bat
     # The API's batch_size / max_batch_delay override the archive's model-config.yaml ...
     assert (description["batchSize"], description["maxBatchDelay"]) == (4, 1000)
     # ... but the yaml's responseTimeout overrides the API's response_timeout.
-    assert description["responseTimeout"] == 300
+    assert description["responseTimeout"] == 600
     assert description["loadedAtStartup"] is False
 
     requests_before = metric(server, "CaptionRequestsTotal", batched_model)

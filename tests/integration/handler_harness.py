@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
 import struct
 from dataclasses import dataclass
@@ -22,9 +23,8 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-SEED = Path("/work/shared/fixtures/seed-tiny")
-if not SEED.is_dir():  # a checkout with ../shared beside it
-    SEED = REPO.parent / "shared" / "fixtures" / "seed-tiny"
+# ../shared beside the checkout; CAPTION_SHARED points elsewhere (as in tests/conftest.py).
+SEED = Path(os.environ.get("CAPTION_SHARED", REPO.parent / "shared")) / "fixtures" / "seed-tiny"
 IMAGES = {name: (SEED / "images" / name).read_bytes() for name in ("chelsea.png", "coffee.png", "rocket.jpg")}
 MIME = {"png": "image/png", "jpg": "image/jpeg"}
 EXPECTED = json.loads((SEED / "expected_captions.json").read_text())

@@ -10,7 +10,7 @@ import logging
 import pytest
 import torch
 
-from handler_harness import (
+from tests.integration.handler_harness import (
     IMAGES,
     batch,
     golden,
@@ -177,3 +177,87 @@ def test_settings_threads_and_dtype_are_applied(tmp_path):
         assert handler.engine.dtype == torch.bfloat16
     finally:
         torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------- on a CUDA device
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_float32_gives_the_golden_captions_and_compiled_encoder_too(tmp_path):
+    for compile_encoder in (False, True):
+        service, handler = make_service(make_model_dir(tmp_path / str(compile_encoder), {
+            "gpu_dtype": "float32", "compile_encoder": compile_encoder, "warmup": True}), gpu=0)
+        assert handler.device == torch.device("cuda:0") and handler.engine.dtype == torch.float32
+        for kind, options in (("greedy", GREEDY), ("greedy_plain", PLAIN)):
+            replies = predict(service, batch(*(json_row(IMAGES[n], **options) for n in IMAGES)))
+            assert [r.json() for r in replies] == [golden(n, kind) for n in IMAGES], compile_encoder
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_defaults_to_bfloat16(tmp_path):
+    service, handler = make_service(make_model_dir(tmp_path, {"warmup": True}), gpu=0)
+    assert handler.engine.dtype == torch.bfloat16
+    replies = predict(service, batch(*(json_row(IMAGES[n], **GREEDY) for n in IMAGES)))
+    same = sum(r.json() == golden(n) for r, n in zip(replies, IMAGES))
+    print(f"bfloat16 greedy: {same}/{len(IMAGES)} images identical to the float32 golden captions")
+    assert all(r.status == 200 and set(r.json()) == {"Concise", "Narrative", "Descriptive"} for r in replies)
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_out_of_memory_gives_507_and_the_worker_recovers(tmp_path):
+    service, handler = make_service(make_model_dir(tmp_path, {"gpu_dtype": "float32"}), gpu=0)
+    rows = batch(*(json_row(IMAGES[n], num_captions=8, temperature=0) for n in IMAGES for _ in range(2)))
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved() + (1 << 20)) / total, 0)
+    try:
+        replies = predict(service, rows)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, 0)
+    assert {r.status for r in replies} == {507}, [(r.status, r.body[:200]) for r in replies]
+    assert "out of memory" in replies[0].json()["error"]
+    replies = predict(service, batch(json_row(IMAGES["rocket.jpg"], **GREEDY)))
+    assert replies[0].status == 200 and replies[0].json() == golden("rocket.jpg")
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_full_size_batch_timing(tmp_path):
+    """Full-size RANDOM weights in bfloat16: a full batch of 8 default requests (3 styles x 2
+    captions, up to 128 tokens: random weights rarely stop early), i.e. the worst case the
+    responseTimeout must cover."""
+    import shutil
+    import time
+
+    from weights.random_init import write_random_checkpoint
+
+    model_dir = make_model_dir(tmp_path, {"warmup": True})
+    write_random_checkpoint(model_dir / "weights.pt", seed=0)
+    shutil.copy(REPO_CONFIG_FULL(), model_dir / "caption_config.json")
+    service, handler = make_service(model_dir, gpu=0)
+    assert handler.engine.config.image_size == 384
+    names = list(IMAGES)
+    rows = batch(*(json_row(IMAGES[names[i % 3]]) for i in range(8)))
+    for attempt in range(2):
+        started = time.perf_counter()
+        replies = predict(service, rows)
+        seconds = time.perf_counter() - started
+        stats = handler.engine.last_stats
+        print(f"full-size bf16 batch of 8 (attempt {attempt}): {seconds:.2f} s, stats {stats}")
+    assert all(r.status == 200 for r in replies)
+    assert seconds < 60
+
+
+def REPO_CONFIG_FULL():  # noqa: N802 - the full-size preset as a JSON file
+    import tempfile
+    from pathlib import Path
+
+    from model.config import PRESETS
+
+    path = Path(tempfile.mkdtemp()) / "caption_config.json"
+    PRESETS["seed-full"].to_json(path)
+    return path
