@@ -58,21 +58,37 @@ def sidebar(defaults: client.Settings) -> client.Settings:
         url = st.text_input("Server address", value=defaults.url, key="url",
                             help="TorchServe's inference address (CAPTION_API_URL)")
         model = st.text_input("Model", value=defaults.model, key="model", help="CAPTION_MODEL")
-        if defaults.key_file and not defaults.key:
-            hint = f"empty: read from {defaults.key_file}"
+        # A key from the environment never goes into the widget: the browser would receive it.
+        if defaults.key:
+            hint = "set by CAPTION_API_KEY"
+        elif defaults.key_file:
+            hint = f"read from {Path(defaults.key_file).name}"
         else:
-            hint = "from TorchServe's key_file.json, 'inference' entry"
-        key = st.text_input("Inference key", value=defaults.key or "", type="password", key="api_key",
-                            placeholder=hint, help="CAPTION_API_KEY, or CAPTION_KEY_FILE pointing at key_file.json")
+            hint = "'inference' key of key_file.json"
+        key = st.text_input("Inference key", value="", type="password", key="api_key", placeholder=hint,
+                            help="Leave empty to use CAPTION_API_KEY, or the 'inference' key of the key_file.json "
+                                 "that CAPTION_KEY_FILE names (re-read for every request)")
         timeout = st.number_input("Timeout (s)", min_value=1.0, max_value=600.0, value=float(defaults.timeout),
                                   step=10.0, key="timeout")
-        settings = client.Settings(url=url.strip(), model=model.strip(), key=key.strip() or None,
-                                   key_file=defaults.key_file, timeout=float(timeout))
+        url = url.strip()
+        if key.strip():
+            settings = client.Settings(url=url, model=model.strip(), key=key.strip(), timeout=float(timeout))
+        elif same_server(url, defaults.url):
+            settings = client.Settings(url=url, model=model.strip(), key=defaults.key, key_file=defaults.key_file,
+                                       timeout=float(timeout))
+        else:  # the configured key is for the configured server only, never for an address typed here
+            settings = client.Settings(url=url, model=model.strip(), timeout=float(timeout))
+            if defaults.key or defaults.key_file:
+                st.caption(f"The configured key is sent only to {defaults.url}; type a key for this server.")
         if st.button("Check server", key="ping"):
             health = client.ping(settings)
             (st.success if health.ok else st.error)(health.message)
-        st.caption("Keys are sent only to the server above, as `Authorization: Bearer …`.")
+        st.caption("The key goes to the server as `Authorization: Bearer …`; it is never shown on this page.")
     return settings
+
+
+def same_server(a: str, b: str) -> bool:
+    return a.strip().rstrip("/").lower() == b.strip().rstrip("/").lower()
 
 
 def choose_image() -> tuple[str, bytes] | None:

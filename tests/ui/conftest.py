@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 KEY = "stub-inference-key"
+TOKEN_FAILED = "Token Authorization failed. Token either incorrect, expired, or not provided correctly"
 STUB_CAPTIONS = {
     "concise": "A stub cat sits still.",
     "narrative": "Once, a stub cat waited for the test to finish.",
@@ -41,12 +42,10 @@ class Stub:
 
 def default_reply(path: str, headers: dict, body: bytes) -> Reply:
     """What the real service would say to a well-formed client."""
+    if headers.get("authorization") != f"Bearer {KEY}":  # TorchServe 0.12 says 400, not 401
+        return Reply(400, {"code": 400, "type": "InvalidKeyException", "message": TOKEN_FAILED})
     if path == "/ping":
         return Reply(200, {"status": "Healthy"})
-    if headers.get("authorization") != f"Bearer {KEY}":
-        return Reply(401, {"code": 401, "type": "InvalidKeyException",
-                           "message": "Token Authorization failed. Token either incorrect, expired, or not provided "
-                                      "correctly"})
     if not path.startswith("/predictions/"):
         return Reply(404, {"code": 404, "type": "ResourceNotFoundException", "message": "Requested resource is not found"})
     if path != "/predictions/captioner":

@@ -47,7 +47,8 @@ def test_first_view_offers_samples_and_settings_from_env(app, stub):
     assert at.title[0].value == "Image captions in three styles"
     assert at.selectbox(key="sample").options == sorted(p.name for p in SAMPLES.iterdir())
     assert at.text_input(key="url").value == stub.url
-    assert at.text_input(key="api_key").value == KEY
+    assert at.text_input(key="api_key").value == ""  # the key stays on the server side
+    assert at.text_input(key="api_key").placeholder == "set by CAPTION_API_KEY"
     assert at.multiselect(key="styles").value == ["concise", "narrative", "descriptive"]
     assert not at.tabs and not at.error and stub.requests == []  # nothing sent before the click
 
@@ -113,7 +114,7 @@ def test_connection_refused_message(app, closed_port):
 
 def test_wrong_key_message(app, stub):
     at = press(app(stub.url, key="not-the-key"))
-    assert "Key refused" in at.error[0].value and "HTTP 401" in at.error[0].value
+    assert "Key refused" in at.error[0].value and "refused the inference key (HTTP 400)" in at.error[0].value
 
 
 def test_key_typed_in_sidebar_fixes_it(app, stub):
@@ -155,7 +156,25 @@ def test_captions_are_forgotten_when_the_image_changes(app, stub):
     assert not at.tabs and len(stub.requests) == 1
 
 
-def test_check_server_button(app, stub):
+def test_check_server_button(app, stub, closed_port):
     at = app(stub.url)
     at.button(key="ping").click().run()
     assert "is healthy" in at.success[0].value
+    at = app(stub.url, key="wrong")
+    at.button(key="ping").click().run()
+    assert "refused the inference key" in at.error[0].value
+    at = app(f"http://127.0.0.1:{closed_port}")
+    at.button(key="ping").click().run()
+    assert "connection refused" in at.error[0].value
+
+
+def test_configured_key_is_not_sent_to_another_address(app, stub, closed_port):
+    at = app(f"http://127.0.0.1:{closed_port}")  # the key is configured for this (dead) server
+    at.text_input(key="url").set_value(stub.url).run()
+    assert any("sent only to" in c.value for c in at.sidebar.caption)
+    press(at)
+    assert "authorization" not in stub.requests[0]["headers"]
+    assert "none was sent" in at.error[0].value
+    at.text_input(key="api_key").set_value(KEY).run()  # a key typed for this server is used
+    press(at)
+    assert at.tabs and stub.requests[1]["headers"]["authorization"] == f"Bearer {KEY}"

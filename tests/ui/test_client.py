@@ -79,6 +79,13 @@ def test_wrong_key(stub, status):
     assert "refused the inference key" in result.message and "key_file.json" in result.message
 
 
+def test_torchserve_token_failure_400_is_a_key_problem(stub):
+    """TorchServe 0.12 answers a wrong key with 400 "Token Authorization failed", not 401."""
+    result = client.caption(settings(stub.url, key="wrong"), SAMPLE)
+    assert result.kind == client.UNAUTHORIZED and result.status == 400
+    assert "refused the inference key" in result.message and "Token Authorization failed" in result.detail
+
+
 def test_missing_key_says_none_was_sent(stub):
     result = client.caption(Settings(url=stub.url), SAMPLE)
     assert result.kind == client.UNAUTHORIZED
@@ -203,6 +210,7 @@ def test_parse_seed_rejects(text):
 
 def test_ping(stub, closed_port):
     assert client.ping(settings(stub.url)).ok
+    assert client.ping(settings(stub.url, key="wrong")).kind == client.UNAUTHORIZED
     assert client.ping(settings(f"http://127.0.0.1:{closed_port}")).kind == client.CONNECTION
     stub.reply(503, {"status": "Unhealthy"})
     assert client.ping(settings(stub.url)).kind == client.UNAVAILABLE
