@@ -10,6 +10,10 @@ def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v]
 
 
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -19,6 +23,7 @@ def main(argv=None) -> int:
     model.add_argument("--device", default="cpu")
     model.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     model.add_argument("--compile", action="store_true", help="torch.compile the encoder and the decode step")
+    model.add_argument("--quantize", choices=["int8"], help="int8 dynamic quantization of the decoder (CPU)")
     model.add_argument("--batch-sizes", type=_ints, default=[1, 8])
     model.add_argument("--step-rows", type=_ints, default=[6, 48, 64])
     model.add_argument("--max-new-tokens", type=int, default=128)
@@ -36,9 +41,57 @@ def main(argv=None) -> int:
     handler.add_argument("--max-new-tokens", type=int, default=64)
     handler.add_argument("--decode-threads", type=int, default=8)
     handler.add_argument("--out", default="bench/results")
+    http = commands.add_parser("http", help="load test of a running TorchServe: batching on vs off, concurrency sweep")
+    target = http.add_argument_group("server (a running one, or --start)")
+    target.add_argument("--url", default="http://127.0.0.1:8080", help="inference address")
+    target.add_argument("--management-url", default="http://127.0.0.1:8081")
+    target.add_argument("--metrics-url", default="http://127.0.0.1:8082", help="for the mean batch size ('' = off)")
+    target.add_argument("--model", default="captioner", help="model whose archive is registered again (or measured)")
+    target.add_argument("--archive", help="archive to register (default: the model's modelUrl from describe)")
+    target.add_argument("--key-file", help="TorchServe's key_file.json (inference and management keys)")
+    target.add_argument("--key", help="inference key (overrides --key-file)")
+    target.add_argument("--management-key", help="management key (overrides --key-file)")
+    target.add_argument("--start", action="store_true", help="build the archive and start a private TorchServe")
+    target.add_argument("--weights", help="checkpoint for --start")
+    target.add_argument("--config", help="model config JSON for --start (default: full size)")
+    target.add_argument("--threads", type=int, help="--start: the handler's intra-op threads and OMP_NUM_THREADS "
+                        "(default: all cores); otherwise recorded as given")
+    target.add_argument("--decode-threads", type=int, help="--start: the handler's decode_threads")
+    target.add_argument("--workdir", help="--start: parent folder of the private TorchServe folder")
+    target.add_argument("--keep-workdir", action="store_true")
+    modes = http.add_argument_group("modes")
+    modes.add_argument("--register", action=argparse.BooleanOptionalAction, default=True,
+                       help="register the archive once per mode (--no-register: measure --model as it is)")
+    modes.add_argument("--batch-size", type=int, default=8)
+    modes.add_argument("--max-batch-delay", type=_ints, default=[50], help="ms; several values = several modes")
+    modes.add_argument("--single", action=argparse.BooleanOptionalAction, default=True,
+                       help="also register with batch_size 1 (the one-request-at-a-time baseline)")
+    load = http.add_argument_group("load")
+    load.add_argument("--concurrency", type=_ints, default=[1, 2, 4, 8, 16], help="closed-loop client counts")
+    load.add_argument("--rate", type=_floats, default=[], help="open-loop Poisson arrival rates (requests/s)")
+    load.add_argument("--requests", type=int, help="requests per level (default: --rounds per client)")
+    load.add_argument("--rounds", type=int, default=2, help="requests per client per level")
+    load.add_argument("--min-requests", type=int, default=4)
+    load.add_argument("--open-seconds", type=float, default=30.0, help="open loop: rate x this many requests")
+    load.add_argument("--max-seconds", type=float, default=300.0, help="per level: no new requests after this")
+    load.add_argument("--repeats", type=int, default=2, help="repeats of the sweep, interleaved with the modes")
+    load.add_argument("--timeout", type=float, default=600.0, help="per request, seconds")
+    request = http.add_argument_group("request")
+    request.add_argument("--max-new-tokens", type=int, help="default: the service's (128)")
+    request.add_argument("--num-captions", type=int, help="per style (default: the service's, 2)")
+    request.add_argument("--styles", type=lambda t: [s for s in t.split(",") if s], help="default: all three")
+    request.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="extra JSON option")
+    request.add_argument("--image-size", type=_ints, default=[320, 240], help="W,H of the generated JPEG")
+    http.add_argument("--out", default="bench/results")
+    http.add_argument("--name", default="http", help="output file stem")
     args = parser.parse_args(argv)
     if args.command == "model":
         from .model_bench import run
+    elif args.command == "http":
+        from .http_bench import run
+
+        run(args, argv)
+        return 0
     else:
         from .handler_bench import run
     run(args)

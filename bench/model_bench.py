@@ -143,7 +143,8 @@ def plot(results: dict, path: Path) -> None:
     right.set_xlabel("images per batch")
     right.set_ylabel("ms per image")
     right.legend(fontsize=8)
-    fig.suptitle(f"{results['device_name']} · {results['dtype']} · {results['max_new_tokens']} new tokens max")
+    precision = results["dtype"] + (f" + {results['quantize']} decoder" if results.get("quantize") else "")
+    fig.suptitle(f"{results['device_name']} · {precision} · {results['max_new_tokens']} new tokens max")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -152,11 +153,12 @@ def run(args) -> dict:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     engine = CaptionEngine.from_files(args.weights, config=args.config, device=device, dtype=dtype,
-                                      compile_encoder=args.compile, compile_decode=args.compile)
+                                      quantize=args.quantize, compile_encoder=args.compile, compile_decode=args.compile)
     options = {"seed": 0, "max_new_tokens": args.max_new_tokens}
     jpegs = synthetic_jpegs(max(args.batch_sizes))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    results = {"device": str(device), "device_name": name, "dtype": args.dtype, "compile": args.compile,
+    results = {"device": str(device), "device_name": name, "dtype": args.dtype, "quantize": args.quantize,
+               "compile": args.compile, "threads": torch.get_num_threads(),
                "max_new_tokens": args.max_new_tokens, "torch": torch.__version__, "engine": [], "decode_step_ms": {}}
     for batch in args.batch_sizes:
         time_batch(engine, jpegs[:batch], dict(options, max_new_tokens=4))  # warm-up (and compile)
@@ -192,7 +194,7 @@ def run(args) -> dict:
     print("\n".join(results["targets"]))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"model-{kind}-{args.dtype}{'-compiled' if args.compile else ''}"
+    stem = f"model-{kind}-{args.dtype}{'-' + args.quantize if args.quantize else ''}{'-compiled' if args.compile else ''}"
     (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results, out / f"{stem}.png")
     print(f"wrote {out / (stem + '.json')} and {out / (stem + '.png')}")

@@ -26,6 +26,7 @@ from .captioner import CaptionModel
 from .checkpoint import load_model
 from .config import PRESETS, SEP_ID, STYLE_TOKEN_IDS, CaptionConfig
 from .kv_cache import GroupKV, KVCache, PrefixKV
+from .quantize import quantize_decoder
 from .sampling import RowParams, TokenState, make_row_params, select_next
 from .styles import STYLES, CaptionPlan, response_key
 from .text import tidy_caption
@@ -96,12 +97,15 @@ class CaptionEngine:
         self._static_caches: dict[int, KVCache] = {}
 
     @classmethod
-    def from_files(cls, weights, *, config=None, vocab=None, device="cpu", dtype=torch.float32, **options):
+    def from_files(cls, weights, *, config=None, vocab=None, device="cpu", dtype=torch.float32,
+                   quantize: str | None = None, **options):
         if config is None:
             config = PRESETS["seed-full"]
         elif not isinstance(config, CaptionConfig):
             config = CaptionConfig.from_json(config)
         model = load_model(weights, config, device=torch.device(device), dtype=dtype)
+        if quantize:
+            quantize_decoder(model, quantize)
         return cls(model, Vocabulary(Path(vocab) if vocab else VOCAB_PATH), **options)
 
     @contextmanager

@@ -42,38 +42,44 @@ class GroupKV:
 
 
 class KVCache(nn.Module):
-    """(layers, rows, heads, max_len, head_dim) keys and values, written at `position`.
+    """Per layer, (rows, heads, max_len, head_dim) keys and values, written at `position`.
 
+    One buffer per layer and kind (as gpt-fast does): an in-place write into a whole graph
+    input is what torch.compile turns into a write in place; a write into a slice of one big
+    buffer made it copy the whole cache every step.
     With `static_shapes` every step attends over the whole buffer under a mask (one graph
     for CUDA graphs); otherwise over the filled part only, which is cheaper on CPU.
     """
 
     def __init__(self, layers, rows, heads, max_len, head_dim, dtype, device, static_shapes=False):
         super().__init__()
-        shape = (layers, rows, heads, max_len, head_dim)
-        self.register_buffer("keys", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("values", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        shape = (rows, heads, max_len, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.register_buffer("position", torch.zeros(1, dtype=torch.long, device=device), persistent=False)
         self.static_shapes = static_shapes
         self.filled = 0  # host-side length after the current step (dynamic-shape mode)
         if static_shapes:  # fixed addresses: CUDA graphs then read them in place, with no copies
-            for buffer in (self.keys, self.values, self.position):
+            for buffer in (*self.keys, *self.values, self.position):
                 torch._dynamo.mark_static_address(buffer)
 
     @property
     def rows(self) -> int:
-        return self.keys.shape[1]
+        return self.keys[0].shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return self.keys[0].shape[2]
 
     def fill(self, prefix: PrefixKV, groups: GroupKV, row_image: torch.Tensor, row_group: torch.Tensor):
         """Copy each row's image prefix and its group's `[style] [CLS]` keys/values."""
         prefix_len = prefix.keys[0].shape[2]
-        group_len = groups.keys[0].shape[2]
-        end = prefix_len + group_len
-        for layer in range(self.keys.shape[0]):
-            self.keys[layer, :, :, :prefix_len] = prefix.keys[layer].index_select(0, row_image)
-            self.values[layer, :, :, :prefix_len] = prefix.values[layer].index_select(0, row_image)
-            self.keys[layer, :, :, prefix_len:end] = groups.keys[layer].index_select(0, row_group)
-            self.values[layer, :, :, prefix_len:end] = groups.values[layer].index_select(0, row_group)
+        end = prefix_len + groups.keys[0].shape[2]
+        for layer, (keys, values) in enumerate(zip(self.keys, self.values)):
+            keys[:, :, :prefix_len] = prefix.keys[layer].index_select(0, row_image)
+            values[:, :, :prefix_len] = prefix.values[layer].index_select(0, row_image)
+            keys[:, :, prefix_len:end] = groups.keys[layer].index_select(0, row_group)
+            values[:, :, prefix_len:end] = groups.values[layer].index_select(0, row_group)
         self.filled = end
 
     def advance(self, position: int) -> None:
@@ -84,16 +90,17 @@ class KVCache(nn.Module):
     def decode_mask(self) -> torch.Tensor | None:
         if not self.static_shapes:
             return None
-        return (torch.arange(self.keys.shape[3], device=self.keys.device) <= self.position)[None]  # (1, max_len)
+        return (torch.arange(self.max_len, device=self.position.device) <= self.position)[None]  # (1, max_len)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        self.keys[layer].index_copy_(2, self.position, k)
-        self.values[layer].index_copy_(2, self.position, v)
+        keys, values = self.keys[layer], self.values[layer]
+        keys.index_copy_(2, self.position, k)
+        values.index_copy_(2, self.position, v)
         if self.static_shapes:
-            return self.keys[layer], self.values[layer]
-        return self.keys[layer, :, :, : self.filled], self.values[layer, :, :, : self.filled]
+            return keys, values
+        return keys[:, :, : self.filled], values[:, :, : self.filled]
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only `rows` (compaction after rows finished)."""
-        self.keys = self.keys.index_select(1, rows)
-        self.values = self.values.index_select(1, rows)
+        self.keys = [k.index_select(0, rows) for k in self.keys]
+        self.values = [v.index_select(0, rows) for v in self.values]
