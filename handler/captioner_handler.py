@@ -84,6 +84,7 @@ class CaptionHandler:
             dtype=dtype,
             compile_encoder=settings.compile_encoder,
             compile_decode=settings.compile_decode,
+            quantize=settings.cpu_quantize if self.device.type == "cpu" else None,
         )
         config = self.engine.config
         self.image_size = config.image_size
@@ -94,7 +95,9 @@ class CaptionHandler:
                                                thread_name_prefix="caption-decode")
         loaded = time.perf_counter()
         if settings.warmup:
-            self.engine.warmup()
+            # The batch sizes real traffic will use: one request, and a full dynamic batch.
+            batch_size = int(props.get("batch_size") or 1)
+            self.engine.warmup(batch_sizes=sorted({1, batch_size}))
         logger.info(
             "caption handler ready: model=%s device=%s dtype=%s threads=%d compile_encoder=%s "
             "image_size=%d code=%s load=%.1fs warmup=%.1fs",

@@ -35,6 +35,9 @@ class HandlerSettings:
     # on CPU float32 is both faster (no native bf16 matmul on most CPUs) and exact.
     gpu_dtype: str = "bfloat16"
     cpu_dtype: str = "float32"
+    # Opt-in int8 dynamic quantization of the decoder on CPU ("int8"): a quarter of the float32
+    # weight bytes per decode step, slightly different numbers (see model/quantize.py).
+    cpu_quantize: str | None = None
     # torch.compile: only the vision encoder (static shapes: N x 3 x S x S) compiles well;
     # the decode loop is left to the engine's own option.
     compile_encoder: bool = False
@@ -80,6 +83,8 @@ class HandlerSettings:
         for name in ("gpu_dtype", "cpu_dtype"):
             if getattr(settings, name) not in DTYPES:
                 raise SettingsError(f"model-config.yaml handler: {name} must be one of {sorted(DTYPES)}")
+        if settings.cpu_quantize not in (None, "int8"):
+            raise SettingsError("model-config.yaml handler: cpu_quantize must be int8 or absent")
         if settings.threads < 0 or settings.decode_threads < 1 or settings.max_pixels < 1:
             raise SettingsError("model-config.yaml handler: threads >= 0, decode_threads >= 1, max_pixels >= 1")
         return settings

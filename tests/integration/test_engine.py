@@ -94,3 +94,15 @@ def test_bfloat16_engine_runs(golden_pixels):
     engine = CaptionEngine.from_files(SEED_TINY / "weights.pt", config=SEED_TINY / "config.json", dtype=torch.bfloat16)
     result = engine.caption(pixels[:1], [make_plan({"temperature": 0, "num_captions": 1})])[0]
     assert result["Concise"][0].startswith("A ")
+
+
+def test_compiled_static_decode_on_cpu_equals_eager(tiny_engine, golden_pixels):
+    """The GPU configuration (torch.compile of the encoder and of the static-shape decode step,
+    reused per-bucket caches) traced and run on CPU: same tokens as eager."""
+    _, pixels = golden_pixels
+    plans = [make_plan({"seed": s, "max_new_tokens": 10}) for s in (1, 2, 3)]
+    eager = tiny_engine.generate(pixels, plans)[1]
+    compiled = CaptionEngine(tiny_engine.model, tiny_engine.vocab, compile_encoder=True, compile_decode=True)
+    assert compiled.generate(pixels, plans)[1] == eager
+    assert compiled.generate(pixels, plans)[1] == eager  # second call replays on the same cache
+    assert set(compiled._static_caches) == {32}  # 18 rows -> the 32-row bucket
