@@ -1,11 +1,26 @@
 # The two commands a newcomer needs: `make serve` (the service) and `make test` (the suite).
+#
+#   make serve [WEIGHTS=path/to/weights.pt]   environment, checkpoint, archive, TorchServe (Ctrl-C stops it)
+#   make test                                 the whole test suite (what .ci/run runs)
+#
+# The checkpoint: WEIGHTS=path, else weights/weights.pt (`make serve`, `make archive` and
+# `make weights` download it there when it is missing).
+# `make serve` also reads INFERENCE_PORT, MANAGEMENT_PORT, METRICS_PORT, GRPC_INFERENCE_PORT,
+# GRPC_MANAGEMENT_PORT (other ports than config.properties'), OMP_NUM_THREADS (CPU threads of
+# the worker; default all cores but one) and ARCHIVE_FORMAT (zip-store or default): see
+# scripts/serve.py.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
+WEIGHTS ?=
+CHECKPOINT = $(or $(WEIGHTS),weights/weights.pt)
+UI_PORT ?= 8501
+BENCH_ARGS ?=
 
-.PHONY: venv test test-unit test-integration test-e2e serve ui bench clean
+.PHONY: venv serve archive weights weights-random verify-weights ui bench docker-build docker-build-cpu \
+        test test-unit test-integration test-e2e test-ui clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +30,41 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# --- The service --------------------------------------------------------------------------
+serve: $(STAMP)
+	$(PY) scripts/serve.py serve --weights "$(WEIGHTS)"
+
+# model-store/captioner.mar only (rebuilt when the checkpoint or the code changed).
+archive: $(STAMP)
+	$(PY) scripts/serve.py archive --weights "$(WEIGHTS)"
+
+weights: $(STAMP)
+	$(PY) -m weights fetch
+
+# A full-size RANDOM-INIT checkpoint (nonsense captions), for smoke tests without the download.
+weights-random: $(STAMP)
+	$(PY) -m weights random
+
+verify-weights: $(STAMP)
+	$(PY) -m weights verify "$(CHECKPOINT)"
+
+# The web page, against the server of `make serve` (its key file in this folder).
+ui: $(STAMP)
+	CAPTION_KEY_FILE=$${CAPTION_KEY_FILE:-$(CURDIR)/key_file.json} $(PY) -m streamlit run ui/app.py \
+	  --server.headless true --server.address 127.0.0.1 --server.port $(UI_PORT) \
+	  --browser.gatherUsageStats false --client.toolbarMode minimal
+
+# The model benchmark (engine vs the seed's algorithm); e.g. BENCH_ARGS="--batch-sizes 1,8".
+bench: $(STAMP)
+	$(PY) -m bench model --weights "$(CHECKPOINT)" $(BENCH_ARGS)
+
+docker-build:
+	docker build -t caption-serve:gpu .
+
+docker-build-cpu:
+	docker build -t caption-serve:cpu --build-arg VARIANT=cpu .
+
+# --- Tests --------------------------------------------------------------------------------
 test: $(STAMP)
 	$(PY) -m pytest tests
 
@@ -26,6 +76,9 @@ test-integration: $(STAMP)
 
 test-e2e: $(STAMP)
 	$(PY) -m pytest tests/e2e
+
+test-ui: $(STAMP)
+	$(PY) -m pytest tests/ui
 
 clean:
 	rm -rf build model-store logs .pytest_cache

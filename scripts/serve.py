@@ -1,0 +1,435 @@
+#!/usr/bin/env python3
+"""`make serve` and `make archive`: checkpoint -> model-store/captioner.mar -> TorchServe.
+
+    python scripts/serve.py serve   [--weights PATH]    # make serve [WEIGHTS=PATH]
+    python scripts/serve.py archive [--weights PATH]    # make archive [WEIGHTS=PATH]
+
+1. The checkpoint: --weights (make's WEIGHTS=), else weights/weights.pt, else
+   `python -m weights fetch` downloads it there (offline that fails at once: pass WEIGHTS=).
+2. The archive: model-store/captioner.mar, built by the export package (which loads the
+   checkpoint strictly: every key and shape). It is rebuilt only when missing, older than the
+   checkpoint or than the code it packs (model/, handler/, export/), or built from another
+   checkpoint (build/serve/captioner.json records which).
+3. `serve`: TorchServe in the foreground, from the repository root, with the shipped
+   config.properties (key_file.json and logs/ are written there). Once the model is ready,
+   the curl line to try it is printed. Ctrl-C (or SIGTERM/SIGHUP) stops TorchServe's whole
+   process group, workers included, and anything else of this instance.
+
+Environment:
+  INFERENCE_PORT, MANAGEMENT_PORT, METRICS_PORT, GRPC_INFERENCE_PORT, GRPC_MANAGEMENT_PORT
+      other ports (the bind addresses stay the shipped ones): TorchServe then runs from a
+      derived copy of config.properties in build/serve/ (docker/render_config.py writes it).
+  OMP_NUM_THREADS
+      CPU threads of the worker; default: all cores but one (the TorchServe frontend, the
+      image decoding and the OS need one; on 2 cores two busy OpenMP threads make every
+      request slower). The handler's `threads` in model-config.yaml, if set, wins.
+  ARCHIVE_FORMAT  zip-store (default: the weights are bfloat16 and barely compress, and an
+      uncompressed archive is built and extracted faster) or default (deflate).
+  TMPDIR  where the private temporary folder of the instance is made (JVM temp files,
+      extracted archive, worker sockets, the launcher's pid file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `python scripts/serve.py` puts scripts/, not the repository, on the path
+    sys.path.insert(0, str(REPO))
+
+MODEL = "captioner"
+STORE = REPO / "model-store"
+ARCHIVE = STORE / f"{MODEL}.mar"
+WORK = REPO / "build" / "serve"
+STAMP = WORK / f"{MODEL}.json"
+SHIPPED_CONFIG = REPO / "config.properties"
+DEFAULT_WEIGHTS = REPO / "weights" / "weights.pt"
+KEY_FILE = REPO / "key_file.json"
+SAMPLE_IMAGE = REPO / "ui" / "samples" / "rocket.jpg"
+CODE_DIRS = ("model", "handler", "export")
+PORT_VARS = {  # environment variable -> (property, "url" for http://host:port values, "port" for plain ports)
+    "INFERENCE_PORT": ("inference_address", "url"),
+    "MANAGEMENT_PORT": ("management_address", "url"),
+    "METRICS_PORT": ("metrics_address", "url"),
+    "GRPC_INFERENCE_PORT": ("grpc_inference_port", "port"),
+    "GRPC_MANAGEMENT_PORT": ("grpc_management_port", "port"),
+}
+STOP_TIMEOUT_S = 60
+
+
+class Failure(Exception):
+    """Stop with this message (and exit status)."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
+class Stop(Exception):
+    """SIGTERM or SIGHUP: stop like Ctrl-C."""
+
+
+def say(message: str = "") -> None:
+    print(f"serve: {message}" if message else "", flush=True)
+
+
+# ---------------------------------------------------------------------------------- weights
+def resolve_weights(given: str | None) -> Path:
+    if given:
+        path = Path(given).expanduser()
+        if not path.is_file():
+            raise Failure(f"WEIGHTS={given}: no such file")
+        return path.resolve()
+    if DEFAULT_WEIGHTS.is_file():
+        return DEFAULT_WEIGHTS
+    say(f"no WEIGHTS= given and no {DEFAULT_WEIGHTS.relative_to(REPO)}: downloading the checkpoint "
+        "(python -m weights fetch) ...")
+    code = subprocess.call([sys.executable, "-m", "weights", "fetch", "--output", str(DEFAULT_WEIGHTS)], cwd=REPO)
+    if code != 0:
+        why = "no network access" if code == 3 else "the download failed"
+        raise Failure(f"{why}: no checkpoint to serve. Pass one you have: make serve WEIGHTS=/path/to/weights.pt "
+                      "(for a smoke test: make weights-random, then make serve "
+                      "WEIGHTS=weights/random-init-weights.pt)", code)
+    return DEFAULT_WEIGHTS
+
+
+# ---------------------------------------------------------------------------------- archive
+def _identity(weights: Path, archive_format: str) -> dict:
+    stat = weights.stat()
+    return {"weights": str(weights), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "format": archive_format}
+
+
+def _code_files():
+    for name in CODE_DIRS:
+        for path in (REPO / name).rglob("*"):
+            if path.is_file() and "__pycache__" not in path.parts and path.suffix not in (".pyc", ".pyo"):
+                yield path
+
+
+def stale_reason(weights: Path, archive_format: str) -> str | None:
+    """Why model-store/captioner.mar must be (re)built, or None when it is up to date."""
+    if not ARCHIVE.is_file():
+        return f"no {ARCHIVE.relative_to(REPO)} yet"
+    try:
+        stamp = json.loads(STAMP.read_text())
+    except (OSError, ValueError):
+        return "no record of the checkpoint it was built from"
+    if stamp.get("source") != _identity(weights, archive_format):
+        return f"it was built from {stamp.get('source', {}).get('weights', 'another checkpoint')} " \
+               f"({stamp.get('source', {}).get('format', '?')}), not this one"
+    built = ARCHIVE.stat().st_mtime_ns
+    if stamp.get("archive_mtime_ns") != built:
+        return "the archive was replaced since make built it"
+    newer = [p for p in _code_files() if p.stat().st_mtime_ns > built]
+    if newer:
+        return f"{newer[0].relative_to(REPO)} changed since it was built"
+    return None
+
+
+def ensure_archive(weights: Path, archive_format: str) -> Path:
+    reason = stale_reason(weights, archive_format)
+    if reason is None:
+        say(f"{ARCHIVE.relative_to(REPO)} is up to date (built from {weights})")
+        return ARCHIVE
+    from export import ExportError, build_archive
+
+    say(f"building {ARCHIVE.relative_to(REPO)}: {reason}")
+    try:
+        result = build_archive(weights, None, model_name=MODEL, output=STORE, archive_format=archive_format,
+                               progress=say)
+    except ExportError as exc:
+        raise Failure(f"the archive cannot be built: {exc}", 2) from exc
+    WORK.mkdir(parents=True, exist_ok=True)
+    record = {"source": _identity(weights, archive_format), "archive_mtime_ns": result.path.stat().st_mtime_ns}
+    STAMP.write_text(json.dumps(record, indent=1) + "\n")
+    say(f"built {result.path.relative_to(REPO)} ({result.size_bytes / 1e6:.0f} MB) in {result.seconds:.0f} s")
+    return result.path
+
+
+# ---------------------------------------------------------------------------------- config
+def read_properties(path: Path) -> dict[str, str]:
+    props = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and line[0] not in "#!" and "=" in line:
+            key, value = line.split("=", 1)
+            props[key.strip()] = value.strip()
+    return props
+
+
+def server_config(env: dict[str, str]) -> tuple[Path, dict[str, str]]:
+    """The config TorchServe runs with: the shipped one, or a copy with other ports."""
+    props = read_properties(SHIPPED_CONFIG)
+    overrides = {}
+    for var, (key, kind) in PORT_VARS.items():
+        port = env.get(var, "").strip()
+        if not port:
+            continue
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise Failure(f"{var}={port!r} is not a port number")
+        if kind == "url":
+            parts = urlsplit(props[key])
+            overrides[key] = f"{parts.scheme}://{parts.hostname}:{port}"
+        else:
+            overrides[key] = port
+    if not overrides:
+        return SHIPPED_CONFIG, props
+    spec = importlib.util.spec_from_file_location("render_config", REPO / "docker" / "render_config.py")
+    render_config = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(render_config)
+    text = render_config.render(SHIPPED_CONFIG.read_text(), overrides, "config.properties")
+    text = text.replace("docker/entrypoint.sh", "scripts/serve.py (make serve)").replace(
+        "Container overrides", "Port overrides")
+    WORK.mkdir(parents=True, exist_ok=True)
+    derived = WORK / "config.properties"
+    derived.write_text(text)
+    return derived, {**props, **overrides}
+
+
+def local_url(address: str) -> str:
+    """http://0.0.0.0:8080 -> http://127.0.0.1:8080 (where a client on this host connects)."""
+    parts = urlsplit(address)
+    host = parts.hostname or "127.0.0.1"
+    if host in ("0.0.0.0", "::", "[::]"):
+        host = "127.0.0.1"
+    return f"{parts.scheme}://{host}:{parts.port}"
+
+
+def check_ports(props: dict[str, str]) -> None:
+    listeners = [(var, props[key]) for var, (key, kind) in PORT_VARS.items() if kind == "url"]
+    for var, address in listeners:
+        parts = urlsplit(address)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((parts.hostname or "0.0.0.0", parts.port))
+            except OSError as exc:
+                raise Failure(f"cannot listen on {address} ({exc.strerror}): another TorchServe running? "
+                              f"Stop it, or pick another port: make serve {var}=...") from exc
+
+
+def thread_settings(env: dict[str, str]) -> str:
+    """Give the worker all cores but one unless OMP_NUM_THREADS says otherwise."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    if not env.get("OMP_NUM_THREADS"):
+        env["OMP_NUM_THREADS"] = str(max(1, cores - 1))
+        return f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']} ({cores} cores, one left to the frontend; set it to change)"
+    return f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']} (from the environment; {cores} cores)"
+
+
+# ---------------------------------------------------------------------------------- server
+def private_tmp() -> Path:
+    """A temporary folder of this instance only; worker sockets there must fit AF_UNIX's 108 bytes."""
+    base = Path(tempfile.gettempdir())
+    if len(str(base)) > 60:
+        base = Path("/tmp")
+    return Path(tempfile.mkdtemp(prefix="caption-serve-", dir=base))
+
+
+def read_keys() -> dict[str, str] | None:
+    try:
+        data = json.loads(KEY_FILE.read_text())
+        return {name: data[name]["key"] for name in ("inference", "management")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # not written yet (or being written)
+
+
+def wait_ready(process: subprocess.Popen, props: dict[str, str]) -> dict:
+    import requests
+
+    management = local_url(props["management_address"])
+    started = time.monotonic()
+    next_note = started + 30
+    keys, status = None, "TorchServe starting"
+    while process.poll() is None:
+        keys = keys or read_keys()
+        if keys:
+            try:
+                response = requests.get(f"{management}/models/{MODEL}", timeout=5,
+                                        headers={"Authorization": f"Bearer {keys['management']}"})
+                if response.ok:
+                    workers = response.json()[0].get("workers", [])
+                    if any(w.get("status") == "READY" for w in workers):
+                        return response.json()[0]
+                    status = "worker " + (", ".join(w.get("status", "?") for w in workers) or "starting")
+            except (requests.RequestException, ValueError, IndexError):
+                pass
+        now = time.monotonic()
+        if now >= next_note:
+            say(f"still waiting for {MODEL} after {now - started:.0f} s ({status}; the worker log is "
+                "logs/model_log.log)")
+            next_note = now + 30
+        time.sleep(0.5)
+    raise Failure(f"TorchServe exited with status {process.returncode} before {MODEL} was ready; "
+                  "see the output above and logs/ts_log.log, logs/model_log.log")
+
+
+def handler_line() -> str:
+    """device, dtype and threads from the worker's 'caption handler ready: ...' log line, if found."""
+    try:
+        lines = (REPO / "logs" / "model_log.log").read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    for line in reversed(lines):
+        if f"caption handler ready: model={MODEL} " in line:
+            found = dict(re.findall(r"\b(device|dtype|threads)=(\S+)", line))
+            return ", ".join(f"{key} {value}" for key, value in found.items())
+    return ""
+
+
+def banner(props: dict[str, str]) -> str:
+    inference = local_url(props["inference_address"])
+    here = Path.cwd().resolve()
+    sample = SAMPLE_IMAGE.relative_to(REPO) if here == REPO else SAMPLE_IMAGE
+    key_file = KEY_FILE.relative_to(REPO) if here == REPO else KEY_FILE
+    detail = handler_line()
+    ui = "make ui" if inference == "http://127.0.0.1:8080" else f"CAPTION_API_URL={inference} make ui"
+    rule = "=" * 100
+    return f"""
+{rule}
+{MODEL} is ready{f" ({detail})" if detail else ""}. Try it (the inference key is in {KEY_FILE},
+"inference" -> "key"; TorchServe makes new keys at every start):
+
+  KEY=$(python3 -c 'import json; print(json.load(open("{key_file}"))["inference"]["key"])')
+  curl -H "Authorization: Bearer $KEY" {inference}/predictions/{MODEL} -T {sample}
+
+Options go in a JSON body, sent with -H 'Content-Type: application/json':
+  {{"image": "<base64>", "styles": ["concise"], "num_captions": 1, "max_new_tokens": 32}}
+Web page: {ui} (in another terminal). Metrics: {local_url(props["metrics_address"])}/metrics. Logs: logs/.
+Stop: Ctrl-C.
+{rule}
+"""
+
+
+def instance_processes(markers: list[str]) -> list[int]:
+    """Processes whose command line names this instance's private folder (its JVM, its workers)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if any(marker in cmdline for marker in markers):
+            found.append(int(entry.name))
+    return found
+
+
+def _kill(pid: int, sig: int, group: bool = False) -> None:
+    try:
+        (os.killpg if group else os.kill)(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def stop(process: subprocess.Popen, tmp: Path) -> None:
+    """SIGTERM to TorchServe's process group (the JVM stops its workers), SIGKILL after a while,
+    then anything else of this instance (found by its private folder)."""
+    if process.poll() is None:
+        _kill(process.pid, signal.SIGTERM, group=True)
+        try:
+            process.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            say("TorchServe did not stop: killing it")
+            _kill(process.pid, signal.SIGKILL, group=True)
+            process.wait(timeout=10)
+    _kill(process.pid, signal.SIGTERM, group=True)  # the JVM's workers, should any outlive it
+    deadline = time.monotonic() + 10
+    strays = instance_processes([str(tmp)])
+    for pid in strays:
+        _kill(pid, signal.SIGTERM)
+    while strays and time.monotonic() < deadline:
+        time.sleep(0.2)
+        strays = instance_processes([str(tmp)])
+    for pid in strays:
+        _kill(pid, signal.SIGKILL)
+
+
+def serve(weights_arg: str | None, archive_format: str) -> int:
+    env = dict(os.environ)
+    config, props = server_config(env)
+    weights = resolve_weights(weights_arg)
+    ensure_archive(weights, archive_format)
+    java = Path(env["JAVA_HOME"], "bin", "java") if env.get("JAVA_HOME") else shutil.which("java")
+    if not java or not Path(java).exists():
+        raise Failure("Java (17 or newer) is needed by TorchServe: install it (apt-get install openjdk-17-jre-headless) "
+                      "or set JAVA_HOME")
+    check_ports(props)
+    say(thread_settings(env))
+    tmp = private_tmp()
+    env.update(TEMP=str(tmp), TMPDIR=str(tmp))  # -> java.io.tmpdir (archive, worker sockets), launcher pid file
+    env.pop("TS_CONFIG_FILE", None)  # would replace --ts-config
+    KEY_FILE.unlink(missing_ok=True)  # the keys of a previous run: wait for this run's
+    command = [str(Path(sys.executable).parent / "torchserve"), "--start", "--foreground", "--ncs",
+               "--ts-config", str(config), "--model-store", str(STORE), "--models", f"{MODEL}={ARCHIVE.name}"]
+    say(f"starting TorchServe: {' '.join(command)}")
+    say(f"config: {config.relative_to(REPO)}; working folder: {REPO} (key_file.json, logs/)")
+
+    def on_signal(signum, _frame):
+        raise Stop(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+    # Its own session: the terminal's Ctrl-C reaches this script only, which then stops the whole
+    # group in order (the launcher, the JVM and its workers) instead of each dying on its own.
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+    code = 130
+    try:
+        wait_ready(process, props)
+        print(banner(props), flush=True)
+        code = process.wait()
+        say(f"TorchServe exited with status {code}")
+        code = code if code > 0 else 1  # it is not meant to exit on its own
+    except (KeyboardInterrupt, Stop) as exc:
+        say(f"{'Ctrl-C' if isinstance(exc, KeyboardInterrupt) else exc}: stopping TorchServe ...")
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # a second Ctrl-C must not cut
+            signal.signal(signum, signal.SIG_IGN)                       # the clean-up short (60 s at most)
+        stop(process, tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        KEY_FILE.unlink(missing_ok=True)  # its keys died with the server
+        say("stopped")
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="scripts/serve.py", description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["serve", "archive"])
+    parser.add_argument("--weights", default="", help="the checkpoint (default: weights/weights.pt, fetched if missing)")
+    args = parser.parse_args(argv)
+    archive_format = os.environ.get("ARCHIVE_FORMAT") or "zip-store"
+    if archive_format not in ("zip-store", "default"):
+        print(f"serve: ARCHIVE_FORMAT={archive_format!r}: use zip-store or default", file=sys.stderr)
+        return 2
+    try:
+        if args.command == "archive":
+            ensure_archive(resolve_weights(args.weights), archive_format)
+            return 0
+        return serve(args.weights, archive_format)
+    except Failure as exc:
+        print(f"serve: error: {exc}", file=sys.stderr, flush=True)
+        return exc.code
+    except (KeyboardInterrupt, Stop):
+        print("serve: interrupted", file=sys.stderr, flush=True)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
