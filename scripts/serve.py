@@ -256,7 +256,7 @@ def wait_ready(process: subprocess.Popen, props: dict[str, str]) -> dict:
     management = local_url(props["management_address"])
     started = time.monotonic()
     next_note = started + 30
-    keys, status = None, "TorchServe starting"
+    keys, status = None, "TorchServe is starting"
     while process.poll() is None:
         keys = keys or read_keys()
         if keys:
@@ -267,7 +267,8 @@ def wait_ready(process: subprocess.Popen, props: dict[str, str]) -> dict:
                     workers = response.json()[0].get("workers", [])
                     if any(w.get("status") == "READY" for w in workers):
                         return response.json()[0]
-                    status = "worker " + (", ".join(w.get("status", "?") for w in workers) or "starting")
+                    # TorchServe 0.12 describes a worker that is still loading as "UNLOADING".
+                    status = "the worker is loading the model" if workers else "no worker yet"
             except (requests.RequestException, ValueError, IndexError):
                 pass
         now = time.monotonic()
@@ -365,13 +366,13 @@ def stop(process: subprocess.Popen, tmp: Path) -> None:
 def serve(weights_arg: str | None, archive_format: str) -> int:
     env = dict(os.environ)
     config, props = server_config(env)
-    weights = resolve_weights(weights_arg)
-    ensure_archive(weights, archive_format)
     java = Path(env["JAVA_HOME"], "bin", "java") if env.get("JAVA_HOME") else shutil.which("java")
     if not java or not Path(java).exists():
         raise Failure("Java (17 or newer) is needed by TorchServe: install it (apt-get install openjdk-17-jre-headless) "
                       "or set JAVA_HOME")
-    check_ports(props)
+    check_ports(props)  # before the minutes a download or an archive build may take
+    weights = resolve_weights(weights_arg)
+    ensure_archive(weights, archive_format)
     say(thread_settings(env))
     tmp = private_tmp()
     env.update(TEMP=str(tmp), TMPDIR=str(tmp))  # -> java.io.tmpdir (archive, worker sockets), launcher pid file

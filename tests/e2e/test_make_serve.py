@@ -102,8 +102,9 @@ def port_is_free(port: int) -> bool:
 
 
 def test_make_serve_without_network_or_weights_fails_fast(clone, make_env, tmp_path):
-    (port,) = free_ports(1)  # nothing listens there: the download is refused at once, as offline
-    make_env["CAPTION_WEIGHTS_URL"] = f"http://127.0.0.1:{port}/weights.pt"
+    port, *ports = free_ports(1 + len(PORT_VARS))
+    make_env["CAPTION_WEIGHTS_URL"] = f"http://127.0.0.1:{port}/weights.pt"  # refused at once, as offline
+    make_env.update({var: str(p) for var, p in zip(PORT_VARS, ports)})  # not the default ports another server may hold
     started = time.monotonic()
     result = subprocess.run(make_command("serve", tmp_path), cwd=clone, env=make_env, capture_output=True,
                             text=True, timeout=120)
