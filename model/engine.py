@@ -27,7 +27,7 @@ from .checkpoint import load_model
 from .config import PRESETS, SEP_ID, STYLE_TOKEN_IDS, CaptionConfig
 from .kv_cache import GroupKV, KVCache, PrefixKV
 from .quantize import quantize_decoder
-from .sampling import RowParams, TokenState, make_row_params, select_next
+from .sampling import RowParams, TokenState, make_row_params, select_next, select_step
 from .styles import STYLES, CaptionPlan, response_key
 from .text import tidy_caption
 from .tokenizer import VOCAB_PATH, Vocabulary
@@ -89,12 +89,13 @@ class CaptionEngine:
         # CUDA graphs need fixed shapes and addresses; the static path also runs (slower) in eager mode.
         self.static_shapes = compile_decode if static_shapes is None else static_shapes
         self.encoder = torch.compile(model.encode_images) if compile_encoder else model.encode_images
-        self.step = (
-            torch.compile(decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
-            if compile_decode else decode_step
-        )
+        self.step, self.select = decode_step, select_step
+        if compile_decode:  # each a CUDA graph per row bucket; token selection stays on the device
+            self.step = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+            self.select = torch.compile(select_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
         self.last_stats: dict = {}
         self._static_caches: dict[int, KVCache] = {}
+        self._static_states: dict[int, TokenState] = {}
 
     @classmethod
     def from_files(cls, weights, *, config=None, vocab=None, device="cpu", dtype=torch.float32,
@@ -156,6 +157,17 @@ class CaptionEngine:
                                                 self.device, static_shapes=True)
         return self._static_caches[rows]
 
+    def _token_state(self, rows: int, max_new: int) -> TokenState:
+        """Generation state; with static shapes one per row bucket, reset in place."""
+        cfg = self.config
+        if not self.static_shapes:
+            return TokenState(rows, max_new, cfg.output_size, self.device)
+        if rows not in self._static_states:
+            self._static_states[rows] = TokenState(rows, cfg.max_text_tokens, cfg.output_size, self.device, static=True)
+        state = self._static_states[rows]
+        state.reset()
+        return state
+
     def _rows_for_cache(self, count: int) -> int:
         if not self.static_shapes:
             return count
@@ -188,12 +200,15 @@ class CaptionEngine:
         cache_len = cfg.max_seq_len if self.static_shapes else first_position + max_new - 1
         cache = self._cache(len(row_group), cache_len)
         cache.fill(prefix, group_kv, row_image, row_group)
-        state = TokenState(len(row_group), max_new, cfg.output_size, self.device)
+        state = self._token_state(len(row_group), max_new)
         final_history = state.history.clone()
         live = torch.arange(len(row_group), device=self.device)  # original row of each cache row
         logits = group_logits.index_select(0, row_group)
         for step in range(max_new):
-            tokens = state.append(select_next(logits, params, state.history, state.length, state.seen, step), params)
+            if self.static_shapes:
+                tokens = self.select(logits, params, state)
+            else:
+                tokens = state.append(select_next(logits, params, state.history, state.length, state.seen, step), params)
             if step == max_new - 1:
                 break
             if (step + 1) % self.sync_every == 0:

@@ -57,9 +57,15 @@ def make_row_params(rows: list[dict], vocab_size: int, device) -> RowParams:
         name: torch.tensor(values, dtype=torch.float32 if name in floats else torch.long, device=device)
         for name, values in column.items()
     }
-    top_k = column["top_k"]
-    candidates = vocab_size if any(k <= 0 or k >= vocab_size for k in top_k) else max(top_k)
-    return RowParams(**tensors, candidates=candidates, max_ngram=max(column["ngram"]))
+    return RowParams(**tensors, candidates=candidate_count(column["top_k"], vocab_size), max_ngram=max(column["ngram"]))
+
+
+def candidate_count(top_ks: list[int], vocab_size: int) -> int:
+    """Top tokens to gather: the largest top-k rounded up to a power of two (a handful of
+    distinct sizes, so compiled graphs are reused), or the whole vocabulary."""
+    if any(k <= 0 for k in top_ks):
+        return vocab_size
+    return min(1 << (max(top_ks) - 1).bit_length(), vocab_size)
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
@@ -71,7 +77,7 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def row_stream(seed: torch.Tensor, row_key: torch.Tensor, step: int) -> torch.Tensor:
+def row_stream(seed: torch.Tensor, row_key: torch.Tensor, step) -> torch.Tensor:
     """(R,) hash state for one row at one step."""
     h = _mix32(seed & _MASK32)
     h = _mix32(h ^ ((seed >> 32) & _MASK32))
@@ -92,7 +98,14 @@ def penalise_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Te
     return torch.where(seen, penalised, logits)
 
 
-def repeated_ngram_mask(history: torch.Tensor, length: int, ngram: torch.Tensor, max_ngram: int, vocab_size: int):
+def _column(history: torch.Tensor, index) -> torch.Tensor:
+    """history[:, index] as (R, 1); `index` a host int or a 0-d device tensor (clamped at 0)."""
+    if isinstance(index, int):
+        return history[:, max(index, 0), None]
+    return history.gather(1, index.clamp(min=0).view(1, 1).expand(history.shape[0], 1))
+
+
+def repeated_ngram_mask(history: torch.Tensor, length, ngram: torch.Tensor, max_ngram: int, vocab_size: int):
     """(R, V) True where a token would complete an n-gram that already occurs in the row.
 
     history (R, Hmax) holds each row's tokens, `length` of them valid. Position q of the
@@ -104,7 +117,7 @@ def repeated_ngram_mask(history: torch.Tensor, length: int, ngram: torch.Tensor,
     match = (q < length) & (q >= n - 1) & (n > 0)
     for back in range(1, max_ngram):
         before_q = F.pad(history, (back, 0), value=-1)[:, :hmax]  # history[q - back]
-        last = history[:, max(length - back, 0), None]  # (R, 1): the row's back-th last token
+        last = _column(history, length - back)  # (R, 1): the row's back-th last token
         match &= (before_q == last) | (back > n - 1)
     banned_ids = torch.where(match, history, vocab_size)
     banned = torch.zeros(rows, vocab_size + 1, dtype=torch.bool, device=history.device)
@@ -122,8 +135,12 @@ def keep_top_k_top_p(values: torch.Tensor, top_k: torch.Tensor, top_p: torch.Ten
     return keep & (~nucleus[:, None] | (mass_before <= top_p[:, None]))
 
 
-def select_next(logits, params: RowParams, history, length: int, seen, step: int) -> torch.Tensor:
-    """One step of token selection for every row: logits (R, V) float32 -> tokens (R,)."""
+def select_next(logits, params: RowParams, history, length, seen, step) -> torch.Tensor:
+    """One step of token selection for every row: logits (R, V) float32 -> tokens (R,).
+
+    `length` (valid history entries) and `step` are host ints, or 0-d device tensors inside a
+    captured graph.
+    """
     greedy = params.temperature == 0
     scaled = logits / torch.where(greedy, 1.0, params.temperature)[:, None]
     scaled = penalise_repeats(scaled, seen, params.repetition_penalty)
@@ -138,15 +155,32 @@ def select_next(logits, params: RowParams, history, length: int, seen, step: int
 
 
 class TokenState:
-    """Per-row generation state in preallocated tensors: history, seen-token set, finished flags."""
+    """Per-row generation state in preallocated tensors: history, seen-token set, finished flags.
 
-    def __init__(self, rows: int, max_new_tokens: int, vocab_size: int, device):
-        self.history = torch.full((rows, max_new_tokens + 1), SEP_ID, dtype=torch.long, device=device)
+    `length` (valid history entries, the same for every row) is kept twice: as a host int for
+    the eager loop, and as a 0-d device tensor for the captured step, which must not depend on
+    host values. With `static` the buffers keep fixed addresses for CUDA graphs and are reset
+    in place for every batch.
+    """
+
+    def __init__(self, rows: int, max_new_tokens: int, vocab_size: int, device, static: bool = False):
+        self.history = torch.empty((rows, max_new_tokens + 1), dtype=torch.long, device=device)
+        self.seen = torch.empty(rows, vocab_size, dtype=torch.bool, device=device)
+        self.done = torch.empty(rows, dtype=torch.bool, device=device)
+        self.length_t = torch.empty((), dtype=torch.long, device=device)
+        if static:
+            for buffer in (self.history, self.seen, self.done, self.length_t):
+                torch._dynamo.mark_static_address(buffer)
+        self.reset()
+
+    def reset(self) -> None:
+        self.history.fill_(SEP_ID)
         self.history[:, 0] = CLS_ID
-        self.seen = torch.zeros(rows, vocab_size, dtype=torch.bool, device=device)
+        self.seen.zero_()
         self.seen[:, CLS_ID] = True
-        self.done = torch.zeros(rows, dtype=torch.bool, device=device)
-        self.length = 1  # valid history entries (the same for every row)
+        self.done.zero_()
+        self.length_t.fill_(1)
+        self.length = 1
 
     def append(self, tokens: torch.Tensor, params: RowParams) -> torch.Tensor:
         """Record the step's tokens (finished rows get `[SEP]`); returns what was recorded."""
@@ -155,9 +189,25 @@ class TokenState:
         self.seen.scatter_(1, tokens[:, None], True)
         self.done |= (tokens == SEP_ID) | (params.max_new_tokens <= self.length)
         self.length += 1
+        self.length_t.add_(1)
+        return tokens
+
+    def record(self, tokens: torch.Tensor, params: RowParams) -> torch.Tensor:
+        """`append` with the device-side length only (for the captured step)."""
+        tokens = torch.where(self.done, SEP_ID, tokens)
+        self.history.index_copy_(1, self.length_t.view(1), tokens[:, None])
+        self.seen.scatter_(1, tokens[:, None], True)
+        self.done |= (tokens == SEP_ID) | (params.max_new_tokens <= self.length_t)
+        self.length_t.add_(1)
         return tokens
 
     def select(self, rows: torch.Tensor) -> None:
         self.history = self.history.index_select(0, rows)
         self.seen = self.seen.index_select(0, rows)
         self.done = self.done.index_select(0, rows)
+
+
+def select_step(logits: torch.Tensor, params: RowParams, state: TokenState) -> torch.Tensor:
+    """Select and record one token per row using only device-side counters (capturable)."""
+    tokens = select_next(logits, params, state.history, state.length_t, state.seen, state.length_t - 1)
+    return state.record(tokens, params)
