@@ -32,16 +32,18 @@ class PreparedBatch:
     def fail(self, idx: int, status: int, message: str) -> None:
         self.errors[idx] = (status, message)
 
-    def fail_good(self, status: int, message: str) -> None:
-        """Fail every request that was to reach the model (an OOM or a crash of the batch)."""
-        for idx in self.good:
+    def fail_unanswered(self, status: int, message: str) -> None:
+        """Fail every request without an answer yet (an OOM or a crash of the batch)."""
+        for idx in range(self.size):
             self.errors.setdefault(idx, (status, message))
 
     def pixel_values(self) -> torch.Tensor:
         return torch.stack(self.pixels) if self.pixels else torch.empty(0)
 
 
-_OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory")
+# RuntimeError texts of failed allocations: PyTorch's CPU allocator, and oneDNN (the CPU
+# convolution of the vision encoder) when it cannot allocate its scratch memory.
+_OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory", "could not create a primitive")
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

@@ -120,13 +120,10 @@ class CaptionHandler:
             if is_out_of_memory(exc):
                 logger.error("out of memory in a batch of %d request(s)", batch.size, exc_info=True)
                 self._release_memory()
-                batch.fail_good(507, OOM_MESSAGE)
+                batch.fail_unanswered(507, OOM_MESSAGE)
             else:
                 logger.error("caption batch failed", exc_info=True)
-                batch.fail_good(500, f"internal error while captioning ({type(exc).__name__})")
-                if not batch.good and not batch.errors:  # failed before any row was classified
-                    for idx in range(batch.size):
-                        batch.fail(idx, 500, f"internal error while captioning ({type(exc).__name__})")
+                batch.fail_unanswered(500, f"internal error while captioning ({type(exc).__name__})")
         responses = self.postprocess(batch, results)
         handler_metrics.emit_batch(
             context, batch_size=batch.size, requests=batch.size, errors=len(batch.errors),
@@ -147,6 +144,8 @@ class CaptionHandler:
                 batch.fail(idx, int(getattr(exc, "status", 400)), _message(exc))
             except ValueError as exc:  # OptionError and other validation errors
                 batch.fail(idx, 400, _message(exc))
+            except MemoryError:
+                batch.fail(idx, 507, "out of memory while reading the request")
             else:
                 parsed[idx] = (request.image, plan)
 
@@ -206,7 +205,12 @@ def _message(exc: BaseException) -> str:
     return str(message if isinstance(message, str) and message else exc) or type(exc).__name__
 
 
+MAX_ERROR_CHARS = 1000  # a message never carries a request's bulk back (responses are capped at 1 MiB)
+
+
 def _error_json(message: str) -> str:
+    if len(message) > MAX_ERROR_CHARS:
+        message = message[: MAX_ERROR_CHARS - 3] + "..."
     body = error_body(message)
     if isinstance(body, bytes):
         return body.decode("utf-8")

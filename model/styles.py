@@ -58,6 +58,13 @@ _SAMPLING_RANGES = {
 }
 
 
+_SHOWN_NAME_CHARS = 40  # error messages quote at most this much of a client's value
+
+
+def _quoted(value: str) -> str:
+    return repr(value if len(value) <= _SHOWN_NAME_CHARS else value[:_SHOWN_NAME_CHARS] + "...")
+
+
 class OptionError(ValueError):
     """A request option is missing, of the wrong type or out of range (HTTP 400)."""
 
@@ -102,9 +109,9 @@ def parse_styles(value, *, default: tuple[str, ...] = STYLES) -> tuple[str, ...]
             raise OptionError(f"'styles' entries must be strings, got {type(item).__name__}")
         name = item.strip().lower()
         if name not in STYLE_DEFAULTS:
-            raise OptionError(f"unknown style '{item}'; choose from {', '.join(STYLES)}")
+            raise OptionError(f"unknown style {_quoted(item)}; choose from {', '.join(STYLES)}")
         if name in styles:
-            raise OptionError(f"style '{name}' is listed twice")
+            raise OptionError(f"style {_quoted(name)} is listed twice")
         styles.append(name)
     return tuple(s for s in STYLES if s in styles)
 
@@ -118,7 +125,8 @@ def make_plan(options: dict | None = None, limits: Limits = Limits()) -> Caption
     allowed = {"styles", "num_captions", "max_new_tokens", "seed", *_SAMPLING_RANGES}
     unknown = sorted(set(options) - allowed)
     if unknown:
-        raise OptionError(f"unknown option(s): {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+        shown = ", ".join(_quoted(name) for name in unknown[:8]) + (f" and {len(unknown) - 8} more" if len(unknown) > 8 else "")
+        raise OptionError(f"unknown option(s): {shown}; allowed: {', '.join(sorted(allowed))}")
     styles = parse_styles(options.get("styles"))
     overrides = {}
     for name, (kind, low, high) in _SAMPLING_RANGES.items():

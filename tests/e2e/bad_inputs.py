@@ -300,7 +300,7 @@ def corpus() -> tuple[Case, ...]:
              lambda: upload("data", "a.png", chelsea_png(), "image/png", num_captions="lots"), 400,
              "'num_captions' must be a number"),
         # --- unknown fields, wrong types, out-of-range options, duplicate styles (JSON)
-        option_case("unknown field", "unknown option(s): flavour", flavour="salty"),
+        option_case("unknown field", "unknown option(s): 'flavour'", flavour="salty"),
         option_case("num_captions a string", "'num_captions' must be a number", num_captions="two"),
         option_case("num_captions a boolean", "'num_captions' must be a number", num_captions=True),
         option_case("num_captions 0", "'num_captions' must be between 1 and 8", num_captions=0),

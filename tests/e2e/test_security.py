@@ -57,8 +57,9 @@ def test_shipped_config_locks_down_tokens_urls_and_dependencies():
     assert int(config["max_request_size"]) <= 64 * 2**20
     patterns = [re.compile(p, re.IGNORECASE) for p in config["allowed_urls"].split(",")]
     allowed = lambda url: any(p.fullmatch(url) for p in patterns)  # noqa: E731 - TorchServe uses matches()
-    assert allowed("file:///home/model-server/model-store/captioner.mar")
-    for url in ("http://example.com/captioner.mar", "https://example.com/model-store/captioner.mar",
+    # No URL at all: archives are registered by plain name from model_store.
+    for url in ("file:///home/model-server/model-store/captioner.mar", "file:///tmp/x/model-store/evil.mar",
+                "http://example.com/captioner.mar", "https://example.com/model-store/captioner.mar",
                 "s3://bucket/model-store/captioner.mar", "file:///etc/passwd", "file:///tmp/captioner.mar",
                 "file:///srv/model-store/sub/captioner.mar", "HTTP://127.0.0.1/model-store/captioner.mar",
                 "ftp://host/model-store/captioner.mar"):
@@ -145,15 +146,10 @@ def test_registration_from_outside_the_model_store_is_refused(server, model_stor
 
 
 def test_registration_from_another_folder_named_model_store_is_refused(server, model_store, seed_archive, tmp_path):
-    """KNOWN HOLE (this test fails until config.properties is fixed): allowed_urls
-    ``file://.*/model-store/[^/]+[.]mar`` matches ANY folder named model-store anywhere on the
-    host, and TorchServe copies such an archive into the store and registers it -- i.e. the
-    management key plus write access to any directory (/tmp/x/model-store/) runs arbitrary handler
-    code. docs/operations.md's in-place upgrade relies on the loose pattern (a file URL into the
-    container's writable /home/model-server/model-store). Fix: anchor the pattern to that one
-    folder (docker/entrypoint.sh rendering ``allowed_urls=file://<runtime store>/[^/]+[.]mar``)
-    and ship a never-matching pattern such as ``(?!)`` in config.properties (plain archive names
-    from model_store keep working: checked by hand with both patterns on TorchServe 0.12)."""
+    """An earlier ``allowed_urls=file://.*/model-store/[^/]+[.]mar`` matched ANY folder named
+    model-store on the host, and TorchServe copied such an archive into the store and registered
+    it: the management key plus write access to any directory ran arbitrary handler code. The
+    shipped config now matches no URL at all (plain archive names from model_store still work)."""
     decoy = tmp_path / "decoy" / "model-store"
     decoy.mkdir(parents=True)
     shutil.copy(seed_archive, decoy / "sneaky.mar")
@@ -217,7 +213,7 @@ def test_every_checkpoint_load_in_the_code_is_weights_only():
     offenders = []
     for line in text_files.splitlines():
         path = REPO / line
-        if path.is_file() and path.suffix not in (".pt", ".png", ".jpg", ".mar", ".csv") \
+        if path.is_file() and path.suffix not in (".pt", ".png", ".jpg", ".mar", ".csv", ".md") \
                 and path.name != Path(__file__).name and path.stat().st_size < 2_000_000:
             if "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD" in path.read_text(errors="ignore"):
                 offenders.append(line)

@@ -33,6 +33,7 @@ def test_styles_as_comma_string():
     "options, message",
     [
         ({"styles": ["poetic"]}, "unknown style 'poetic'"),
+        ({"styles": ["x" * 100000]}, "unknown style 'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx...'"),
         ({"styles": ["concise", "Concise"]}, "listed twice"),
         ({"styles": []}, "non-empty list"),
         ({"styles": [3]}, "must be strings"),
@@ -46,7 +47,7 @@ def test_styles_as_comma_string():
         ({"top_p": 1.5}, "'top_p' must be between 0.0 and 1.0"),
         ({"top_k": True}, "must be a number"),
         ({"seed": -1}, "'seed' must be between"),
-        ({"colour": "red"}, "unknown option(s): colour"),
+        ({"colour": "red"}, "unknown option(s): 'colour'"),
     ],
 )
 def test_bad_options(options, message):
