@@ -57,6 +57,7 @@ def main(argv=None) -> int:
     target.add_argument("--threads", type=int, help="--start: the handler's intra-op threads and OMP_NUM_THREADS "
                         "(default: all cores); otherwise recorded as given")
     target.add_argument("--decode-threads", type=int, help="--start: the handler's decode_threads")
+    target.add_argument("--cpu-quantize", choices=["int8"], help="--start: the handler's cpu_quantize")
     target.add_argument("--workdir", help="--start: parent folder of the private TorchServe folder")
     target.add_argument("--keep-workdir", action="store_true")
     modes = http.add_argument_group("modes")
