@@ -30,6 +30,8 @@ from pathlib import Path
 
 import requests
 
+from scripts.serve import instance_processes
+
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED_CONFIG = REPO / "config.properties"
 METRICS_YAML = REPO / "metrics.yaml"
@@ -220,18 +222,7 @@ class TorchServe:
 
     def stray_processes(self) -> list[int]:
         """PIDs whose command line names this instance's private folders (its JVM, its workers)."""
-        markers = (str(self.workdir), str(self.tmp))
-        found = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit() or int(entry.name) == os.getpid():
-                continue
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if any(marker in cmdline for marker in markers):
-                found.append(int(entry.name))
-        return found
+        return instance_processes([str(self.workdir), str(self.tmp)])
 
     @property
     def running(self) -> bool:
