@@ -73,7 +73,9 @@ def test_a_worker_loads_the_full_size_archive(server, full_archive):
                                                         "synchronous": "true"}, timeout=600)
     try:
         assert response.status_code == 200, (response.text, server.log_tail())
-        description = server.describe(NAME)[0]
+        # synchronous=true can answer while the worker still warms up (describe then says
+        # UNLOADING, TorchServe 0.12's word for a loading worker): wait for READY.
+        description = server.wait_model_ready(NAME, timeout=600)[0]
         assert [w["status"] for w in description["workers"]] == ["READY"]
         request = {"image": image_b64("rocket.jpg"), "styles": ["concise"], "num_captions": 1, "max_new_tokens": 4}
         response = server.infer(NAME, json=request, timeout=300)
