@@ -318,18 +318,25 @@ Stop: Ctrl-C.
 """
 
 
-def instance_processes(markers: list[str]) -> list[int]:
-    """Processes whose command line names this instance's private folder (its JVM, its workers)."""
+def instance_processes(markers: list[str], by_cwd: bool = False) -> list[int]:
+    """Processes whose command line names this instance's private folder (its JVM, its workers);
+    with `by_cwd`, also those whose working directory lies under one of the markers."""
+    return [pid for pid, _ in described_processes(markers, by_cwd)]
+
+
+def described_processes(markers: list[str], by_cwd: bool = False) -> list[tuple[int, str]]:
+    """(pid, command line) of the processes `instance_processes` finds."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            cwd = os.readlink(entry / "cwd") if by_cwd else ""
         except OSError:
             continue
-        if any(marker in cmdline for marker in markers):
-            found.append(int(entry.name))
+        if any(marker in cmdline or (by_cwd and cwd.startswith(marker)) for marker in markers):
+            found.append((int(entry.name), cmdline))
     return found
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from scripts.serve import described_processes
 from tests.e2e.torchserve import free_ports
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
@@ -77,18 +78,7 @@ def _terminal_sigint() -> None:
 
 
 def instance_processes(markers: list[str]) -> list[str]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            cwd = os.readlink(entry / "cwd")
-        except OSError:
-            continue
-        if any(marker in cmdline or cwd.startswith(marker) for marker in markers):
-            found.append(f"{entry.name}: {cmdline[:200]}")
-    return found
+    return [f"{pid}: {cmdline[:200]}" for pid, cmdline in described_processes(markers, by_cwd=True)]
 
 
 def port_is_free(port: int) -> bool:
