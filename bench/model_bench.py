@@ -22,6 +22,7 @@ from PIL import Image
 from model.engine import CaptionEngine, decode_step
 from model.image import decode_image, to_pixel_values
 from model.kv_cache import KVCache
+from model.packing import PackedLinear
 from model.styles import make_plan
 
 from .baseline import baseline_caption_ids
@@ -144,6 +145,7 @@ def plot(results: dict, path: Path) -> None:
     right.set_ylabel("ms per image")
     right.legend(fontsize=8)
     precision = results["dtype"] + (f" + {results['quantize']} decoder" if results.get("quantize") else "")
+    precision += " + oneDNN-packed decoder" if results.get("prepack") else ""
     fig.suptitle(f"{results['device_name']} · {precision} · {results['max_new_tokens']} new tokens max")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -153,12 +155,14 @@ def run(args) -> dict:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     engine = CaptionEngine.from_files(args.weights, config=args.config, device=device, dtype=dtype,
-                                      quantize=args.quantize, compile_encoder=args.compile, compile_decode=args.compile)
+                                      quantize=args.quantize, prepack=args.prepack,
+                                      compile_encoder=args.compile, compile_decode=args.compile)
+    packed = any(isinstance(m, PackedLinear) for m in engine.model.modules())
     options = {"seed": 0, "max_new_tokens": args.max_new_tokens}
     jpegs = synthetic_jpegs(max(args.batch_sizes))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     results = {"device": str(device), "device_name": name, "dtype": args.dtype, "quantize": args.quantize,
-               "compile": args.compile, "threads": torch.get_num_threads(),
+               "prepack": packed, "compile": args.compile, "threads": torch.get_num_threads(),
                "max_new_tokens": args.max_new_tokens, "torch": torch.__version__, "engine": [], "decode_step_ms": {}}
     for batch in args.batch_sizes:
         time_batch(engine, jpegs[:batch], dict(options, max_new_tokens=4))  # warm-up (and compile)
@@ -173,7 +177,10 @@ def run(args) -> dict:
         results["decode_step_ms"][rows] = time_decode_step(engine, rows)
         print(f"decode step, {rows} rows: {results['decode_step_ms'][rows]:.3f} ms", flush=True)
     if args.baseline:
-        results["baseline"] = time_baseline(engine, jpegs[: args.baseline_images], options)
+        # The seed's algorithm on the seed's layers: plain nn.Linear, never quantized or packed.
+        plain = engine if not (packed or args.quantize) else CaptionEngine.from_files(
+            args.weights, config=args.config, device=device, dtype=dtype, prepack=False)
+        results["baseline"] = time_baseline(plain, jpegs[: args.baseline_images], options)
         base = results["baseline"]["s_per_image"]
         print(f"baseline (seed algorithm, one request at a time): {base:.3f} s/image", flush=True)
         for run_ in results["engine"]:
@@ -194,7 +201,9 @@ def run(args) -> dict:
     print("\n".join(results["targets"]))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"model-{kind}-{args.dtype}{'-' + args.quantize if args.quantize else ''}{'-compiled' if args.compile else ''}"
+    stem = (f"model-{kind}-{args.dtype}{'-' + args.quantize if args.quantize else ''}"
+            f"{'-unpacked' if kind == 'cpu' and args.dtype == 'float32' and not (packed or args.quantize) else ''}"
+            f"{'-compiled' if args.compile else ''}")
     (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results, out / f"{stem}.png")
     print(f"wrote {out / (stem + '.json')} and {out / (stem + '.png')}")

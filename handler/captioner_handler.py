@@ -85,6 +85,7 @@ class CaptionHandler:
             compile_encoder=settings.compile_encoder,
             compile_decode=settings.compile_decode,
             quantize=settings.cpu_quantize if self.device.type == "cpu" else None,
+            prepack=None if settings.cpu_prepack else False,
         )
         config = self.engine.config
         self.image_size = config.image_size

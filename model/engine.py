@@ -26,6 +26,7 @@ from .captioner import CaptionModel
 from .checkpoint import load_model
 from .config import PRESETS, SEP_ID, STYLE_TOKEN_IDS, CaptionConfig
 from .kv_cache import GroupKV, KVCache, PrefixKV
+from .packing import PackedLinear, prepack_available, prepack_decoder
 from .quantize import quantize_decoder
 from .sampling import RowParams, TokenState, make_row_params, select_next, select_step
 from .styles import STYLES, CaptionPlan, response_key
@@ -86,6 +87,8 @@ class CaptionEngine:
         self.device = model.token_embeddings.weight.device
         self.dtype = model.token_embeddings.weight.dtype
         self.sync_every = sync_every
+        if compile_decode and any(isinstance(m, PackedLinear) for m in model.modules()):
+            raise ValueError("torch.compile cannot trace oneDNN-packed Linears: load with prepack=False to compile")
         # CUDA graphs need fixed shapes and addresses; the static path also runs (slower) in eager mode.
         self.static_shapes = compile_decode if static_shapes is None else static_shapes
         self.encoder = torch.compile(model.encode_images) if compile_encoder else model.encode_images
@@ -99,7 +102,13 @@ class CaptionEngine:
 
     @classmethod
     def from_files(cls, weights, *, config=None, vocab=None, device="cpu", dtype=torch.float32,
-                   quantize: str | None = None, **options):
+                   quantize: str | None = None, prepack: bool | None = None, **options):
+        """Load a checkpoint into an engine.
+
+        `quantize="int8"`: int8 dynamic quantization of the decoder (CPU, opt-in).
+        `prepack`: oneDNN-packed decoder Linears (`model/packing.py`); None picks them where they
+        apply (float32 on CPU, not quantized, decode step not compiled).
+        """
         if config is None:
             config = PRESETS["seed-full"]
         elif not isinstance(config, CaptionConfig):
@@ -107,6 +116,11 @@ class CaptionEngine:
         model = load_model(weights, config, device=torch.device(device), dtype=dtype)
         if quantize:
             quantize_decoder(model, quantize)
+        if prepack is None:
+            prepack = (prepack_available(torch.device(device), dtype) and not quantize
+                       and not options.get("compile_decode"))
+        if prepack:
+            prepack_decoder(model)
         return cls(model, Vocabulary(Path(vocab) if vocab else VOCAB_PATH), **options)
 
     @contextmanager

@@ -34,6 +34,14 @@ def tiny_engine():
 
 
 @pytest.fixture(scope="session")
+def plain_tiny_engine():
+    """With plain `nn.Linear`s (no oneDNN packing): copyable, castable to float64, compilable."""
+    from model.engine import CaptionEngine
+
+    return CaptionEngine.from_files(SEED_TINY / "weights.pt", config=SEED_TINY / "config.json", prepack=False)
+
+
+@pytest.fixture(scope="session")
 def golden_pixels(golden) -> tuple[list[str], torch.Tensor]:
     names = list(golden["images"])
     return names, torch.stack([golden["images"][n]["pixel_values"] for n in names])

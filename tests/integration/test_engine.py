@@ -30,10 +30,10 @@ def reference_rows(engine, pixels, plan):
 
 
 @pytest.fixture(scope="module")
-def float64_engine(tiny_engine):
+def float64_engine(plain_tiny_engine):
     """Cached and uncached attention round differently; in float64 no sampled token flips."""
-    model = copy.deepcopy(tiny_engine.model).to(torch.float64)
-    return CaptionEngine(model, tiny_engine.vocab)
+    model = copy.deepcopy(plain_tiny_engine.model).to(torch.float64)
+    return CaptionEngine(model, plain_tiny_engine.vocab)
 
 
 @pytest.mark.parametrize("options", OPTION_SETS)
@@ -96,13 +96,14 @@ def test_bfloat16_engine_runs(golden_pixels):
     assert result["Concise"][0].startswith("A ")
 
 
-def test_compiled_static_decode_on_cpu_equals_eager(tiny_engine, golden_pixels):
+def test_compiled_static_decode_on_cpu_equals_eager(plain_tiny_engine, golden_pixels):
     """The GPU configuration (torch.compile of the encoder and of the static-shape decode step,
     reused per-bucket caches) traced and run on CPU: same tokens as eager."""
     _, pixels = golden_pixels
     plans = [make_plan({"seed": s, "max_new_tokens": 10}) for s in (1, 2, 3)]
-    eager = tiny_engine.generate(pixels, plans)[1]
-    compiled = CaptionEngine(tiny_engine.model, tiny_engine.vocab, compile_encoder=True, compile_decode=True)
+    eager = plain_tiny_engine.generate(pixels, plans)[1]
+    compiled = CaptionEngine(plain_tiny_engine.model, plain_tiny_engine.vocab, compile_encoder=True,
+                             compile_decode=True)
     assert compiled.generate(pixels, plans)[1] == eager
     assert compiled.generate(pixels, plans)[1] == eager  # second call replays on the same cache
     assert set(compiled._static_caches) == {32}  # 18 rows -> the 32-row bucket

@@ -1,0 +1,28 @@
+"""`python -m bench model` end to end on the tiny checkpoint: figures, baseline ratio, files."""
+
+import json
+
+import pytest
+
+from bench.__main__ import main
+from tests.conftest import SEED_TINY
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.parametrize("prepack, stem", [(True, "model-cpu-float32"), (False, "model-cpu-float32-unpacked")])
+def test_model_bench_writes_figures_and_the_baseline_ratio(tmp_path, capsys, prepack, stem):
+    argv = ["model", "--weights", str(SEED_TINY / "weights.pt"), "--config", str(SEED_TINY / "config.json"),
+            "--batch-sizes", "1,2", "--step-rows", "6", "--max-new-tokens", "6", "--out", str(tmp_path),
+            "--prepack" if prepack else "--no-prepack"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    results = json.loads((tmp_path / f"{stem}.json").read_text())
+    assert (tmp_path / f"{stem}.png").stat().st_size > 10_000
+    assert results["prepack"] is prepack
+    assert [r["batch"] for r in results["engine"]] == [1, 2]
+    assert all(r["new_tokens_per_s"] > 0 and r["decode_steps_ms"] > 0 for r in results["engine"])
+    assert results["decode_step_ms"]["6"] > 0
+    assert results["baseline"]["s_per_image"] > 0
+    assert all(r["speedup_vs_baseline"] > 0 for r in results["engine"])
+    assert "faster per image" in printed and any("target" in line for line in results["targets"])
