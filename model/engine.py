@@ -9,7 +9,9 @@ For a batch of images and caption plans:
 4. decode all caption rows together against a static, preallocated KV cache, one compiled
    step at a time, with per-row sampling parameters as tensors (`model/sampling.py`).
 The host synchronises only every `sync_every` steps to see whether every row has ended;
-then finished rows are dropped from the batch (compaction) when that halves its size.
+then finished rows are dropped from the batch (compaction): in eager mode when that halves
+its size, with static shapes by moving the live rows into the smallest row bucket that holds
+them (that bucket's own cache, state and CUDA graph), so finished rows stop costing work.
 """
 
 from __future__ import annotations
@@ -176,11 +178,15 @@ class CaptionEngine:
         cfg = self.config
         if not self.static_shapes:
             return TokenState(rows, max_new, cfg.output_size, self.device)
-        if rows not in self._static_states:
-            self._static_states[rows] = TokenState(rows, cfg.max_text_tokens, cfg.output_size, self.device, static=True)
-        state = self._static_states[rows]
+        state = self._static_state(rows)
         state.reset()
         return state
+
+    def _static_state(self, rows: int) -> TokenState:
+        if rows not in self._static_states:
+            cfg = self.config
+            self._static_states[rows] = TokenState(rows, cfg.max_text_tokens, cfg.output_size, self.device, static=True)
+        return self._static_states[rows]
 
     def _rows_for_cache(self, count: int) -> int:
         if not self.static_shapes:
@@ -190,9 +196,9 @@ class CaptionEngine:
     @torch.inference_mode()
     def generate(self, pixel_values: torch.Tensor, plans: list[CaptionPlan]) -> tuple[list[Row], list[list[int]]]:
         """Token ids (without `[CLS]`, cut at `[SEP]`) for every caption row of the batch."""
-        self.last_stats = {"images": len(plans)}
         rows, groups, settings = plan_rows(plans, self.config.max_text_tokens)
         padded = self._rows_for_cache(len(rows))
+        self.last_stats = {"images": len(plans), "row_buckets": [padded]}
         # Padding rows (static shapes only) copy row 0 but end after one token.
         settings = settings + [dict(settings[0], max_new_tokens=1)] * (padded - len(rows))
         row_group = torch.tensor([r.group for r in rows] + [0] * (padded - len(rows)), device=self.device)
@@ -229,15 +235,43 @@ class CaptionEngine:
                 active = (~state.done).nonzero()[:, 0]  # the one host synchronisation
                 if len(active) == 0:
                     break
-                if not self.static_shapes and len(active) <= len(live) // 2:
-                    final_history[live] = state.history
-                    live, tokens, params = live[active], tokens[active], params.select(active)
-                    state.select(active)
-                    cache.select_rows(active)
+                target = self._compacted_rows(len(active), cache.rows)
+                if target is not None:
+                    final_history[live] = state.history[: len(live)]
+                    rows = torch.cat((active, active[:1].expand(target - len(active))))  # pad: copies of a live row
+                    live, tokens, params = live[active], tokens.index_select(0, rows), params.select(rows)
+                    cache, state = self._compact(cache, state, rows, len(active))
+                    self.last_stats["row_buckets"].append(target)
             cache.advance(first_position + step)
             logits = self.step(self.model, cache, tokens)
-        final_history[live] = state.history
+        final_history[live] = state.history[: len(live)]
         return final_history
+
+    def _compacted_rows(self, active: int, rows: int) -> int | None:
+        """Rows to continue with once only `active` of `rows` are unfinished, or None to go on.
+
+        Eager: shrink when that at least halves the batch. Static: move to the smallest row
+        bucket that holds the active rows, when one is smaller than the current one.
+        """
+        if not self.static_shapes:
+            return active if active <= rows // 2 else None
+        bucket = self._rows_for_cache(active)
+        return bucket if bucket < rows else None
+
+    def _compact(self, cache: KVCache, state: TokenState, rows: torch.Tensor, active: int):
+        """Keep cache/state `rows` (the first `active` live, the rest padding marked finished).
+
+        Static shapes copy them into the smaller bucket's own buffers (fixed addresses, its own
+        CUDA graph); eager shapes shrink the tensors.
+        """
+        if not self.static_shapes:
+            cache.select_rows(rows)
+            state.select(rows)
+            return cache, state
+        smaller_cache, smaller_state = self._cache(len(rows), cache.max_len), self._static_state(len(rows))
+        smaller_cache.load_rows(cache, rows)
+        smaller_state.load_rows(state, rows, active)
+        return smaller_cache, smaller_state
 
     # -- public API -------------------------------------------------------------------------
 
@@ -254,6 +288,11 @@ class CaptionEngine:
         from .styles import make_plan
 
         size = self.config.image_size
+        # Compaction may move a batch into any smaller bucket: record them all. With the default
+        # six captions per image, 2**k images fill the 8 * 2**k-row bucket.
+        if self.static_shapes:
+            largest = max(batch_sizes)
+            batch_sizes = sorted(set(batch_sizes) | {1 << k for k in range(largest.bit_length()) if 1 << k <= largest})
         for batch in batch_sizes:
             pixels = torch.zeros(batch, 3, size, size)
             self.generate(pixels, [make_plan({"max_new_tokens": max_new_tokens, "seed": 0})] * batch)

@@ -100,6 +100,12 @@ class KVCache(nn.Module):
             return keys, values
         return keys[:, :, : self.filled], values[:, :, : self.filled]
 
+    def load_rows(self, other: "KVCache", rows: torch.Tensor) -> None:
+        """Copy `other`'s `rows` into this cache's own buffers (in place: addresses stay fixed)."""
+        for mine, theirs in zip((*self.keys, *self.values), (*other.keys, *other.values)):
+            mine.copy_(theirs.index_select(0, rows))
+        self.filled = other.filled
+
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only `rows` (compaction after rows finished)."""
         self.keys = [k.index_select(0, rows) for k in self.keys]

@@ -201,6 +201,15 @@ class TokenState:
         self.length_t.add_(1)
         return tokens
 
+    def load_rows(self, other: "TokenState", rows: torch.Tensor, active: int) -> None:
+        """Copy `other`'s `rows` in place; rows past the first `active` are padding, marked done."""
+        self.history.copy_(other.history.index_select(0, rows))
+        self.seen.copy_(other.seen.index_select(0, rows))
+        self.done.copy_(other.done.index_select(0, rows))
+        self.done[active:] = True
+        self.length_t.copy_(other.length_t)
+        self.length = other.length
+
     def select(self, rows: torch.Tensor) -> None:
         self.history = self.history.index_select(0, rows)
         self.seen = self.seen.index_select(0, rows)
