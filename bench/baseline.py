@@ -15,11 +15,12 @@ import torch
 from model.captioner import CaptionModel, prefix_lm_mask
 from model.config import CLS_ID, SEP_ID, STYLE_TOKEN_IDS
 from model.engine import ROW_KEY_STRIDE
+from model.kv_cache import StoreThenAttend
 from model.reference import next_token
 from model.styles import STYLES, CaptionPlan
 
 
-class GrowingKV:
+class GrowingKV(StoreThenAttend):
     """The seed's cache: each step concatenates the new keys/values to the old ones."""
 
     def __init__(self, layers: int):

@@ -21,7 +21,7 @@ from PIL import Image
 
 from model.engine import CaptionEngine, decode_step
 from model.image import decode_image, to_pixel_values
-from model.kv_cache import KVCache
+from model.kv_cache import GroupKV, PrefixKV, SharedPrefixCache
 from model.packing import PackedLinear
 from model.styles import make_plan
 
@@ -87,12 +87,28 @@ def time_baseline(engine: CaptionEngine, jpegs: list[bytes], options: dict) -> d
     return {"images": len(jpegs), "total_s": total, "s_per_image": total / len(jpegs)}
 
 
+def eager_cache(engine: CaptionEngine, rows: int, rows_per_image: int = 6) -> SharedPrefixCache:
+    """The eager engine's cache for `rows` caption rows, six per image (the default request)."""
+    cfg = engine.config
+    images = -(-rows // rows_per_image)
+    shape = (images, cfg.num_heads, cfg.prefix_len, cfg.head_dim)
+    prefix = PrefixKV()
+    prefix.keys = [torch.randn(shape, dtype=engine.dtype, device=engine.device) for _ in range(cfg.depth)]
+    prefix.values = [torch.randn(shape, dtype=engine.dtype, device=engine.device) for _ in range(cfg.depth)]
+    groups = GroupKV(prefix, torch.arange(rows, device=engine.device) // rows_per_image)
+    groups.keys = [torch.randn(rows, cfg.num_heads, 2, cfg.head_dim, dtype=engine.dtype, device=engine.device)
+                   for _ in range(cfg.depth)]
+    groups.values = [torch.randn_like(k) for k in groups.keys]
+    row_image = [row // rows_per_image for row in range(rows)]
+    return SharedPrefixCache(prefix, groups, row_image, torch.arange(rows, device=engine.device),
+                             2 + cfg.max_text_tokens)
+
+
 @torch.inference_mode()
 def time_decode_step(engine: CaptionEngine, rows: int, steps: int = 50) -> float:
     """Milliseconds per decode step for `rows` rows, mid-sequence, cache of the full length."""
     cfg, device = engine.config, engine.device
-    cache = engine._cache(rows, cfg.max_seq_len) if engine.static_shapes else KVCache(
-        cfg.depth, rows, cfg.num_heads, cfg.max_seq_len, cfg.head_dim, engine.dtype, device)
+    cache = engine._static_cache(rows, cfg.max_seq_len) if engine.static_shapes else eager_cache(engine, rows)
     tokens = torch.full((rows,), 1037, device=device)
     position = cfg.prefix_len + 2 + cfg.max_text_tokens // 2
     step = engine.step if engine.static_shapes else decode_step

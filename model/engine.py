@@ -27,7 +27,7 @@ import torch
 from .captioner import CaptionModel
 from .checkpoint import load_model
 from .config import PRESETS, SEP_ID, STYLE_TOKEN_IDS, CaptionConfig
-from .kv_cache import GroupKV, KVCache, PrefixKV
+from .kv_cache import GroupKV, KVCache, PrefixKV, SharedPrefixCache
 from .packing import PackedLinear, prepack_available, prepack_decoder
 from .quantize import quantize_decoder
 from .sampling import RowParams, TokenState, make_row_params, select_next, select_step
@@ -70,7 +70,7 @@ def plan_rows(plans: list[CaptionPlan], max_text_tokens: int) -> tuple[list[Row]
     return rows, groups, settings
 
 
-def decode_step(model: CaptionModel, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
+def decode_step(model: CaptionModel, cache: KVCache | SharedPrefixCache, tokens: torch.Tensor) -> torch.Tensor:
     """Feed one token per row at `cache.position`: tokens (R,) -> next-token logits (R, V) float32."""
     x = model.token_embeddings(tokens)[:, None]  # (R, 1, D)
     cos, sin = model.rope(cache.position)
@@ -162,12 +162,10 @@ class CaptionEngine:
             logits = self.model.text_transformer.logits(hidden[:, -1]).float()
         return kv, logits
 
-    def _cache(self, rows: int, length: int) -> KVCache:
-        """A decode cache; with static shapes one per row bucket, allocated once and reused
-        (CUDA graphs are recorded against its addresses)."""
+    def _static_cache(self, rows: int, length: int) -> KVCache:
+        """The static decode cache of a row bucket, allocated once and reused (CUDA graphs are
+        recorded against its addresses)."""
         cfg = self.config
-        if not self.static_shapes:
-            return KVCache(cfg.depth, rows, cfg.num_heads, length, cfg.head_dim, self.dtype, self.device)
         if rows not in self._static_caches:
             self._static_caches[rows] = KVCache(cfg.depth, rows, cfg.num_heads, length, cfg.head_dim, self.dtype,
                                                 self.device, static_shapes=True)
@@ -217,9 +215,11 @@ class CaptionEngine:
     def _decode(self, prefix, group_kv, group_logits, row_image, row_group, params: RowParams, max_new: int):
         first_position = self.config.prefix_len + 2
         cfg = self.config
-        cache_len = cfg.max_seq_len if self.static_shapes else first_position + max_new - 1
-        cache = self._cache(len(row_group), cache_len)
-        cache.fill(prefix, group_kv, row_image, row_group)
+        if self.static_shapes:
+            cache = self._static_cache(len(row_group), cfg.max_seq_len)
+            cache.fill(prefix, group_kv, row_image, row_group)
+        else:  # own positions: `[style] [CLS]` and every new token but the last
+            cache = SharedPrefixCache(prefix, group_kv, row_image.tolist(), row_group, 2 + max_new - 1)
         state = self._token_state(len(row_group), max_new)
         final_history = state.history.clone()
         live = torch.arange(len(row_group), device=self.device)  # original row of each cache row
@@ -268,7 +268,7 @@ class CaptionEngine:
             cache.select_rows(rows)
             state.select(rows)
             return cache, state
-        smaller_cache, smaller_state = self._cache(len(rows), cache.max_len), self._static_state(len(rows))
+        smaller_cache, smaller_state = self._static_cache(len(rows), cache.max_len), self._static_state(len(rows))
         smaller_cache.load_rows(cache, rows)
         smaller_state.load_rows(state, rows, active)
         return smaller_cache, smaller_state

@@ -3,20 +3,32 @@
 - `PrefixKV`: prefill of the image prefix, once per image; keeps each layer's keys/values.
 - `GroupKV`: prefill of `[style] [CLS]` for each (image, style) group, attending to its
   image's prefix (gathered by index) plus its own positions.
-- `KVCache`: the static decode cache, one row per caption, preallocated for the whole
-  generation and written in place at an explicit position. Rows are filled from the prefix
-  and group keys/values, so a row's cache never grows with `torch.cat`.
+- `KVCache`: the static decode cache (CUDA graphs), one row per caption, preallocated for the
+  whole generation and written in place at an explicit position. Rows are filled with a copy
+  of their image's prefix and their group's keys/values.
+- `SharedPrefixCache`: the eager decode cache. Rows keep only `[style] [CLS]` and their own
+  tokens; the rows of an image share its prefix, read once per image per step.
 
-Each has `update(layer, k, v) -> (keys, values)`, which `SelfAttention` calls.
+Each has `attend(layer, q, k, v, mask) -> context`, which `SelfAttention` calls: store the
+call's keys/values, then attend over everything the queries may see.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
-class PrefixKV:
+class StoreThenAttend:
+    """`attend` for stores with `update(layer, k, v) -> (keys, values)`: store, then attend."""
+
+    def attend(self, layer: int, q, k, v, mask=None) -> torch.Tensor:
+        keys, values = self.update(layer, k, v)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+
+
+class PrefixKV(StoreThenAttend):
     def __init__(self):
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
@@ -27,7 +39,7 @@ class PrefixKV:
         return k, v
 
 
-class GroupKV:
+class GroupKV(StoreThenAttend):
     def __init__(self, prefix: PrefixKV, image_index: torch.Tensor):
         self.prefix, self.image_index = prefix, image_index
         self.keys: list[torch.Tensor] = []
@@ -41,7 +53,7 @@ class GroupKV:
         return torch.cat((prefix_k, k), dim=2), torch.cat((prefix_v, v), dim=2)
 
 
-class KVCache(nn.Module):
+class KVCache(StoreThenAttend, nn.Module):
     """Per layer, (rows, heads, max_len, head_dim) keys and values, written at `position`.
 
     One buffer per layer and kind (as gpt-fast does): an in-place write into a whole graph
@@ -110,3 +122,108 @@ class KVCache(nn.Module):
         """Keep only `rows` (compaction after rows finished)."""
         self.keys = [k.index_select(0, rows) for k in self.keys]
         self.values = [v.index_select(0, rows) for v in self.values]
+
+
+def image_slots(row_image: list[int], images: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group rows by image: slots (images, per_image) holding row indices (`len(row_image)`
+    marks an empty slot) and row_slot (rows,), each row's flat index into slots."""
+    members: list[list[int]] = [[] for _ in range(images)]
+    for row, image in enumerate(row_image):
+        members[image].append(row)
+    per_image = max(1, max(len(m) for m in members))
+    slots = torch.full((images, per_image), len(row_image), dtype=torch.long)
+    row_slot = torch.empty(len(row_image), dtype=torch.long)
+    for image, rows in enumerate(members):
+        for slot, row in enumerate(rows):
+            slots[image, slot] = row
+            row_slot[row] = image * per_image + slot
+    return slots, row_slot
+
+
+def shared_prefix_attention(q, prefix_k, prefix_v, own_k, own_v, slots, row_slot) -> torch.Tensor:
+    """One decode query per row over its image's prefix and its own positions, one softmax.
+
+    q (R, H, 1, hd); prefix_k/v (I, H, P, hd); own_k/v (R, H, T, hd); slots (I, S), row_slot
+    (R,) from `image_slots` -> context (R, H, 1, hd). The prefix products run per image on the
+    (S rows x P positions) block, so each prefix is read once, not once per row.
+    """
+    prefix_len, head_dim = prefix_k.shape[2], q.shape[-1]
+    padded_q = F.pad(q[:, :, 0], (0, 0, 0, 0, 0, 1))  # (R + 1, H, hd): the last row fills empty slots
+    grouped_q = padded_q[slots].transpose(1, 2)  # (I, S, H, hd) -> (I, H, S, hd)
+    prefix_scores = (grouped_q @ prefix_k.transpose(-1, -2)).transpose(1, 2).flatten(0, 1)[row_slot]  # (R, H, P)
+    own_scores = (q @ own_k.transpose(-1, -2))[:, :, 0]  # (R, H, T)
+    softmax_dtype = torch.promote_types(q.dtype, torch.float32)  # bf16 scores are summed in float32
+    scores = torch.cat((prefix_scores, own_scores), dim=-1).to(softmax_dtype) * head_dim**-0.5
+    probs = scores.softmax(dim=-1).to(q.dtype)
+    prefix_probs, own_probs = probs[..., :prefix_len], probs[..., prefix_len:]
+    grouped_probs = F.pad(prefix_probs, (0, 0, 0, 0, 0, 1))[slots].transpose(1, 2)  # (I, H, S, P)
+    prefix_context = (grouped_probs @ prefix_v).transpose(1, 2).flatten(0, 1)[row_slot]  # (R, H, hd)
+    return own_probs[:, :, None] @ own_v + prefix_context[:, :, None]
+
+
+class SharedPrefixCache:
+    """Eager decode cache: per row (rows, heads, own_len, hd) for `[style] [CLS]` and generated
+    tokens, written at `position`; each image's prefix keys/values stay in the prefill's
+    (images, heads, P, hd) tensors and are shared by that image's rows (no per-row copy).
+    """
+
+    static_shapes = False
+
+    def __init__(self, prefix: PrefixKV, groups: GroupKV, row_image: list[int], row_group: torch.Tensor,
+                 own_len: int):
+        self.prefix_keys, self.prefix_values = list(prefix.keys), list(prefix.values)
+        self.prefix_len = prefix.keys[0].shape[2]
+        device = row_group.device
+        filled = groups.keys[0].shape[2]
+        self.keys, self.values = [], []
+        for group_k, group_v in zip(groups.keys, groups.values):
+            keys = group_k.new_zeros((len(row_group), group_k.shape[1], own_len, group_k.shape[3]))
+            values = torch.zeros_like(keys)
+            keys[:, :, :filled] = group_k.index_select(0, row_group)
+            values[:, :, :filled] = group_v.index_select(0, row_group)
+            self.keys.append(keys)
+            self.values.append(values)
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self._own_position = torch.zeros(1, dtype=torch.long, device=device)
+        self.filled = filled  # own positions valid after the current step
+        self._set_rows(row_image)
+
+    def _set_rows(self, row_image: list[int]) -> None:
+        slots, row_slot = image_slots(row_image, len(self.prefix_keys[0]))
+        device = self.position.device
+        self.row_image, self.slots, self.row_slot = row_image, slots.to(device), row_slot.to(device)
+
+    @property
+    def rows(self) -> int:
+        return self.keys[0].shape[0]
+
+    def advance(self, position: int) -> None:
+        """Set the (absolute) position the next decode step writes at."""
+        self.position.fill_(position)
+        self._own_position.fill_(position - self.prefix_len)
+        self.filled = position - self.prefix_len + 1
+
+    def decode_mask(self) -> None:
+        return None
+
+    def attend(self, layer: int, q, k, v, mask=None) -> torch.Tensor:
+        keys, values = self.keys[layer], self.values[layer]
+        keys.index_copy_(2, self._own_position, k)
+        values.index_copy_(2, self._own_position, v)
+        return shared_prefix_attention(q, self.prefix_keys[layer], self.prefix_values[layer],
+                                       keys[:, :, : self.filled], values[:, :, : self.filled],
+                                       self.slots, self.row_slot)
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only `rows` (compaction); images left without rows are dropped from the prefix."""
+        kept = [self.row_image[r] for r in rows.tolist()]
+        images = sorted(set(kept))
+        if len(images) < len(self.prefix_keys[0]):
+            index = torch.tensor(images, device=self.position.device)
+            self.prefix_keys = [k.index_select(0, index) for k in self.prefix_keys]
+            self.prefix_values = [v.index_select(0, index) for v in self.prefix_values]
+            renumber = {image: new for new, image in enumerate(images)}
+            kept = [renumber[image] for image in kept]
+        self.keys = [k.index_select(0, rows) for k in self.keys]
+        self.values = [v.index_select(0, rows) for v in self.values]
+        self._set_rows(kept)

@@ -5,7 +5,7 @@ Module and parameter names follow the seed checkpoint exactly
 `decoder_blocks.N.feed_forward.{pre_norm,feature,gate,proj}`, `decoder_blocks.N.ffn_norm`).
 
 Attention does not own its key/value storage: each call receives a `kv` object whose
-`update(layer, k, v)` stores the new keys/values and returns the keys/values to attend over.
+`attend(layer, q, k, v, mask)` stores the new keys/values and attends over what the queries see.
 The engine passes different ones for prefix prefill, per-style prefill and decode steps
 (see `model/kv_cache.py`); `kv=None` attends over the call's own positions only.
 """
@@ -55,9 +55,10 @@ class SelfAttention(nn.Module):
         q = apply_rope(self.q_norm(self._heads(self.q_proj(h))), cos, sin)
         k = apply_rope(self.k_norm(self._heads(self.k_proj(h))), cos, sin)
         v = self._heads(self.v_proj(h))
-        if kv is not None:
-            k, v = kv.update(layer, k, v)
-        context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if kv is None:
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            context = kv.attend(layer, q, k, v, mask)
         return x + self.proj(context.transpose(1, 2).flatten(2))  # (B, H, T, hd) -> (B, T, D)
 
 

@@ -1,0 +1,68 @@
+"""The eager decode cache's shared-prefix attention equals plain attention over per-row copies."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.kv_cache import GroupKV, PrefixKV, SharedPrefixCache, image_slots, shared_prefix_attention
+
+pytestmark = pytest.mark.unit
+
+HEADS, HEAD_DIM, PREFIX = 3, 8, 5
+
+
+def per_row_attention(q, prefix_k, prefix_v, own_k, own_v, row_image):
+    """The obvious way: copy each row's image prefix in front of its own keys/values."""
+    keys = torch.cat((prefix_k[row_image], own_k), dim=2)
+    values = torch.cat((prefix_v[row_image], own_v), dim=2)
+    return F.scaled_dot_product_attention(q, keys, values)
+
+
+def test_image_slots_groups_rows_by_image_with_padding():
+    slots, row_slot = image_slots([1, 0, 1, 1, 3], images=4)
+    assert slots.tolist() == [[1, 5, 5], [0, 2, 3], [5, 5, 5], [4, 5, 5]]  # 5 = empty slot
+    assert slots.flatten()[row_slot].tolist() == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("row_image", [[0, 0, 0, 1, 1, 1], [2, 0, 2, 2, 1], [1], [0, 2, 2]])
+def test_shared_prefix_attention_equals_per_row_copies(row_image):
+    torch.manual_seed(0)
+    rows, images, own = len(row_image), 3, 4
+    q = torch.randn(rows, HEADS, 1, HEAD_DIM, dtype=torch.float64)
+    prefix_k, prefix_v = (torch.randn(images, HEADS, PREFIX, HEAD_DIM, dtype=torch.float64) for _ in range(2))
+    own_k, own_v = (torch.randn(rows, HEADS, own, HEAD_DIM, dtype=torch.float64) for _ in range(2))
+    slots, row_slot = image_slots(row_image, images)
+    shared = shared_prefix_attention(q, prefix_k, prefix_v, own_k, own_v, slots, row_slot)
+    expected = per_row_attention(q, prefix_k, prefix_v, own_k, own_v, torch.tensor(row_image))
+    assert shared.shape == (rows, HEADS, 1, HEAD_DIM)
+    torch.testing.assert_close(shared, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_cache_writes_at_its_position_and_compaction_drops_images_without_rows():
+    torch.manual_seed(1)
+    prefix = PrefixKV()
+    prefix.keys = [torch.randn(3, HEADS, PREFIX, HEAD_DIM)]
+    prefix.values = [torch.randn(3, HEADS, PREFIX, HEAD_DIM)]
+    groups = GroupKV(prefix, torch.tensor([0, 1, 2]))
+    groups.keys, groups.values = [torch.randn(3, HEADS, 2, HEAD_DIM)], [torch.randn(3, HEADS, 2, HEAD_DIM)]
+    row_image, row_group = [0, 0, 1, 2], torch.tensor([0, 0, 1, 2])
+    cache = SharedPrefixCache(prefix, groups, row_image, row_group, own_len=4)
+    cache.advance(PREFIX + 2)  # the first generated token's position
+    q, k, v = (torch.randn(4, HEADS, 1, HEAD_DIM) for _ in range(3))
+    context = cache.attend(0, q, k, v)
+    own_k = torch.cat((groups.keys[0][row_group], k), dim=2)
+    own_v = torch.cat((groups.values[0][row_group], v), dim=2)
+    expected = per_row_attention(q, prefix.keys[0], prefix.values[0], own_k, own_v, torch.tensor(row_image))
+    torch.testing.assert_close(context, expected)
+    torch.testing.assert_close(cache.keys[0][:, :, 2:3], k)
+
+    cache.select_rows(torch.tensor([3, 0]))  # image 1 has no row left
+    assert cache.prefix_keys[0].shape[0] == 2 and cache.row_image == [1, 0]
+    cache.advance(PREFIX + 3)
+    q2, k2, v2 = (torch.randn(2, HEADS, 1, HEAD_DIM) for _ in range(3))
+    context = cache.attend(0, q2, k2, v2)
+    kept = torch.tensor([3, 0])
+    own_k = torch.cat((own_k[kept], k2), dim=2)
+    own_v = torch.cat((own_v[kept], v2), dim=2)
+    expected = per_row_attention(q2, prefix.keys[0], prefix.values[0], own_k, own_v, torch.tensor([2, 0]))
+    torch.testing.assert_close(context, expected)
