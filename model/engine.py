@@ -6,8 +6,10 @@ For a batch of images and caption plans:
    their keys/values are the same for every style and caption;
 3. prefill `[style] [CLS]` once per (image, style) group on top of that prefix; its logits
    give the first token of every caption of the group;
-4. decode all caption rows together against a static, preallocated KV cache, one compiled
-   step at a time, with per-row sampling parameters as tensors (`model/sampling.py`).
+4. decode all caption rows together, one step at a time, with per-row sampling parameters as
+   tensors (`model/sampling.py`). Eager: a preallocated cache of each row's own positions,
+   the image prefix shared by its rows (`SharedPrefixCache`). Static shapes (for CUDA graphs,
+   `compile_decode`): per-bucket caches with fixed addresses, each row with a prefix copy.
 The host synchronises only every `sync_every` steps to see whether every row has ended;
 then finished rows are dropped from the batch (compaction): in eager mode when that halves
 its size, with static shapes by moving the live rows into the smallest row bucket that holds
