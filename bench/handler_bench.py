@@ -65,7 +65,8 @@ def run(args) -> dict:
             start = time.perf_counter()
             replies = handler.handle(rows, context)
             timings.append(time.perf_counter() - start)
-        assert not context.statuses, f"requests failed: {context.statuses}"
+        if context.statuses:
+            raise SystemExit(f"requests failed: {context.statuses}; first reply: {replies[0]}")
         captions = json.loads(replies[0])
     best = min(timings)
     result = {

@@ -26,3 +26,14 @@ def test_model_bench_writes_figures_and_the_baseline_ratio(tmp_path, capsys, pre
     assert results["baseline"]["s_per_image"] > 0
     assert all(r["speedup_vs_baseline"] > 0 for r in results["engine"])
     assert "faster per image" in printed and any("target" in line for line in results["targets"])
+
+
+def test_handler_bench_runs_the_real_handler_and_reports_refusals(tmp_path, capsys):
+    tiny = ["--weights", str(SEED_TINY / "weights.pt"), "--config", str(SEED_TINY / "config.json"),
+            "--batch-size", "2", "--batches", "1", "--out", str(tmp_path)]
+    assert main(["handler", *tiny, "--max-new-tokens", "8"]) == 0
+    result = json.loads((tmp_path / "handler-cpu.json").read_text())
+    assert result["images_per_s"] > 0 and result["captions_per_image"] == 6
+    assert "images/s" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="must be between 1 and 40"):  # the tiny model's token limit
+        main(["handler", *tiny, "--max-new-tokens", "64"])
