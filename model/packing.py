@@ -11,6 +11,8 @@ full-size logits), and the slow reference path (`model/reference.py`) keeps plai
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 from torch import nn
 
@@ -46,4 +48,14 @@ def prepack_decoder(model: CaptionModel) -> CaptionModel:
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
                 setattr(module, name, PackedLinear(child))
+    release_freed_memory()
     return model
+
+
+def release_freed_memory() -> None:
+    """Hand the replaced float32 weights' pages back to the OS. glibc keeps freed heap memory
+    for reuse; without this a worker's RSS stayed ~350 MiB higher (1352 vs 1003 MiB measured)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
