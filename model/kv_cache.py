@@ -124,20 +124,40 @@ class KVCache(StoreThenAttend, nn.Module):
         self.values = [v.index_select(0, rows) for v in self.values]
 
 
-def image_slots(row_image: list[int], images: int) -> tuple[torch.Tensor, torch.Tensor]:
+def image_slots(row_image: list[int], images: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Group rows by image: slots (images, per_image) holding row indices (`len(row_image)`
-    marks an empty slot) and row_slot (rows,), each row's flat index into slots."""
+    marks an empty slot) and row_slot (rows,), each row's flat index into slots.
+
+    (None, None) when the rows already are image-major with the same count per image (the
+    usual batch): the grouping is then a reshape, with no gather.
+    """
+    rows = len(row_image)
+    if images and rows % images == 0 and row_image == [row // (rows // images) for row in range(rows)]:
+        return None, None
     members: list[list[int]] = [[] for _ in range(images)]
     for row, image in enumerate(row_image):
         members[image].append(row)
     per_image = max(1, max(len(m) for m in members))
-    slots = torch.full((images, per_image), len(row_image), dtype=torch.long)
-    row_slot = torch.empty(len(row_image), dtype=torch.long)
-    for image, rows in enumerate(members):
-        for slot, row in enumerate(rows):
+    slots = torch.full((images, per_image), rows, dtype=torch.long)
+    row_slot = torch.empty(rows, dtype=torch.long)
+    for image, members_of_image in enumerate(members):
+        for slot, row in enumerate(members_of_image):
             slots[image, slot] = row
             row_slot[row] = image * per_image + slot
     return slots, row_slot
+
+
+def _to_images(x: torch.Tensor, slots: torch.Tensor | None, images: int) -> torch.Tensor:
+    """(R, H, n) per row -> (I, H, S, n) per image (empty slots zero)."""
+    if slots is None:
+        return x.unflatten(0, (images, -1)).transpose(1, 2)  # (I, S, H, n) -> (I, H, S, n)
+    return F.pad(x, (0, 0, 0, 0, 0, 1))[slots].transpose(1, 2)  # row R (zeros) fills empty slots
+
+
+def _to_rows(x: torch.Tensor, row_slot: torch.Tensor | None) -> torch.Tensor:
+    """(I, H, S, n) per image -> (R, H, n) per row."""
+    x = x.transpose(1, 2).flatten(0, 1)  # (I * S, H, n)
+    return x if row_slot is None else x[row_slot]
 
 
 def shared_prefix_attention(q, prefix_k, prefix_v, own_k, own_v, slots, row_slot) -> torch.Tensor:
@@ -147,17 +167,14 @@ def shared_prefix_attention(q, prefix_k, prefix_v, own_k, own_v, slots, row_slot
     (R,) from `image_slots` -> context (R, H, 1, hd). The prefix products run per image on the
     (S rows x P positions) block, so each prefix is read once, not once per row.
     """
-    prefix_len, head_dim = prefix_k.shape[2], q.shape[-1]
-    padded_q = F.pad(q[:, :, 0], (0, 0, 0, 0, 0, 1))  # (R + 1, H, hd): the last row fills empty slots
-    grouped_q = padded_q[slots].transpose(1, 2)  # (I, S, H, hd) -> (I, H, S, hd)
-    prefix_scores = (grouped_q @ prefix_k.transpose(-1, -2)).transpose(1, 2).flatten(0, 1)[row_slot]  # (R, H, P)
+    images, prefix_len = prefix_k.shape[0], prefix_k.shape[2]
+    q = q * q.shape[-1] ** -0.5
+    prefix_scores = _to_rows(_to_images(q[:, :, 0], slots, images) @ prefix_k.transpose(-1, -2), row_slot)  # (R, H, P)
     own_scores = (q @ own_k.transpose(-1, -2))[:, :, 0]  # (R, H, T)
     softmax_dtype = torch.promote_types(q.dtype, torch.float32)  # bf16 scores are summed in float32
-    scores = torch.cat((prefix_scores, own_scores), dim=-1).to(softmax_dtype) * head_dim**-0.5
-    probs = scores.softmax(dim=-1).to(q.dtype)
+    probs = torch.cat((prefix_scores, own_scores), dim=-1).to(softmax_dtype).softmax(dim=-1).to(q.dtype)
     prefix_probs, own_probs = probs[..., :prefix_len], probs[..., prefix_len:]
-    grouped_probs = F.pad(prefix_probs, (0, 0, 0, 0, 0, 1))[slots].transpose(1, 2)  # (I, H, S, P)
-    prefix_context = (grouped_probs @ prefix_v).transpose(1, 2).flatten(0, 1)[row_slot]  # (R, H, hd)
+    prefix_context = _to_rows(_to_images(prefix_probs, slots, images) @ prefix_v, row_slot)  # (R, H, hd)
     return own_probs[:, :, None] @ own_v + prefix_context[:, :, None]
 
 
@@ -191,7 +208,8 @@ class SharedPrefixCache:
     def _set_rows(self, row_image: list[int]) -> None:
         slots, row_slot = image_slots(row_image, len(self.prefix_keys[0]))
         device = self.position.device
-        self.row_image, self.slots, self.row_slot = row_image, slots.to(device), row_slot.to(device)
+        self.row_image = row_image
+        self.slots, self.row_slot = (None, None) if slots is None else (slots.to(device), row_slot.to(device))
 
     @property
     def rows(self) -> int:

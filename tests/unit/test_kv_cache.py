@@ -22,9 +22,11 @@ def test_image_slots_groups_rows_by_image_with_padding():
     slots, row_slot = image_slots([1, 0, 1, 1, 3], images=4)
     assert slots.tolist() == [[1, 5, 5], [0, 2, 3], [5, 5, 5], [4, 5, 5]]  # 5 = empty slot
     assert slots.flatten()[row_slot].tolist() == [0, 1, 2, 3, 4]
+    assert image_slots([0, 0, 1, 1, 2, 2], images=3) == (None, None)  # image-major, equal counts: a reshape
+    assert image_slots([0, 0, 1, 1], images=3)[0] is not None  # image 2 has no rows
 
 
-@pytest.mark.parametrize("row_image", [[0, 0, 0, 1, 1, 1], [2, 0, 2, 2, 1], [1], [0, 2, 2]])
+@pytest.mark.parametrize("row_image", [[0, 0, 0, 1, 1, 1], [0, 1, 2], [2, 0, 2, 2, 1], [1], [0, 2, 2]])
 def test_shared_prefix_attention_equals_per_row_copies(row_image):
     torch.manual_seed(0)
     rows, images, own = len(row_image), 3, 4
