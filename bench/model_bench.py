@@ -108,7 +108,7 @@ def eager_cache(engine: CaptionEngine, rows: int, rows_per_image: int = 6) -> Sh
 def time_decode_step(engine: CaptionEngine, rows: int, steps: int = 50) -> float:
     """Milliseconds per decode step for `rows` rows, mid-sequence, cache of the full length."""
     cfg, device = engine.config, engine.device
-    cache = engine._static_cache(rows, cfg.max_seq_len) if engine.static_shapes else eager_cache(engine, rows)
+    cache = engine._static_cache(rows) if engine.static_shapes else eager_cache(engine, rows)
     tokens = torch.full((rows,), 1037, device=device)
     position = cfg.prefix_len + 2 + cfg.max_text_tokens // 2
     step = engine.step if engine.static_shapes else decode_step

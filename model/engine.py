@@ -164,13 +164,13 @@ class CaptionEngine:
             logits = self.model.text_transformer.logits(hidden[:, -1]).float()
         return kv, logits
 
-    def _static_cache(self, rows: int, length: int) -> KVCache:
+    def _static_cache(self, rows: int) -> KVCache:
         """The static decode cache of a row bucket, allocated once and reused (CUDA graphs are
         recorded against its addresses)."""
         cfg = self.config
         if rows not in self._static_caches:
-            self._static_caches[rows] = KVCache(cfg.depth, rows, cfg.num_heads, length, cfg.head_dim, self.dtype,
-                                                self.device, static_shapes=True)
+            self._static_caches[rows] = KVCache(cfg.depth, rows, cfg.num_heads, cfg.max_seq_len, cfg.head_dim,
+                                                self.dtype, self.device)
         return self._static_caches[rows]
 
     def _token_state(self, rows: int, max_new: int) -> TokenState:
@@ -202,7 +202,7 @@ class CaptionEngine:
         # Padding rows (static shapes only) copy row 0 but end after one token.
         settings = settings + [dict(settings[0], max_new_tokens=1)] * (padded - len(rows))
         row_group = torch.tensor([r.group for r in rows] + [0] * (padded - len(rows)), device=self.device)
-        row_image = torch.tensor([r.image for r in rows] + [0] * (padded - len(rows)), device=self.device)
+        row_image = [r.image for r in rows] + [0] * (padded - len(rows))
         params = make_row_params(settings, self.config.output_size, self.device)
         max_new = max(row["max_new_tokens"] for row in settings)
 
@@ -214,14 +214,14 @@ class CaptionEngine:
         self.last_stats.update(rows=len(rows), new_tokens=sum(min(len(i) + 1, max_new) for i in ids))
         return rows, ids
 
-    def _decode(self, prefix, group_kv, group_logits, row_image, row_group, params: RowParams, max_new: int):
+    def _decode(self, prefix, group_kv, group_logits, row_image: list[int], row_group, params: RowParams,
+                max_new: int):
         first_position = self.config.prefix_len + 2
-        cfg = self.config
         if self.static_shapes:
-            cache = self._static_cache(len(row_group), cfg.max_seq_len)
-            cache.fill(prefix, group_kv, row_image, row_group)
+            cache = self._static_cache(len(row_group))
+            cache.fill(prefix, group_kv, torch.tensor(row_image, device=self.device), row_group)
         else:  # own positions: `[style] [CLS]` and every new token but the last
-            cache = SharedPrefixCache(prefix, group_kv, row_image.tolist(), row_group, 2 + max_new - 1)
+            cache = SharedPrefixCache(prefix, group_kv, row_image, row_group, 2 + max_new - 1)
         state = self._token_state(len(row_group), max_new)
         final_history = state.history.clone()
         live = torch.arange(len(row_group), device=self.device)  # original row of each cache row
@@ -270,7 +270,7 @@ class CaptionEngine:
             cache.select_rows(rows)
             state.select(rows)
             return cache, state
-        smaller_cache, smaller_state = self._static_cache(len(rows), cache.max_len), self._static_state(len(rows))
+        smaller_cache, smaller_state = self._static_cache(len(rows)), self._static_state(len(rows))
         smaller_cache.load_rows(cache, rows)
         smaller_state.load_rows(state, rows, active)
         return smaller_cache, smaller_state
@@ -294,7 +294,7 @@ class CaptionEngine:
         # six captions per image, 2**k images fill the 8 * 2**k-row bucket.
         if self.static_shapes:
             largest = max(batch_sizes)
-            batch_sizes = sorted(set(batch_sizes) | {1 << k for k in range(largest.bit_length()) if 1 << k <= largest})
+            batch_sizes = sorted(set(batch_sizes) | {1 << k for k in range(largest.bit_length())})
         for batch in batch_sizes:
             pixels = torch.zeros(batch, 3, size, size)
             self.generate(pixels, [make_plan({"max_new_tokens": max_new_tokens, "seed": 0})] * batch)

@@ -58,22 +58,19 @@ class KVCache(StoreThenAttend, nn.Module):
 
     One buffer per layer and kind (as gpt-fast does): an in-place write into a whole graph
     input is what torch.compile turns into a write in place; a write into a slice of one big
-    buffer made it copy the whole cache every step.
-    With `static_shapes` every step attends over the whole buffer under a mask (one graph
-    for CUDA graphs); otherwise over the filled part only, which is cheaper on CPU.
+    buffer made it copy the whole cache every step. Every step attends over the whole buffer
+    under a mask, so one graph serves every position; the buffers keep fixed addresses, so
+    CUDA graphs read them in place.
     """
 
-    def __init__(self, layers, rows, heads, max_len, head_dim, dtype, device, static_shapes=False):
+    def __init__(self, layers, rows, heads, max_len, head_dim, dtype, device):
         super().__init__()
         shape = (rows, heads, max_len, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.register_buffer("position", torch.zeros(1, dtype=torch.long, device=device), persistent=False)
-        self.static_shapes = static_shapes
-        self.filled = 0  # host-side length after the current step (dynamic-shape mode)
-        if static_shapes:  # fixed addresses: CUDA graphs then read them in place, with no copies
-            for buffer in (*self.keys, *self.values, self.position):
-                torch._dynamo.mark_static_address(buffer)
+        for buffer in (*self.keys, *self.values, self.position):
+            torch._dynamo.mark_static_address(buffer)
 
     @property
     def rows(self) -> int:
@@ -92,36 +89,24 @@ class KVCache(StoreThenAttend, nn.Module):
             values[:, :, :prefix_len] = prefix.values[layer].index_select(0, row_image)
             keys[:, :, prefix_len:end] = groups.keys[layer].index_select(0, row_group)
             values[:, :, prefix_len:end] = groups.values[layer].index_select(0, row_group)
-        self.filled = end
 
     def advance(self, position: int) -> None:
         """Set the position the next decode step writes at."""
         self.position.fill_(position)
-        self.filled = position + 1
 
-    def decode_mask(self) -> torch.Tensor | None:
-        if not self.static_shapes:
-            return None
+    def decode_mask(self) -> torch.Tensor:
         return (torch.arange(self.max_len, device=self.position.device) <= self.position)[None]  # (1, max_len)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         keys, values = self.keys[layer], self.values[layer]
         keys.index_copy_(2, self.position, k)
         values.index_copy_(2, self.position, v)
-        if self.static_shapes:
-            return keys, values
-        return keys[:, :, : self.filled], values[:, :, : self.filled]
+        return keys, values
 
     def load_rows(self, other: "KVCache", rows: torch.Tensor) -> None:
         """Copy `other`'s `rows` into this cache's own buffers (in place: addresses stay fixed)."""
         for mine, theirs in zip((*self.keys, *self.values), (*other.keys, *other.values)):
             mine.copy_(theirs.index_select(0, rows))
-        self.filled = other.filled
-
-    def select_rows(self, rows: torch.Tensor) -> None:
-        """Keep only `rows` (compaction after rows finished)."""
-        self.keys = [k.index_select(0, rows) for k in self.keys]
-        self.values = [v.index_select(0, rows) for v in self.values]
 
 
 def image_slots(row_image: list[int], images: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -183,8 +168,6 @@ class SharedPrefixCache:
     tokens, written at `position`; each image's prefix keys/values stay in the prefill's
     (images, heads, P, hd) tensors and are shared by that image's rows (no per-row copy).
     """
-
-    static_shapes = False
 
     def __init__(self, prefix: PrefixKV, groups: GroupKV, row_image: list[int], row_group: torch.Tensor,
                  own_len: int):
