@@ -22,7 +22,7 @@ from PIL import Image
 from model.engine import CaptionEngine, decode_step
 from model.image import decode_image, to_pixel_values
 from model.kv_cache import GroupKV, PrefixKV, SharedPrefixCache
-from model.packing import PackedLinear
+from model.packing import is_packed
 from model.styles import make_plan
 
 from .baseline import baseline_caption_ids
@@ -173,7 +173,7 @@ def run(args) -> dict:
     engine = CaptionEngine.from_files(args.weights, config=args.config, device=device, dtype=dtype,
                                       quantize=args.quantize, prepack=args.prepack,
                                       compile_encoder=args.compile, compile_decode=args.compile)
-    packed = any(isinstance(m, PackedLinear) for m in engine.model.modules())
+    packed = is_packed(engine.model)
     options = {"seed": 0, "max_new_tokens": args.max_new_tokens}
     jpegs = synthetic_jpegs(max(args.batch_sizes))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
@@ -218,7 +218,7 @@ def run(args) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = (f"model-{kind}-{args.dtype}{'-' + args.quantize if args.quantize else ''}"
-            f"{'-unpacked' if kind == 'cpu' and args.dtype == 'float32' and not (packed or args.quantize) else ''}"
+            f"{'-unpacked' if args.prepack is False else ''}"
             f"{'-compiled' if args.compile else ''}")
     (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results, out / f"{stem}.png")

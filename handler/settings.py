@@ -38,9 +38,9 @@ class HandlerSettings:
     # Opt-in int8 dynamic quantization of the decoder on CPU ("int8"): a quarter of the float32
     # weight bytes per decode step, slightly different numbers (see model/quantize.py).
     cpu_quantize: str | None = None
-    # float32 on CPU: decoder Linears reordered once into oneDNN's blocked layout, 2-4x faster
-    # for the few-row products of a decode step (see model/packing.py). Ignored with cpu_quantize
-    # or compile_decode.
+    # float32 on CPU: decoder Linears reordered once into oneDNN's blocked layout, faster for the
+    # few-row products of a decode step (see model/packing.py). Ignored with cpu_quantize or
+    # compile_decode.
     cpu_prepack: bool = True
     # torch.compile: only the vision encoder (static shapes: N x 3 x S x S) compiles well;
     # the decode loop is left to the engine's own option.

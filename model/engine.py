@@ -30,7 +30,7 @@ from .captioner import CaptionModel
 from .checkpoint import load_model
 from .config import PRESETS, SEP_ID, STYLE_TOKEN_IDS, CaptionConfig
 from .kv_cache import GroupKV, KVCache, PrefixKV, SharedPrefixCache
-from .packing import PackedLinear, prepack_available, prepack_decoder
+from .packing import is_packed, prepack_available, prepack_decoder
 from .quantize import quantize_decoder
 from .sampling import RowParams, TokenState, make_row_params, select_next, select_step
 from .styles import STYLES, CaptionPlan, response_key
@@ -91,7 +91,7 @@ class CaptionEngine:
         self.device = model.token_embeddings.weight.device
         self.dtype = model.token_embeddings.weight.dtype
         self.sync_every = sync_every
-        if compile_decode and any(isinstance(m, PackedLinear) for m in model.modules()):
+        if compile_decode and is_packed(model):
             raise ValueError("torch.compile cannot trace oneDNN-packed Linears: load with prepack=False to compile")
         # CUDA graphs need fixed shapes and addresses; the static path also runs (slower) in eager mode.
         self.static_shapes = compile_decode if static_shapes is None else static_shapes

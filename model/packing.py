@@ -39,6 +39,10 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN-packed"
 
 
+def is_packed(model: nn.Module) -> bool:
+    return any(isinstance(module, PackedLinear) for module in model.modules())
+
+
 def prepack_decoder(model: CaptionModel) -> CaptionModel:
     """Replace every `nn.Linear` of the decoder (blocks and output layer) in place."""
     weight = model.token_embeddings.weight
