@@ -37,11 +37,7 @@ def seed_archive(model_store) -> Path:
 def server(e2e_root, model_store, seed_archive):
     """TorchServe started from the shipped config.properties (ports and paths replaced); it loads
     captioner.mar at start (other archives the tests add to the store are registered by them)."""
-    ts = TorchServe(e2e_root / "ts", model_store=model_store, overrides={"load_models": seed_archive.name})
-    try:
-        ts.start()
+    with TorchServe(e2e_root / "ts", model_store=model_store, overrides={"load_models": seed_archive.name}) as ts:
         ts.wait_model_ready(MODEL)
         yield ts
-    finally:
-        ts.stop()
-        assert not ts.stray_processes(), "processes of the test TorchServe survived stop()"
+    assert not ts.stray_processes(), "processes of the test TorchServe survived stop()"

@@ -178,17 +178,13 @@ def fault_server(e2e_root, model_store, tmp_path_factory):
     inject = tmp_path_factory.mktemp("fault-injection")
     (inject / "sitecustomize.py").write_text(SITECUSTOMIZE)
     archive = one_thread_archive(model_store)
-    ts = TorchServe(e2e_root / "ts-faults", model_store=model_store,
-                    overrides={"load_models": archive},
-                    env={"OMP_NUM_THREADS": "1", "CAPTION_FAULT_INJECTION": "1",
-                         "PYTHONPATH": os.pathsep.join(p for p in (str(inject), os.environ.get("PYTHONPATH")) if p)})
-    try:
-        ts.start()
+    env = {"OMP_NUM_THREADS": "1", "CAPTION_FAULT_INJECTION": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(inject), os.environ.get("PYTHONPATH")) if p)}
+    with TorchServe(e2e_root / "ts-faults", model_store=model_store, overrides={"load_models": archive},
+                    env=env) as ts:
         ts.wait_model_ready(archive.removesuffix(".mar"))
         assert ts.grep_log("fault injection active in .*/model/engine.py"), ts.log_tail()
         yield ts
-    finally:
-        ts.stop()
 
 
 @pytest.fixture(scope="module")

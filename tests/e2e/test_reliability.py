@@ -252,15 +252,11 @@ def test_decompression_bombs_are_refused_without_decoding(server, batched, batch
 @pytest.fixture(scope="module")
 def small_server(e2e_root, model_store, seed_archive):
     """A second TorchServe whose max_request_size is 1 MiB (one thread: the host is shared)."""
-    ts = TorchServe(e2e_root / "ts-small-request", model_store=model_store,
+    with TorchServe(e2e_root / "ts-small-request", model_store=model_store,
                     overrides={"load_models": seed_archive.name, "max_request_size": str(1 << 20)},
-                    env={"OMP_NUM_THREADS": "1"})
-    try:
-        ts.start()
+                    env={"OMP_NUM_THREADS": "1"}) as ts:
         ts.wait_model_ready(MODEL)
         yield ts
-    finally:
-        ts.stop()
 
 
 @pytest.mark.parametrize("form", ["json", "raw", "multipart"])

@@ -14,7 +14,6 @@ import http.server
 import re
 import shutil
 import subprocess
-import threading
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -22,6 +21,7 @@ import pytest
 import requests
 import torch
 
+from tests.local_http import serving
 from tests.e2e.bad_inputs import GREEDY, b64, png_bomb_rect, rgb, encode
 from tests.e2e.seed import MODEL, SEED, golden, image_b64
 from tests.e2e.torchserve import REPO, SHIPPED_CONFIG, read_properties
@@ -102,13 +102,8 @@ def archive_server(seed_archive, tmp_path):
     """A plain HTTP server on 127.0.0.1 serving a copy of the archive: a reachable, valid URL."""
     shutil.copy(seed_archive, tmp_path / "remote.mar")
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving(http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)) as httpd:
         yield f"http://127.0.0.1:{httpd.server_address[1]}/remote.mar"
-    finally:
-        httpd.shutdown()
 
 
 def registered(server, name: str) -> bool:

@@ -111,7 +111,11 @@ class TorchServe:
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> "TorchServe":
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.stop()  # whatever part of it did start
+            raise
         return self
 
     def __exit__(self, *exc) -> None:

@@ -6,12 +6,13 @@ from __future__ import annotations
 import base64
 import json
 import socket
-import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+
+from tests.local_http import serving
 
 KEY = "stub-inference-key"
 TOKEN_FAILED = "Token Authorization failed. Token either incorrect, expired, or not provided correctly"
@@ -103,17 +104,10 @@ class _Handler(BaseHTTPRequestHandler):
 def stub():
     handler = type("StubHandler", (_Handler,), {})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
     state = Stub(url=f"http://127.0.0.1:{server.server_address[1]}")
     handler.stub = state
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
+    with serving(server):
         yield state
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
 
 
 @pytest.fixture

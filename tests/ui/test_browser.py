@@ -68,9 +68,7 @@ def torchserve(tmp_path_factory):
                   progress=lambda _line: None)
     # One intra-op thread: the browser and Streamlit share this test's CPU cores, and a 2-thread
     # OpenMP pool that loses a core to them waits at every barrier (seconds per request).
-    ts = TorchServe(root / "ts", model_store=store, env={"OMP_NUM_THREADS": "1"})
-    try:
-        ts.start()
+    with TorchServe(root / "ts", model_store=store, env={"OMP_NUM_THREADS": "1"}) as ts:
         ts.wait_model_ready(MODEL)
         # The page's request once first, so the latency it shows (and docs/ui.png) is a warm
         # worker's: the first greedy request after a start takes seconds, later ones ~0.3 s.
@@ -78,8 +76,6 @@ def torchserve(tmp_path_factory):
         warm = ts.infer(MODEL, json={"image": image, "temperature": 0.0, "num_captions": 1})
         assert warm.status_code == 200, warm.text
         yield ts
-    finally:
-        ts.stop()
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,14 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
 import tomllib
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+
+from tests.local_http import serving
 
 pytestmark = pytest.mark.unit
 
@@ -307,10 +308,8 @@ class _Ping(BaseHTTPRequestHandler):
 def ping_server():
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _Ping)
     srv.key, srv.answer, srv.seen = "inf-key-1", (200, {"status": "Healthy"}), []
-    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    with serving(srv):
+        yield srv
 
 
 def _key_file(run_dir: Path, key: str, expires: datetime | None = None) -> None:

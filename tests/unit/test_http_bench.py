@@ -15,6 +15,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 
+from tests.local_http import serving
 from bench import http_bench
 from bench.http_bench import Client, Mode, Sample, closed_loop, open_loop, percentile, summarize
 
@@ -105,20 +106,14 @@ class StubHandler(BaseHTTPRequestHandler):
 @pytest.fixture()
 def stub():
     server = ThreadingHTTPServer(("127.0.0.1", 0), StubHandler)
-    server.daemon_threads = True
     server.lock = threading.Lock()
     server.bodies, server.auth = [], []
     server.in_flight = server.peak = 0
     server.management_auth, server.counts = [], {}
     server.models = {"captioner": {"modelName": "captioner", "modelUrl": "captioner.mar", "batchSize": 8,
                                    "maxBatchDelay": 50, "responseTimeout": 600, "workers": [{"status": "READY"}]}}
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    try:
+    with serving(server):
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def url(server) -> str:

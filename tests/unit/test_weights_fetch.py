@@ -8,17 +8,18 @@ the tests can see a resume happen.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
 import socket
-import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
+from tests.local_http import serving
 from weights import __main__ as cli
 from weights import manifest_mismatches
 from weights.fetch import ChecksumMismatch, FetchError, NetworkUnavailable, check_file, fetch
@@ -92,18 +93,8 @@ class _Server(ThreadingHTTPServer):
 
 @pytest.fixture
 def serve():
-    servers = []
-
-    def start(body: bytes, **kwargs) -> _Server:
-        srv = _Server(body, **kwargs)
-        threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        servers.append(srv)
-        return srv
-
-    yield start
-    for srv in servers:
-        srv.shutdown()
-        srv.server_close()
+    with contextlib.ExitStack() as servers:
+        yield lambda body, **kwargs: servers.enter_context(serving(_Server(body, **kwargs)))
 
 
 def _fetch(srv: _Server, out: Path, sha: str, size: int | None, **kw) -> Path:
