@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# One prepared run for a GPU machine (H100/H200), well under 8 minutes:
+# One prepared run for a GPU machine (H100/H200), about 6-7 minutes:
 #   bash bench/gpu_check.sh OUT_DIR
-# CUDA tests, the model benchmark in bfloat16 eager and compiled (CUDA graphs), the decode-step
-# time, images/s through the handler's batched path, and peak GPU memory. Everything is written
-# under OUT_DIR. Needs python3 with torch + transformers + pillow + pyyaml + pytest (the GPU box's
-# image has them). CAPTION_SHARED must point at a copy of shared/ (fixtures/seed-tiny).
+# CUDA tests, the model benchmark in bfloat16 compiled (CUDA graphs) and eager (with the seed's
+# algorithm as baseline), the decode-step time, images/s through the handler's batched path, a
+# profile of the compiled decode loop, and peak GPU memory; most important first, so a cut-off
+# run still leaves the main figures. Everything is written under OUT_DIR. Needs python3 with
+# torch + transformers + pillow + pyyaml + pytest (the GPU box's image has them) and the `ts`
+# package on PYTHONPATH. CAPTION_SHARED must point at a copy of shared/ (fixtures/seed-tiny).
 set -uo pipefail
 OUT=${1:?usage: bench/gpu_check.sh OUT_DIR}
 mkdir -p "$OUT"
@@ -19,22 +21,23 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$
 $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/summary.txt"
 
 step cuda tests
-timeout 170 $PY -m pytest -q -m gpu tests/gpu -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.log" | tail -5 | tee -a "$OUT/summary.txt"
+timeout 150 $PY -m pytest -q -m gpu tests/gpu -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.log" | tail -5 | tee -a "$OUT/summary.txt"
 
 step random full-size checkpoint
 [ -f "$CKPT" ] || $PY -m weights random --output "$CKPT" 2>&1 | tail -1
 
-step model benchmark, bf16 eager, with the seed-algorithm baseline
-timeout 110 $PY -m bench model --weights "$CKPT" --device cuda --dtype bfloat16 --batch-sizes 1,8,64 \
-  --step-rows 6,64 --max-new-tokens 64 --out "$OUT" 2>&1 | tee "$OUT/bench-eager.log" | tail -12 | tee -a "$OUT/summary.txt"
-
 step model benchmark, bf16 compiled
-timeout 200 $PY -m bench model --weights "$CKPT" --device cuda --dtype bfloat16 --compile --batch-sizes 1,8,64,128 \
-  --step-rows 8,64 --max-new-tokens 64 --no-baseline --out "$OUT" 2>&1 | tee "$OUT/bench-compiled.log" | tail -12 | tee -a "$OUT/summary.txt"
+timeout 170 $PY -m bench model --weights "$CKPT" --device cuda --dtype bfloat16 --compile --batch-sizes 1,8,64,128 \
+  --step-rows 8,64 --max-new-tokens 64 --no-baseline --out "$OUT" 2>&1 | tee "$OUT/bench-compiled.log" | tail -14 | tee -a "$OUT/summary.txt"
 
 step handler batched path, compiled, 64 requests per batch
-timeout 100 $PY -m bench handler --weights "$CKPT" --device cuda --compile --batch-size 64 --batches 3 \
+timeout 80 $PY -m bench handler --weights "$CKPT" --device cuda --compile --batch-size 64 --batches 3 \
   --max-new-tokens 64 --out "$OUT" 2>&1 | tee "$OUT/bench-handler.log" | tail -3 | tee -a "$OUT/summary.txt"
+
 step profile of the compiled decode loop, 64 images
-timeout 90 $PY -m bench.profile_gpu "$CKPT" 64 > "$OUT/profile.txt" 2>&1; tail -45 "$OUT/profile.txt" | cut -c1-200 | tee -a "$OUT/summary.txt"
+timeout 60 $PY -m bench.profile_gpu "$CKPT" 64 > "$OUT/profile.txt" 2>&1; tail -45 "$OUT/profile.txt" | cut -c1-200 | tee -a "$OUT/summary.txt"
+
+step model benchmark, bf16 eager, with the seed-algorithm baseline
+timeout 80 $PY -m bench model --weights "$CKPT" --device cuda --dtype bfloat16 --batch-sizes 1,8,64 \
+  --step-rows 6,64 --max-new-tokens 64 --out "$OUT" 2>&1 | tee "$OUT/bench-eager.log" | tail -12 | tee -a "$OUT/summary.txt"
 step done

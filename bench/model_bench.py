@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from torch._dynamo.utils import counters
 
 from model.engine import CaptionEngine, decode_step
 from model.image import decode_image, to_pixel_values
@@ -210,6 +211,9 @@ def run(args) -> dict:
         f"{kind}_decode_step_ms_64_rows": results["decode_step_ms"].get(64),
         f"{kind}_images_per_s": max(r["images_per_s"] for r in results["engine"]),
     }
+    if args.compile:  # graphs inductor could not capture (e.g. a CPU tensor or an unmarked mutated input)
+        results["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]
+        print(f"CUDA graph skips: {results['cudagraph_skips']}")
     if device.type == "cuda":
         results["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         print(f"peak GPU memory: {results['peak_gpu_memory_gib']:.2f} GiB")

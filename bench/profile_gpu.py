@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 
 import torch
+from torch._dynamo.utils import counters
 from torch.profiler import ProfilerActivity, profile
 
 from model.engine import CaptionEngine
@@ -28,6 +29,7 @@ def main() -> None:
         engine.generate(pixels, plans)
         torch.cuda.synchronize()
     print(engine.last_stats)
+    print("CUDA graph skips:", counters["inductor"]["cudagraph_skips"])
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
     print(table)
     replays = [e for e in prof.events() if "graph" in e.name.lower()]

@@ -39,6 +39,9 @@ from .tokenizer import VOCAB_PATH, Vocabulary
 
 ROW_KEY_STRIDE = 64  # row key = style index * stride + caption index (captions per style < stride)
 STATIC_ROW_BUCKETS = (8, 16, 32, 64, 128, 256, 512)
+# torch.compile keeps one graph per row bucket (dynamic=False) and model/dtype; past dynamo's
+# default of 8 per function it would silently fall back to eager.
+RECOMPILE_LIMIT = 4 * len(STATIC_ROW_BUCKETS)
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,7 @@ class CaptionEngine:
         self.encoder = torch.compile(model.encode_images) if compile_encoder else model.encode_images
         self.step, self.select = decode_step, select_step
         if compile_decode:  # each a CUDA graph per row bucket; token selection stays on the device
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
             self.step = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
             self.select = torch.compile(select_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
         self.last_stats: dict = {}
