@@ -20,10 +20,11 @@ import torch
 from PIL import Image
 from torch._dynamo.utils import counters
 
-from model.engine import CaptionEngine, decode_step
+from model.engine import CaptionEngine, decode_step, plan_rows
 from model.image import decode_image, to_pixel_values
 from model.kv_cache import GroupKV, PrefixKV, SharedPrefixCache
 from model.packing import is_packed
+from model.sampling import make_row_params
 from model.styles import make_plan
 
 from .baseline import baseline_caption_ids
@@ -107,20 +108,34 @@ def eager_cache(engine: CaptionEngine, rows: int, rows_per_image: int = 6) -> Sh
 
 @torch.inference_mode()
 def time_decode_step(engine: CaptionEngine, rows: int, steps: int = 50) -> float:
-    """Milliseconds per decode step for `rows` rows, mid-sequence, cache of the full length."""
+    """Milliseconds per decode step for `rows` rows, mid-sequence, cache of the full length.
+    With static shapes the step includes token selection (both are one CUDA graph)."""
     cfg, device = engine.config, engine.device
-    cache = engine._static_cache(rows) if engine.static_shapes else eager_cache(engine, rows)
-    tokens = torch.full((rows,), 1037, device=device)
     position = cfg.prefix_len + 2 + cfg.max_text_tokens // 2
-    step = engine.step if engine.static_shapes else decode_step
+    steps = min(steps, cfg.max_text_tokens - 4)  # the static history holds max_text_tokens tokens
+    if engine.static_shapes:
+        cache = engine._static_cache(rows)
+        settings = plan_rows([make_plan({"seed": 0})] * -(-rows // 6), cfg.max_text_tokens)[2][:rows]
+        params = engine._static_row_params(make_row_params(settings, cfg.output_size, device))
+        state = engine._token_state(rows, cfg.max_text_tokens)
+
+        def step():
+            torch.compiler.cudagraph_mark_step_begin()
+            engine.static_step(engine.model, cache, params, state)
+    else:
+        cache = eager_cache(engine, rows)
+        tokens = torch.full((rows,), 1037, device=device)
+
+        def step():
+            decode_step(engine.model, cache, tokens)
     for _ in range(3):
         cache.advance(position)
-        step(engine.model, cache, tokens)
+        step()
     sync(device)
     start = time.perf_counter()
     for _ in range(steps):
         cache.advance(position)
-        step(engine.model, cache, tokens)
+        step()
     sync(device)
     return (time.perf_counter() - start) / steps * 1e3
 

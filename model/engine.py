@@ -83,6 +83,14 @@ def decode_step(model: CaptionModel, cache: KVCache | SharedPrefixCache, tokens:
     return model.text_transformer.logits(hidden[:, -1]).float()
 
 
+def decode_select_step(model: CaptionModel, cache: KVCache, params: RowParams, state: TokenState) -> None:
+    """One whole static-shape step, captured as one CUDA graph: feed each row's latest token at
+    `cache.position`, then select and record the next. It reads and writes only fixed-address
+    buffers and returns nothing, so replays never overwrite a tensor the caller still holds."""
+    logits = decode_step(model, cache, state.last_tokens())
+    select_step(logits, params, state)
+
+
 def cut_at_end(ids: list[int]) -> list[int]:
     return ids[: ids.index(SEP_ID)] if SEP_ID in ids else ids
 
@@ -99,14 +107,14 @@ class CaptionEngine:
         # CUDA graphs need fixed shapes and addresses; the static path also runs (slower) in eager mode.
         self.static_shapes = compile_decode if static_shapes is None else static_shapes
         self.encoder = torch.compile(model.encode_images) if compile_encoder else model.encode_images
-        self.step, self.select = decode_step, select_step
-        if compile_decode:  # each a CUDA graph per row bucket; token selection stays on the device
+        self.static_step = decode_select_step
+        if compile_decode:  # one CUDA graph per row bucket: the step and token selection together
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-            self.step = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
-            self.select = torch.compile(select_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+            self.static_step = torch.compile(decode_select_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
         self.last_stats: dict = {}
         self._static_caches: dict[int, KVCache] = {}
         self._static_states: dict[int, TokenState] = {}
+        self._static_params: dict[int, RowParams] = {}
 
     @classmethod
     def from_files(cls, weights, *, config=None, vocab=None, device="cpu", dtype=torch.float32,
@@ -192,6 +200,14 @@ class CaptionEngine:
             self._static_states[rows] = TokenState(rows, cfg.max_text_tokens, cfg.output_size, self.device, static=True)
         return self._static_states[rows]
 
+    def _static_row_params(self, params: RowParams) -> RowParams:
+        """`params` copied into its row bucket's fixed-address tensors."""
+        rows = len(params.temperature)
+        if rows not in self._static_params:
+            self._static_params[rows] = params.static_copy()
+            return self._static_params[rows]
+        return self._static_params[rows].load(params)
+
     def _rows_for_cache(self, count: int) -> int:
         if not self.static_shapes:
             return count
@@ -220,21 +236,17 @@ class CaptionEngine:
 
     def _decode(self, prefix, group_kv, group_logits, row_image: list[int], row_group, params: RowParams,
                 max_new: int):
-        first_position = self.config.prefix_len + 2
         if self.static_shapes:
-            cache = self._static_cache(len(row_group))
-            cache.fill(prefix, group_kv, torch.tensor(row_image, device=self.device), row_group)
-        else:  # own positions: `[style] [CLS]` and every new token but the last
-            cache = SharedPrefixCache(prefix, group_kv, row_image, row_group, 2 + max_new - 1)
+            return self._decode_static(prefix, group_kv, group_logits, row_image, row_group, params, max_new)
+        first_position = self.config.prefix_len + 2
+        # own positions: `[style] [CLS]` and every new token but the last
+        cache = SharedPrefixCache(prefix, group_kv, row_image, row_group, 2 + max_new - 1)
         state = self._token_state(len(row_group), max_new)
         final_history = state.history.clone()
         live = torch.arange(len(row_group), device=self.device)  # original row of each cache row
         logits = group_logits.index_select(0, row_group)
         for step in range(max_new):
-            if self.static_shapes:
-                tokens = self.select(logits, params, state)
-            else:
-                tokens = state.append(select_next(logits, params, state.history, state.length, state.seen, step), params)
+            tokens = state.append(select_next(logits, params, state.history, state.length, state.seen, step), params)
             if step == max_new - 1:
                 break
             if (step + 1) % self.sync_every == 0:
@@ -244,12 +256,42 @@ class CaptionEngine:
                 target = self._compacted_rows(len(active), cache.rows)
                 if target is not None:
                     final_history[live] = state.history[: len(live)]
-                    rows = torch.cat((active, active[:1].expand(target - len(active))))  # pad: copies of a live row
-                    live, tokens, params = live[active], tokens.index_select(0, rows), params.select(rows)
-                    cache, state = self._compact(cache, state, rows, len(active))
+                    live, tokens, params = live[active], tokens[active], params.select(active)
+                    cache.select_rows(active)
+                    state.select(active)
                     self.last_stats["row_buckets"].append(target)
             cache.advance(first_position + step)
-            logits = self.step(self.model, cache, tokens)
+            logits = decode_step(self.model, cache, tokens)
+        final_history[live] = state.history[: len(live)]
+        return final_history
+
+    def _decode_static(self, prefix, group_kv, group_logits, row_image: list[int], row_group, params: RowParams,
+                       max_new: int):
+        """Fixed shapes and addresses per row bucket; every step after the first is one call of
+        `static_step` (a CUDA-graph replay when compiled). Step s feeds the token chosen at s - 1."""
+        first_position = self.config.prefix_len + 2
+        cache = self._static_cache(len(row_group))
+        cache.fill(prefix, group_kv, torch.tensor(row_image, device=self.device), row_group)
+        state = self._token_state(len(row_group), max_new)
+        params = self._static_row_params(params)
+        final_history = state.history.clone()
+        live = torch.arange(len(row_group), device=self.device)  # original row of each cache row
+        select_step(group_logits.index_select(0, row_group), params, state)  # the first token: eager
+        for step in range(1, max_new):
+            if step % self.sync_every == 0:
+                active = (~state.done).nonzero()[:, 0]  # the one host synchronisation
+                if len(active) == 0:
+                    break
+                target = self._compacted_rows(len(active), cache.rows)
+                if target is not None:
+                    final_history[live] = state.history[: len(live)]
+                    rows = torch.cat((active, active[:1].expand(target - len(active))))  # pad: copies of a live row
+                    live = live[active]
+                    cache, state, params = self._compact(cache, state, params, rows, len(active))
+                    self.last_stats["row_buckets"].append(target)
+            cache.advance(first_position + step - 1)
+            torch.compiler.cudagraph_mark_step_begin()
+            self.static_step(self.model, cache, params, state)
         final_history[live] = state.history[: len(live)]
         return final_history
 
@@ -264,20 +306,13 @@ class CaptionEngine:
         bucket = self._rows_for_cache(active)
         return bucket if bucket < rows else None
 
-    def _compact(self, cache: KVCache, state: TokenState, rows: torch.Tensor, active: int):
-        """Keep cache/state `rows` (the first `active` live, the rest padding marked finished).
-
-        Static shapes copy them into the smaller bucket's own buffers (fixed addresses, its own
-        CUDA graph); eager shapes shrink the tensors.
-        """
-        if not self.static_shapes:
-            cache.select_rows(rows)
-            state.select(rows)
-            return cache, state
+    def _compact(self, cache: KVCache, state: TokenState, params: RowParams, rows: torch.Tensor, active: int):
+        """Move cache, state and params `rows` (the first `active` live, the rest padding marked
+        finished) into the smaller bucket's own fixed-address buffers (its own CUDA graph)."""
         smaller_cache, smaller_state = self._static_cache(len(rows)), self._static_state(len(rows))
         smaller_cache.load_rows(cache, rows)
         smaller_state.load_rows(state, rows, active)
-        return smaller_cache, smaller_state
+        return smaller_cache, smaller_state, self._static_row_params(params.select(rows))
 
     # -- public API -------------------------------------------------------------------------
 

@@ -45,6 +45,20 @@ class RowParams:
         picked = {name: getattr(self, name).index_select(0, rows) for name in _ROW_FIELDS}
         return RowParams(**picked, candidates=self.candidates, max_ngram=self.max_ngram)
 
+    def static_copy(self) -> "RowParams":
+        """A copy in fixed-address tensors (inputs a CUDA graph reads in place), refilled by `load`."""
+        copied = {name: getattr(self, name).clone() for name in _ROW_FIELDS}
+        for tensor in copied.values():
+            torch._dynamo.mark_static_address(tensor)
+        return RowParams(**copied, candidates=self.candidates, max_ngram=self.max_ngram)
+
+    def load(self, other: "RowParams") -> "RowParams":
+        """Copy `other` (same row count) into these tensors in place."""
+        for name in _ROW_FIELDS:
+            getattr(self, name).copy_(getattr(other, name))
+        self.candidates, self.max_ngram = other.candidates, other.max_ngram
+        return self
+
 
 _ROW_FIELDS = ("temperature", "top_k", "top_p", "repetition_penalty", "ngram", "seed", "row_key", "max_new_tokens")
 
@@ -191,6 +205,10 @@ class TokenState:
         self.length += 1
         self.length_t.add_(1)
         return tokens
+
+    def last_tokens(self) -> torch.Tensor:
+        """(R,) each row's latest recorded token, read at the device-side length (capturable)."""
+        return _column(self.history, self.length_t - 1)[:, 0]
 
     def record(self, tokens: torch.Tensor, params: RowParams) -> torch.Tensor:
         """`append` with the device-side length only (for the captured step)."""
