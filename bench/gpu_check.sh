@@ -32,10 +32,10 @@ timeout 170 $PY -m bench model --weights "$CKPT" --device cuda --dtype bfloat16 
 
 step handler batched path, compiled, 64 requests per batch
 timeout 80 $PY -m bench handler --weights "$CKPT" --device cuda --compile --batch-size 64 --batches 3 \
-  --max-new-tokens 64 --out "$OUT" 2>&1 | tee "$OUT/bench-handler.log" | tail -3 | tee -a "$OUT/summary.txt"
+  --decode-threads 16 --max-new-tokens 64 --out "$OUT" 2>&1 | tee "$OUT/bench-handler.log" | tail -3 | tee -a "$OUT/summary.txt"
 
-step profile of the compiled decode loop, 64 images
-timeout 60 $PY -m bench.profile_gpu "$CKPT" 64 > "$OUT/profile.txt" 2>&1; tail -45 "$OUT/profile.txt" | cut -c1-200 | tee -a "$OUT/summary.txt"
+step profile of the compiled decode loop, 64 images, and of the 64-row step
+timeout 60 $PY -m bench.profile_gpu "$CKPT" 64 64 > "$OUT/profile.txt" 2>&1; tail -34 "$OUT/profile.txt" | cut -c1-200 | tee -a "$OUT/summary.txt"
 
 step model benchmark, bf16 eager, with the seed-algorithm baseline
 timeout 80 $PY -m bench model --weights "$CKPT" --device cuda --dtype bfloat16 --batch-sizes 1,8,64 \

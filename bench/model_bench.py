@@ -20,11 +20,10 @@ import torch
 from PIL import Image
 from torch._dynamo.utils import counters
 
-from model.engine import CaptionEngine, decode_step, plan_rows
+from model.engine import CaptionEngine, decode_step
 from model.image import decode_image, to_pixel_values
 from model.kv_cache import GroupKV, PrefixKV, SharedPrefixCache
 from model.packing import is_packed
-from model.sampling import make_row_params
 from model.styles import make_plan
 
 from .baseline import baseline_caption_ids
@@ -114,10 +113,7 @@ def time_decode_step(engine: CaptionEngine, rows: int, steps: int = 50) -> float
     position = cfg.prefix_len + 2 + cfg.max_text_tokens // 2
     steps = min(steps, cfg.max_text_tokens - 4)  # the static history holds max_text_tokens tokens
     if engine.static_shapes:
-        cache = engine._static_cache(rows)
-        settings = plan_rows([make_plan({"seed": 0})] * -(-rows // 6), cfg.max_text_tokens)[2][:rows]
-        params = engine._static_row_params(make_row_params(settings, cfg.output_size, device))
-        state = engine._token_state(rows, cfg.max_text_tokens)
+        cache, params, state = engine.static_step_inputs(rows)
 
         def step():
             torch.compiler.cudagraph_mark_step_begin()

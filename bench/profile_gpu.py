@@ -1,7 +1,8 @@
-"""Profile a few decode steps of the compiled engine on CUDA: where each step's time goes.
+"""Profile the compiled engine on CUDA: where a batch's and a decode step's time goes.
 
-`python -m bench.profile_gpu CHECKPOINT [IMAGES]` prints the top kernels/ops by device time for
-one warmed-up generate call (images x 6 captions x 16 tokens) and how many CUDA graph replays it made.
+`python -m bench.profile_gpu CHECKPOINT [IMAGES] [STEP_ROWS]` prints the top kernels/ops by
+device time for one warmed-up generate call (images x 6 captions x 16 tokens), then for 20
+replays of the decode step (CUDA graph) of the STEP_ROWS-row bucket alone.
 """
 
 from __future__ import annotations
@@ -16,24 +17,42 @@ from model.engine import CaptionEngine
 from model.styles import make_plan
 
 
+def profiled(fn) -> str:
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
+
+
+@torch.inference_mode()
 def main() -> None:
-    weights, images = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 64
+    weights = sys.argv[1]
+    images = int(sys.argv[2]) if len(sys.argv) > 2 else 64
+    step_rows = int(sys.argv[3]) if len(sys.argv) > 3 else 64
     engine = CaptionEngine.from_files(weights, device="cuda", dtype=torch.bfloat16, compile_encoder=True,
                                       compile_decode=True)
     pixels = torch.randn(images, 3, 384, 384, device="cuda")
     plans = [make_plan({"seed": i, "max_new_tokens": 16}) for i in range(images)]
     for _ in range(2):
         engine.generate(pixels, plans)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        engine.generate(pixels, plans)
-        torch.cuda.synchronize()
+    print(profiled(lambda: engine.generate(pixels, plans)))
     print(engine.last_stats)
+
+    cache, params, state = engine.static_step_inputs(step_rows)
+    position = engine.config.prefix_len + 2 + engine.config.max_text_tokens // 2
+
+    def steps(count: int) -> None:
+        state.reset()
+        for _ in range(count):
+            cache.advance(position)
+            torch.compiler.cudagraph_mark_step_begin()
+            engine.static_step(engine.model, cache, params, state)
+
+    steps(3)
+    print(f"\n{step_rows}-row decode step, 20 replays:")
+    print(profiled(lambda: steps(20)))
     print("CUDA graph skips:", counters["inductor"]["cudagraph_skips"])
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
-    print(table)
-    replays = [e for e in prof.events() if "graph" in e.name.lower()]
-    print("graph-related events:", len(replays), sorted({e.name for e in replays})[:10])
 
 
 if __name__ == "__main__":

@@ -33,12 +33,15 @@ from .kv_cache import GroupKV, KVCache, PrefixKV, SharedPrefixCache
 from .packing import is_packed, prepack_available, prepack_decoder
 from .quantize import quantize_decoder
 from .sampling import RowParams, TokenState, make_row_params, select_next, select_step
-from .styles import STYLES, CaptionPlan, response_key
+from .styles import STYLES, CaptionPlan, make_plan, response_key
 from .text import tidy_caption
 from .tokenizer import VOCAB_PATH, Vocabulary
 
 ROW_KEY_STRIDE = 64  # row key = style index * stride + caption index (captions per style < stride)
-STATIC_ROW_BUCKETS = (8, 16, 32, 64, 128, 256, 512)
+# Row counts of the static (CUDA-graph) caches: powers of two and 1.5x them, so that batches of
+# whole default requests (six captions per image, 2**k images) fill a bucket exactly.
+STATIC_ROW_BUCKETS = (8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768)
+DEFAULT_ROWS_PER_IMAGE = 6  # three styles x two captions
 # torch.compile keeps one graph per row bucket (dynamic=False) and model/dtype; past dynamo's
 # default of 8 per function it would silently fall back to eager.
 RECOMPILE_LIMIT = 4 * len(STATIC_ROW_BUCKETS)
@@ -324,16 +327,30 @@ class CaptionEngine:
             results[row.image][response_key(row.style)].append(tidy_caption(self.vocab.decode(row_ids)))
         return results
 
-    def warmup(self, batch_sizes=(1,), max_new_tokens: int = 8) -> None:
-        """Run dummy batches so that compilation and allocation happen before real traffic."""
-        from .styles import make_plan
+    def static_step_inputs(self, rows: int) -> tuple[KVCache, RowParams, TokenState]:
+        """A row bucket's cache, row params (default requests) and reset token state: what
+        `static_step` takes. The cache keeps whatever it held; a batch refills it."""
+        plans = [make_plan({"seed": 0})] * -(-rows // DEFAULT_ROWS_PER_IMAGE)
+        settings = plan_rows(plans, self.config.max_text_tokens)[2][:rows]
+        params = self._static_row_params(make_row_params(settings, self.config.output_size, self.device))
+        return self._static_cache(rows), params, self._token_state(rows, self.config.max_text_tokens)
 
+    @torch.inference_mode()
+    def warmup(self, batch_sizes=(1,), max_new_tokens: int = 8) -> None:
+        """Run dummy batches so that compilation and allocation happen before real traffic.
+
+        With static shapes also every row bucket a batch of default requests can shrink into as
+        its captions finish: each step is compiled, run once and recorded (three calls)."""
         size = self.config.image_size
-        # Compaction may move a batch into any smaller bucket: record them all. With the default
-        # six captions per image, 2**k images fill the 8 * 2**k-row bucket.
-        if self.static_shapes:
-            largest = max(batch_sizes)
-            batch_sizes = sorted(set(batch_sizes) | {1 << k for k in range(largest.bit_length())})
         for batch in batch_sizes:
             pixels = torch.zeros(batch, 3, size, size)
             self.generate(pixels, [make_plan({"max_new_tokens": max_new_tokens, "seed": 0})] * batch)
+        if not self.static_shapes:
+            return
+        largest = self._rows_for_cache(DEFAULT_ROWS_PER_IMAGE * max(batch_sizes))
+        for rows in (b for b in STATIC_ROW_BUCKETS if b <= largest):
+            cache, params, state = self.static_step_inputs(rows)
+            cache.advance(self.config.prefix_len + 2)
+            for _ in range(3):
+                torch.compiler.cudagraph_mark_step_begin()
+                self.static_step(self.model, cache, params, state)

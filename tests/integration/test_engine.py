@@ -75,8 +75,8 @@ def test_compaction_and_static_shape_paths_agree(tiny_engine, golden_pixels):
     assert compacting.generate(pixels, plans)[1] == baseline
     assert compacting.last_stats["row_buckets"][0] == 18 and len(compacting.last_stats["row_buckets"]) >= 2
     assert static.generate(pixels, plans)[1] == baseline
-    buckets = static.last_stats["row_buckets"]  # finished rows leave: 18 rows in 32, then 16, then 8
-    assert buckets[0] == 32 and buckets[-1] <= 8 and buckets == sorted(set(buckets), reverse=True)
+    buckets = static.last_stats["row_buckets"]  # finished rows leave: 18 rows in 24, then smaller ones
+    assert buckets[0] == 24 and buckets[-1] <= 8 and buckets == sorted(set(buckets), reverse=True)
     assert all(len(ids) <= 5 for ids in baseline[6:12])
 
 
@@ -109,7 +109,7 @@ def test_compiled_static_decode_on_cpu_equals_eager(plain_tiny_engine, golden_pi
                              compile_decode=True)
     assert compiled.generate(pixels, plans)[1] == eager
     assert compiled.generate(pixels, plans)[1] == eager  # second call replays on the same cache
-    assert set(compiled._static_caches) == {32}  # 18 rows -> the 32-row bucket
+    assert set(compiled._static_caches) == {24}  # 18 rows -> the 24-row bucket
 
 
 def test_compiled_static_decode_compacts_into_smaller_buckets(plain_tiny_engine, golden_pixels):
@@ -120,11 +120,11 @@ def test_compiled_static_decode_compacts_into_smaller_buckets(plain_tiny_engine,
     eager = plain_tiny_engine.generate(pixels, plans)[1]
     compiled = CaptionEngine(plain_tiny_engine.model, plain_tiny_engine.vocab, compile_decode=True, sync_every=3)
     assert compiled.generate(pixels, plans)[1] == eager
-    assert compiled.last_stats["row_buckets"] == [32, 16, 8]
-    assert set(compiled._static_caches) == {32, 16, 8}
+    assert compiled.last_stats["row_buckets"] == [24, 12, 8]  # 18 live rows, then 12, then 6
+    assert set(compiled._static_caches) == {24, 12, 8}
 
 
 def test_static_warmup_records_every_bucket_compaction_can_reach(tiny_engine):
     static = CaptionEngine(tiny_engine.model, tiny_engine.vocab, static_shapes=True)
     static.warmup(batch_sizes=(1, 4), max_new_tokens=2)
-    assert set(static._static_caches) == {8, 16, 32}  # 6, 12 and 24 rows
+    assert set(static._static_caches) == {8, 12, 16, 24}  # every bucket up to 4 default requests (24 rows)
