@@ -25,7 +25,8 @@ def test_model_bench_writes_figures_and_the_baseline_ratio(tmp_path, capsys, pre
     assert results["decode_step_ms"]["6"] > 0
     assert results["baseline"]["s_per_image"] > 0
     assert all(r["speedup_vs_baseline"] > 0 for r in results["engine"])
-    assert "faster per image" in printed and any("target" in line for line in results["targets"])
+    assert "faster per image" in printed and results["targets"]
+    assert all("not judged (not the full-size model)" in line for line in results["targets"])  # tiny config
 
 
 def test_handler_bench_runs_the_real_handler_and_reports_refusals(tmp_path, capsys):

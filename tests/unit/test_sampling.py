@@ -12,11 +12,19 @@ from hypothesis import strategies as st
 
 from model.config import CLS_ID
 from model.reference import next_token
-from model.sampling import TokenState, gumbel_noise, make_row_params, repeated_ngram_mask, select_next
+from model.sampling import (
+    TokenState,
+    gumbel_noise,
+    make_row_params,
+    repeated_ngram_mask,
+    select_next,
+    select_step,
+)
 from model.styles import SamplingParams
 
 pytestmark = pytest.mark.unit
 VOCAB = 64
+STATE_VOCAB = 300  # TokenState marks [CLS] (101) as seen
 
 row_settings = st.fixed_dictionaries(
     {
@@ -134,3 +142,32 @@ def test_gumbel_noise_is_finite_for_every_hash_value():
     assert bool(((uniform > 0) & (uniform < 1)).all())
     noise = gumbel_noise(torch.arange(1000), torch.arange(30522)[None].expand(1000, -1))
     assert bool(torch.isfinite(noise).all())
+
+
+def test_captured_step_records_like_the_eager_step():
+    """`select_step` (device-side length, what the CUDA graph runs) records the same tokens and
+    flags as `append` (host length), and `last_tokens` reads back what was recorded."""
+    rows = [dict(temperature=t, top_k=k, top_p=0.9, repetition_penalty=1.3, ngram=3, seed=s, row_key=r,
+                 max_new_tokens=m) for t, k, s, r, m in ((0.0, 0, 1, 0, 3), (1.0, 5, 2, 1, 6), (0.7, 0, 3, 64, 6))]
+    params = make_row_params(rows, STATE_VOCAB, "cpu")
+    eager, captured = TokenState(3, 6, STATE_VOCAB, "cpu"), TokenState(3, 6, STATE_VOCAB, "cpu", static=True)
+    logits = torch.randn(6, 3, STATE_VOCAB, generator=torch.Generator().manual_seed(0))
+    for step in range(6):
+        expected = eager.append(select_next(logits[step], params, eager.history, eager.length, eager.seen, step), params)
+        select_step(logits[step], params, captured)
+        assert torch.equal(captured.last_tokens(), expected)
+    assert torch.equal(captured.history, eager.history) and torch.equal(captured.done, eager.done)
+    assert torch.equal(captured.seen, eager.seen) and int(captured.length_t) == eager.length
+
+
+def test_static_row_params_keep_their_tensors_when_reloaded():
+    first = make_row_params([dict(temperature=0.5, top_k=4, top_p=1.0, repetition_penalty=1.0, ngram=0, seed=1,
+                                  row_key=0, max_new_tokens=8)] * 2, STATE_VOCAB, "cpu")
+    second = make_row_params([dict(temperature=0.0, top_k=0, top_p=0.5, repetition_penalty=1.2, ngram=3, seed=2,
+                                   row_key=5, max_new_tokens=4)] * 2, STATE_VOCAB, "cpu")
+    held = first.static_copy()
+    addresses = [held.temperature.data_ptr(), held.seed.data_ptr()]
+    held.load(second)
+    assert [held.temperature.data_ptr(), held.seed.data_ptr()] == addresses  # a CUDA graph reads them in place
+    assert torch.equal(held.top_p, second.top_p) and torch.equal(held.row_key, second.row_key)
+    assert (held.candidates, held.max_ngram) == (second.candidates, second.max_ngram) == (STATE_VOCAB, 3)
