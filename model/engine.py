@@ -9,7 +9,9 @@ For a batch of images and caption plans:
 4. decode all caption rows together, one step at a time, with per-row sampling parameters as
    tensors (`model/sampling.py`). Eager: a preallocated cache of each row's own positions,
    the image prefix shared by its rows (`SharedPrefixCache`). Static shapes (for CUDA graphs,
-   `compile_decode`): per-bucket caches with fixed addresses, each row with a prefix copy.
+   `compile_decode`): per-bucket caches with fixed addresses, each row with a prefix copy, and
+   every step after the first one captured call of the decoder and token selection together
+   (`decode_select_step`).
 The host synchronises only every `sync_every` steps to see whether every row has ended;
 then finished rows are dropped from the batch (compaction): in eager mode when that halves
 its size, with static shapes by moving the live rows into the smallest row bucket that holds
