@@ -117,8 +117,7 @@ def time_decode_step(engine: CaptionEngine, rows: int, steps: int = 50) -> float
         cache, params, state = engine.static_step_inputs(rows)
 
         def step():
-            torch.compiler.cudagraph_mark_step_begin()
-            engine.static_step(engine.model, cache, params, state)
+            engine.static_step(cache, params, state)
     else:
         cache = eager_cache(engine, rows)
         tokens = torch.full((rows,), 1037, device=device)

@@ -46,8 +46,7 @@ def main() -> None:
         state.reset()
         for _ in range(count):
             cache.advance(position)
-            torch.compiler.cudagraph_mark_step_begin()
-            engine.static_step(engine.model, cache, params, state)
+            engine.static_step(cache, params, state)
 
     steps(3)
     print(f"\n{step_rows}-row decode step, 20 replays:")

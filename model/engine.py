@@ -112,10 +112,10 @@ class CaptionEngine:
         # CUDA graphs need fixed shapes and addresses; the static path also runs (slower) in eager mode.
         self.static_shapes = compile_decode if static_shapes is None else static_shapes
         self.encoder = torch.compile(model.encode_images) if compile_encoder else model.encode_images
-        self.static_step = decode_select_step
+        self._decode_select = decode_select_step
         if compile_decode:  # one CUDA graph per row bucket: the step and token selection together
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-            self.static_step = torch.compile(decode_select_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+            self._decode_select = torch.compile(decode_select_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
         self.last_stats: dict = {}
         self._static_caches: dict[int, KVCache] = {}
         self._static_states: dict[int, TokenState] = {}
@@ -241,47 +241,23 @@ class CaptionEngine:
 
     def _decode(self, prefix, group_kv, group_logits, row_image: list[int], row_group, params: RowParams,
                 max_new: int):
+        """Every row's token history (R, max_new + 1), in the original row order. The first token
+        comes from the group logits; step s feeds each row's token s - 1 and selects token s."""
+        first_position = self.config.prefix_len + 2
+        state = self._token_state(len(row_group), max_new)
+        first_logits = group_logits.index_select(0, row_group)
         if self.static_shapes:
-            return self._decode_static(prefix, group_kv, group_logits, row_image, row_group, params, max_new)
-        first_position = self.config.prefix_len + 2
-        # own positions: `[style] [CLS]` and every new token but the last
-        cache = SharedPrefixCache(prefix, group_kv, row_image, row_group, 2 + max_new - 1)
-        state = self._token_state(len(row_group), max_new)
+            cache = self._static_cache(len(row_group))
+            cache.fill(prefix, group_kv, torch.tensor(row_image, device=self.device), row_group)
+            params = self._static_row_params(params)
+            select_step(first_logits, params, state)
+            step_once = self.static_step
+        else:  # own positions: `[style] [CLS]` and every new token but the last
+            cache = SharedPrefixCache(prefix, group_kv, row_image, row_group, 2 + max_new - 1)
+            self._eager_step(cache, params, state, first_logits)
+            step_once = self._eager_step
         final_history = state.history.clone()
         live = torch.arange(len(row_group), device=self.device)  # original row of each cache row
-        logits = group_logits.index_select(0, row_group)
-        for step in range(max_new):
-            tokens = state.append(select_next(logits, params, state.history, state.length, state.seen, step), params)
-            if step == max_new - 1:
-                break
-            if (step + 1) % self.sync_every == 0:
-                active = (~state.done).nonzero()[:, 0]  # the one host synchronisation
-                if len(active) == 0:
-                    break
-                target = self._compacted_rows(len(active), cache.rows)
-                if target is not None:
-                    final_history[live] = state.history[: len(live)]
-                    live, tokens, params = live[active], tokens[active], params.select(active)
-                    cache.select_rows(active)
-                    state.select(active)
-                    self.last_stats["row_buckets"].append(target)
-            cache.advance(first_position + step)
-            logits = decode_step(self.model, cache, tokens)
-        final_history[live] = state.history[: len(live)]
-        return final_history
-
-    def _decode_static(self, prefix, group_kv, group_logits, row_image: list[int], row_group, params: RowParams,
-                       max_new: int):
-        """Fixed shapes and addresses per row bucket; every step after the first is one call of
-        `static_step` (a CUDA-graph replay when compiled). Step s feeds the token chosen at s - 1."""
-        first_position = self.config.prefix_len + 2
-        cache = self._static_cache(len(row_group))
-        cache.fill(prefix, group_kv, torch.tensor(row_image, device=self.device), row_group)
-        state = self._token_state(len(row_group), max_new)
-        params = self._static_row_params(params)
-        final_history = state.history.clone()
-        live = torch.arange(len(row_group), device=self.device)  # original row of each cache row
-        select_step(group_logits.index_select(0, row_group), params, state)  # the first token: eager
         for step in range(1, max_new):
             if step % self.sync_every == 0:
                 active = (~state.done).nonzero()[:, 0]  # the one host synchronisation
@@ -290,15 +266,24 @@ class CaptionEngine:
                 target = self._compacted_rows(len(active), cache.rows)
                 if target is not None:
                     final_history[live] = state.history[: len(live)]
-                    rows = torch.cat((active, active[:1].expand(target - len(active))))  # pad: copies of a live row
                     live = live[active]
-                    cache, state, params = self._compact(cache, state, params, rows, len(active))
+                    cache, state, params = self._compact(cache, state, params, active, target)
                     self.last_stats["row_buckets"].append(target)
             cache.advance(first_position + step - 1)
-            torch.compiler.cudagraph_mark_step_begin()
-            self.static_step(self.model, cache, params, state)
+            step_once(cache, params, state)
         final_history[live] = state.history[: len(live)]
         return final_history
+
+    def _eager_step(self, cache: SharedPrefixCache, params: RowParams, state: TokenState, logits=None) -> None:
+        """`decode_select_step` with the host-side length (shapes may shrink between steps)."""
+        if logits is None:
+            logits = decode_step(self.model, cache, state.history[:, state.length - 1])
+        state.append(select_next(logits, params, state.history, state.length, state.seen, state.length - 1), params)
+
+    def static_step(self, cache: KVCache, params: RowParams, state: TokenState) -> None:
+        """One static-shape step: `decode_select_step`, a CUDA-graph replay when compiled."""
+        torch.compiler.cudagraph_mark_step_begin()  # the previous replay's buffers may be reused
+        self._decode_select(self.model, cache, params, state)
 
     def _compacted_rows(self, active: int, rows: int) -> int | None:
         """Rows to continue with once only `active` of `rows` are unfinished, or None to go on.
@@ -311,12 +296,18 @@ class CaptionEngine:
         bucket = self._rows_for_cache(active)
         return bucket if bucket < rows else None
 
-    def _compact(self, cache: KVCache, state: TokenState, params: RowParams, rows: torch.Tensor, active: int):
-        """Move cache, state and params `rows` (the first `active` live, the rest padding marked
-        finished) into the smaller bucket's own fixed-address buffers (its own CUDA graph)."""
-        smaller_cache, smaller_state = self._static_cache(len(rows)), self._static_state(len(rows))
+    def _compact(self, cache, state: TokenState, params: RowParams, active: torch.Tensor, target: int):
+        """Keep only the `active` rows. Eager: shrink the tensors. Static shapes: move them, padded
+        to `target` rows with copies of a live row marked finished, into that bucket's own
+        fixed-address cache, state and params (its own CUDA graph)."""
+        if not self.static_shapes:
+            cache.select_rows(active)
+            state.select(active)
+            return cache, state, params.select(active)
+        rows = torch.cat((active, active[:1].expand(target - len(active))))
+        smaller_cache, smaller_state = self._static_cache(target), self._static_state(target)
         smaller_cache.load_rows(cache, rows)
-        smaller_state.load_rows(state, rows, active)
+        smaller_state.load_rows(state, rows, len(active))
         return smaller_cache, smaller_state, self._static_row_params(params.select(rows))
 
     # -- public API -------------------------------------------------------------------------
@@ -354,5 +345,4 @@ class CaptionEngine:
             cache, params, state = self.static_step_inputs(rows)
             cache.advance(self.config.prefix_len + 2)
             for _ in range(3):
-                torch.compiler.cudagraph_mark_step_begin()
-                self.static_step(self.model, cache, params, state)
+                self.static_step(cache, params, state)
