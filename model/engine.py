@@ -96,6 +96,11 @@ def decode_select_step(model: CaptionModel, cache: KVCache, params: RowParams, s
     select_step(logits, params, state)
 
 
+def encoder_batch(images: int) -> int:
+    """The power-of-two batch a compiled encoder runs `images` images in."""
+    return 1 << (images - 1).bit_length()
+
+
 def cut_at_end(ids: list[int]) -> list[int]:
     return ids[: ids.index(SEP_ID)] if SEP_ID in ids else ids
 
@@ -111,7 +116,11 @@ class CaptionEngine:
             raise ValueError("torch.compile cannot trace oneDNN-packed Linears: load with prepack=False to compile")
         # CUDA graphs need fixed shapes and addresses; the static path also runs (slower) in eager mode.
         self.static_shapes = compile_decode if static_shapes is None else static_shapes
-        self.encoder = torch.compile(model.encode_images) if compile_encoder else model.encode_images
+        # Compiled, the encoder sees only power-of-two batch sizes (padded), each its own static
+        # graph: a batch of any size after warm-up never triggers a compilation.
+        self.encoder_buckets = compile_encoder
+        self.encoder = (torch.compile(model.encode_images, dynamic=False) if compile_encoder
+                        else model.encode_images)
         self._decode_select = decode_select_step
         if compile_decode:  # one CUDA graph per row bucket: the step and token selection together
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
@@ -154,10 +163,19 @@ class CaptionEngine:
 
     # -- phases -----------------------------------------------------------------------------
 
+    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) -> image tokens; with encoder buckets the batch is padded with copies of
+        its first image up to a power of two (images are encoded independently)."""
+        count = len(pixel_values)
+        padded = encoder_batch(count) if self.encoder_buckets else count
+        if padded > count:
+            pixel_values = torch.cat((pixel_values, pixel_values[:1].expand(padded - count, -1, -1, -1)))
+        return self.encoder(pixel_values)[:count]
+
     def prefill_prefix(self, pixel_values: torch.Tensor) -> PrefixKV:
         """Encode images and run their prefix positions through the decoder once."""
         with self._timed("encode_ms"):
-            image_tokens = self.encoder(pixel_values.to(self.device))
+            image_tokens = self.encode(pixel_values.to(self.device))
         with self._timed("prefill_ms"):
             prefix = self.model.prefix_embeddings(image_tokens)
             cos, sin = self.model.rope(torch.arange(prefix.shape[1], device=self.device))
@@ -332,12 +350,16 @@ class CaptionEngine:
     def warmup(self, batch_sizes=(1,), max_new_tokens: int = 8) -> None:
         """Run dummy batches so that compilation and allocation happen before real traffic.
 
-        With static shapes also every row bucket a batch of default requests can shrink into as
-        its captions finish: each step is compiled, run once and recorded (three calls)."""
+        A compiled encoder also runs every power-of-two batch up to the largest. With static
+        shapes also every row bucket a batch of default requests can shrink into as its captions
+        finish: each step is compiled, run once and recorded (three calls)."""
         size = self.config.image_size
         for batch in batch_sizes:
             pixels = torch.zeros(batch, 3, size, size)
             self.generate(pixels, [make_plan({"max_new_tokens": max_new_tokens, "seed": 0})] * batch)
+        if self.encoder_buckets:  # every power-of-two batch a partial batch can pad to
+            for batch in range(encoder_batch(max(batch_sizes)).bit_length()):
+                self.encode(torch.zeros(1 << batch, 3, size, size, device=self.device))
         if not self.static_shapes:
             return
         largest = self._rows_for_cache(DEFAULT_ROWS_PER_IMAGE * max(batch_sizes))

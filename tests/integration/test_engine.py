@@ -128,3 +128,20 @@ def test_static_warmup_records_every_bucket_compaction_can_reach(tiny_engine):
     static = CaptionEngine(tiny_engine.model, tiny_engine.vocab, static_shapes=True)
     static.warmup(batch_sizes=(1, 4), max_new_tokens=2)
     assert set(static._static_caches) == {8, 12, 16, 24}  # every bucket up to 4 default requests (24 rows)
+
+
+def test_compiled_encoder_runs_power_of_two_batches_only(plain_tiny_engine, golden_pixels):
+    """After warm-up a partial batch (3 images) pads to the 4-image graph: no new compilation,
+    and each image's tokens are those of the plain encoder."""
+    from torch._dynamo.utils import counters
+
+    _, pixels = golden_pixels
+    engine = CaptionEngine(plain_tiny_engine.model, plain_tiny_engine.vocab, compile_encoder=True)
+    engine.warmup(batch_sizes=(1, 4), max_new_tokens=2)  # encoder batches 1, 2 and 4
+    graphs = counters["stats"]["unique_graphs"]
+    with torch.inference_mode():
+        tokens = engine.encode(pixels)
+        expected = plain_tiny_engine.model.encode_images(pixels)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert tokens.shape == expected.shape
+    torch.testing.assert_close(tokens, expected, atol=1e-5, rtol=1e-5)
