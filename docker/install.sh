@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Image build steps of the caption service, one per Dockerfile RUN (run as root at build time):
 #
-#   install.sh system            apt packages (Java 17 JRE, Python 3, tini), non-root user 1000
+#   install.sh system            apt packages (Java 17 JRE, Python 3, tini; gcc for Triton on gpu),
+#                                non-root user 1000
 #   install.sh torch             /opt/venv with torch for $CAPTION_VARIANT (gpu | cpu)
 #   install.sh app               the project and its dependencies (pyproject.toml) into /opt/venv
 #   install.sh archive WEIGHTS   the .mar built from WEIGHTS into $CAPTION_MODEL_STORE (skipped,
@@ -31,6 +32,11 @@ USER_ID=1000
 # Ubuntu 22.04 packages: Java 17 for the TorchServe frontend, Python 3.10 for the workers,
 # tini as PID 1 (forwards SIGTERM to the whole TorchServe process group).
 APT_PACKAGES=(openjdk-17-jre-headless python3 python3-venv ca-certificates tini)
+# GPU: torch.compile's Triton kernels build their launchers with the system C compiler against
+# Python's headers when a worker first compiles (handler compile_encoder / compile_decode: gpu).
+if [[ "$VARIANT" == gpu ]]; then
+  APT_PACKAGES+=(gcc libc6-dev python3-dev)
+fi
 
 run() {
   if [[ "$DRY_RUN" == 1 ]]; then

@@ -82,8 +82,8 @@ class CaptionHandler:
             vocab=model_dir / settings.vocab,
             device=self.device,
             dtype=dtype,
-            compile_encoder=settings.compile_encoder,
-            compile_decode=settings.compile_decode,
+            compile_encoder=settings.compiles("compile_encoder", self.device),
+            compile_decode=settings.compiles("compile_decode", self.device),
             quantize=settings.cpu_quantize if self.device.type == "cpu" else None,
             prepack=None if settings.cpu_prepack else False,
         )

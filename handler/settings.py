@@ -18,6 +18,8 @@ import torch
 from model.styles import Limits
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ON_GPU = "gpu"  # a compile setting that applies on CUDA devices only
+COMPILE_KEYS = ("compile_encoder", "compile_decode")
 
 
 class SettingsError(ValueError):
@@ -42,10 +44,12 @@ class HandlerSettings:
     # few-row products of a decode step (see model/packing.py). Ignored with cpu_quantize or
     # compile_decode.
     cpu_prepack: bool = True
-    # torch.compile: only the vision encoder (static shapes: N x 3 x S x S) compiles well;
-    # the decode loop is left to the engine's own option.
-    compile_encoder: bool = False
-    compile_decode: bool = False
+    # torch.compile of the vision encoder (static N x 3 x S x S shapes) and of the decode step
+    # with token selection (one CUDA graph per row bucket): true, false, or "gpu" = only on a
+    # CUDA device. On CPU the oneDNN-packed eager decoder is faster than the compiled one, and
+    # compiling costs minutes of start-up on a few cores.
+    compile_encoder: bool | str = ON_GPU
+    compile_decode: bool | str = ON_GPU
     # Intra-op threads of this worker; 0 leaves PyTorch's default (all cores). With several
     # CPU workers on one host set it to cores / workers.
     threads: int = 0
@@ -61,6 +65,11 @@ class HandlerSettings:
 
     def dtype_for(self, device: torch.device) -> torch.dtype:
         return DTYPES[self.gpu_dtype if device.type == "cuda" else self.cpu_dtype]
+
+    def compiles(self, name: str, device: torch.device) -> bool:
+        """Whether `compile_encoder` / `compile_decode` is on for this device."""
+        value = getattr(self, name)
+        return device.type == "cuda" if value == ON_GPU else value
 
     @classmethod
     def from_model_yaml(cls, model_yaml_config: dict | None) -> "HandlerSettings":
@@ -80,6 +89,12 @@ class HandlerSettings:
         for name, value in raw.items():
             if name == "limits":
                 values[name] = _limits(value)
+                continue
+            if name in COMPILE_KEYS:
+                if not isinstance(value, bool) and value != ON_GPU:
+                    raise SettingsError(f"model-config.yaml handler: {name} must be true, false or {ON_GPU!r}, "
+                                        f"got {value!r}")
+                values[name] = value
                 continue
             default = known[name].default
             values[name] = _check(name, value, default)

@@ -167,6 +167,24 @@ def test_invalid_handler_settings_fail_the_worker_start(tmp_path):
         make_service(make_model_dir(tmp_path, {"compile_encdoer": True}))
     with pytest.raises(SettingsError, match="cpu_dtype"):
         make_service(make_model_dir(tmp_path / "b", {"cpu_dtype": "int8"}))
+    with pytest.raises(SettingsError, match="compile_decode must be true, false or 'gpu'"):
+        make_service(make_model_dir(tmp_path / "c", {"compile_decode": "always"}))
+
+
+def test_compile_settings_per_device():
+    from handler.settings import HandlerSettings
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    default = HandlerSettings.from_dict({})
+    assert [default.compiles(k, d) for k in ("compile_encoder", "compile_decode") for d in (cpu, cuda)] == [
+        False, True, False, True]  # "gpu": compiled on CUDA devices only
+    forced = HandlerSettings.from_dict({"compile_encoder": True, "compile_decode": False})
+    assert forced.compiles("compile_encoder", cpu) and not forced.compiles("compile_decode", cuda)
+
+
+def test_default_settings_on_cpu_serve_the_packed_eager_engine(tmp_path):
+    _, handler = make_service(make_model_dir(tmp_path))
+    assert not handler.engine.static_shapes and not handler.engine.encoder_buckets
 
 
 def test_settings_threads_and_dtype_are_applied(tmp_path):
