@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# One prepared run for a GPU machine (H100/H200), about 6-7 minutes:
+# One prepared run for a GPU machine (H100/H200), about 7-8 minutes:
 #   bash bench/gpu_check.sh OUT_DIR
 # CUDA tests, the model benchmark in bfloat16 compiled (CUDA graphs) and eager (with the seed's
 # algorithm as baseline), the decode-step time, images/s through the handler's batched path, a
-# profile of the compiled decode loop, and peak GPU memory; most important first, so a cut-off
-# run still leaves the main figures. Everything is written under OUT_DIR. Needs python3 with
+# profile of the compiled decode loop, the handler's CUDA tests, and peak GPU memory; most
+# important first, so a cut-off run still leaves the main figures. Everything is written under OUT_DIR. Needs python3 with
 # torch + transformers + pillow + pyyaml + pytest (the GPU box's image has them) and the `ts`
 # package on PYTHONPATH. CAPTION_SHARED must point at a copy of shared/ (fixtures/seed-tiny).
 set -uo pipefail
@@ -36,6 +36,9 @@ timeout 80 $PY -m bench handler --weights "$CKPT" --device cuda --compile --batc
 
 step profile of the compiled decode loop, 64 images, and of the 64-row step
 timeout 60 $PY -m bench.profile_gpu "$CKPT" 64 64 > "$OUT/profile.txt" 2>&1; tail -34 "$OUT/profile.txt" | cut -c1-200 | tee -a "$OUT/summary.txt"
+
+step handler CUDA tests: golden captions, bf16 default, out-of-memory recovery, full-size batch, compiled by default
+timeout 150 $PY -m pytest -q -m gpu tests/integration/test_handler.py -p no:cacheprovider 2>&1 | tee "$OUT/handler-gpu-tests.log" | tail -5 | tee -a "$OUT/summary.txt"
 
 step model benchmark, bf16 eager, with the seed-algorithm baseline
 timeout 80 $PY -m bench model --weights "$CKPT" --device cuda --dtype bfloat16 --batch-sizes 1,8,64 \

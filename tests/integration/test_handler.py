@@ -198,7 +198,13 @@ def test_settings_threads_and_dtype_are_applied(tmp_path):
 
 
 # ---------------------------------------------------------------------- on a CUDA device
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.fixture
+def cuda_device():
+    """Selected only with `-m gpu` (bench/gpu_check.sh): without a CUDA device that is an error."""
+    assert torch.cuda.is_available(), "the gpu tests need a CUDA device"
+
+
+cuda = pytest.mark.usefixtures("cuda_device")
 
 
 @pytest.mark.gpu
