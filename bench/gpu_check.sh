@@ -4,9 +4,9 @@
 # CUDA tests, the model benchmark in bfloat16 compiled (CUDA graphs) and eager (with the seed's
 # algorithm as baseline), the decode-step time, images/s through the handler's batched path, a
 # profile of the compiled decode loop, the handler's CUDA tests, and peak GPU memory; most
-# important first, so a cut-off run still leaves the main figures. Everything is written under OUT_DIR. Needs python3 with
-# torch + transformers + pillow + pyyaml + pytest (the GPU box's image has them) and the `ts`
-# package on PYTHONPATH. CAPTION_SHARED must point at a copy of shared/ (fixtures/seed-tiny).
+# important first, so a cut-off run still leaves the main figures. Everything is written under
+# OUT_DIR. Needs python3 with torch + transformers + pillow + pyyaml + pytest (the GPU box's
+# image has them) and the `ts` package on PYTHONPATH. CAPTION_SHARED must point at a copy of shared/ (fixtures/seed-tiny).
 set -uo pipefail
 OUT=${1:?usage: bench/gpu_check.sh OUT_DIR}
 mkdir -p "$OUT"
