@@ -6,7 +6,8 @@
 # profile of the compiled decode loop, the handler's CUDA tests, and peak GPU memory; most
 # important first, so a cut-off run still leaves the main figures. Everything is written under
 # OUT_DIR. Needs python3 with torch + transformers + pillow + pyyaml + pytest (the GPU box's
-# image has them) and the `ts` package on PYTHONPATH. CAPTION_SHARED must point at a copy of shared/ (fixtures/seed-tiny).
+# image has them) and the `ts` package on PYTHONPATH. CAPTION_SHARED must point at a copy of
+# shared/ (fixtures/seed-tiny).
 set -uo pipefail
 OUT=${1:?usage: bench/gpu_check.sh OUT_DIR}
 mkdir -p "$OUT"
