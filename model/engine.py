@@ -44,6 +44,12 @@ ROW_KEY_STRIDE = 64  # row key = style index * stride + caption index (captions 
 # whole default requests (six captions per image, 2**k images) fill a bucket exactly.
 STATIC_ROW_BUCKETS = (8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768)
 DEFAULT_ROWS_PER_IMAGE = 6  # three styles x two captions
+# The static step's graph also depends on two sizes of the sampling settings: the top-k
+# candidate count and the longest no-repeat n-gram. Raising them to these floors gives every
+# batch of default-like requests (any styles; top_k <= 64, n-grams <= 4) the same graph, with
+# the same tokens: a wider candidate set or n-gram loop changes no row's choice.
+STATIC_MIN_CANDIDATES = 64
+STATIC_MIN_NGRAM = 4
 # torch.compile keeps one graph per row bucket (dynamic=False) and model/dtype; past dynamo's
 # default of 8 per function it would silently fall back to eager.
 RECOMPILE_LIMIT = 4 * len(STATIC_ROW_BUCKETS)
@@ -224,12 +230,14 @@ class CaptionEngine:
         return self._static_states[rows]
 
     def _static_row_params(self, params: RowParams) -> RowParams:
-        """`params` copied into its row bucket's fixed-address tensors."""
+        """`params` copied into its row bucket's fixed-address tensors, sizes raised to the floors."""
         rows = len(params.temperature)
         if rows not in self._static_params:
             self._static_params[rows] = params.static_copy()
-            return self._static_params[rows]
-        return self._static_params[rows].load(params)
+        held = self._static_params[rows].load(params)
+        held.candidates = min(max(held.candidates, STATIC_MIN_CANDIDATES), self.config.output_size)
+        held.max_ngram = max(held.max_ngram, STATIC_MIN_NGRAM)
+        return held
 
     def _rows_for_cache(self, count: int) -> int:
         if not self.static_shapes:

@@ -145,3 +145,17 @@ def test_compiled_encoder_runs_power_of_two_batches_only(plain_tiny_engine, gold
     assert counters["stats"]["unique_graphs"] == graphs
     assert tokens.shape == expected.shape
     torch.testing.assert_close(tokens, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_static_step_is_shared_by_batches_of_other_styles(plain_tiny_engine, golden_pixels):
+    """A batch of concise-only requests (top_k 3, 2-grams) replays the graph recorded for the
+    default mix (top_k up to 30, 3-grams), with the tokens of eager decoding."""
+    from torch._dynamo.utils import counters
+
+    _, pixels = golden_pixels
+    compiled = CaptionEngine(plain_tiny_engine.model, plain_tiny_engine.vocab, compile_decode=True)
+    compiled.generate(pixels, [make_plan({"seed": 1, "max_new_tokens": 4})] * 3)  # 18 rows: the 24-row bucket
+    graphs = counters["stats"]["unique_graphs"]
+    concise = [make_plan({"seed": s, "styles": ["concise"], "num_captions": 6, "max_new_tokens": 6}) for s in (1, 2, 3)]
+    assert compiled.generate(pixels, concise)[1] == plain_tiny_engine.generate(pixels, concise)[1]
+    assert counters["stats"]["unique_graphs"] == graphs
