@@ -35,6 +35,8 @@ def test_handler_bench_runs_the_real_handler_and_reports_refusals(tmp_path, caps
     assert main(["handler", *tiny, "--max-new-tokens", "8"]) == 0
     result = json.loads((tmp_path / "handler-cpu.json").read_text())
     assert result["images_per_s"] > 0 and result["captions_per_image"] == 6
+    assert set(result["stage_ms_per_image"]) == {"preprocess", "inference", "postprocess"}
+    assert all(ms > 0 for ms in result["stage_ms_per_image"].values())
     assert "images/s" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="must be between 1 and 40"):  # the tiny model's token limit
         main(["handler", *tiny, "--max-new-tokens", "64"])
