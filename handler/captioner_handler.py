@@ -34,7 +34,7 @@ from handler.batching import PreparedBatch, is_out_of_memory, reason_phrase  # n
 from handler.request_parsing import RequestError, error_body, parse_request  # noqa: E402
 from handler.settings import HandlerSettings  # noqa: E402
 from model.image import decode_image, to_pixel_values  # noqa: E402
-from model.styles import make_plan  # noqa: E402
+from model.styles import STYLES, make_plan  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -96,9 +96,11 @@ class CaptionHandler:
                                                thread_name_prefix="caption-decode")
         loaded = time.perf_counter()
         if settings.warmup:
-            # The batch sizes real traffic will use: one request, and a full dynamic batch.
+            # The batch sizes real traffic will use: one request, and a full dynamic batch; CUDA
+            # graphs for every row count a full batch within the limits can need.
             batch_size = int(props.get("batch_size") or 1)
-            self.engine.warmup(batch_sizes=sorted({1, batch_size}))
+            self.engine.warmup(batch_sizes=sorted({1, batch_size}),
+                               max_rows=batch_size * len(STYLES) * self.limits.max_num_captions)
         logger.info(
             "caption handler ready: model=%s device=%s dtype=%s threads=%d compile_encoder=%s "
             "image_size=%d code=%s load=%.1fs warmup=%.1fs",

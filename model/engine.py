@@ -355,12 +355,13 @@ class CaptionEngine:
         return self._static_cache(rows), params, self._token_state(rows, self.config.max_text_tokens)
 
     @torch.inference_mode()
-    def warmup(self, batch_sizes=(1,), max_new_tokens: int = 8) -> None:
+    def warmup(self, batch_sizes=(1,), max_new_tokens: int = 8, max_rows: int | None = None) -> None:
         """Run dummy batches so that compilation and allocation happen before real traffic.
 
         A compiled encoder also runs every power-of-two batch up to the largest. With static
-        shapes also every row bucket a batch of default requests can shrink into as its captions
-        finish: each step is compiled, run once and recorded (three calls)."""
+        shapes also every row bucket up to the one holding `max_rows` caption rows (default: the
+        largest batch of default requests): each step is compiled, run once and recorded (three
+        calls), so no batch of up to `max_rows` rows records a graph while serving."""
         size = self.config.image_size
         for batch in batch_sizes:
             pixels = torch.zeros(batch, 3, size, size)
@@ -370,7 +371,7 @@ class CaptionEngine:
                 self.encode(torch.zeros(1 << batch, 3, size, size, device=self.device))
         if not self.static_shapes:
             return
-        largest = self._rows_for_cache(DEFAULT_ROWS_PER_IMAGE * max(batch_sizes))
+        largest = self._rows_for_cache(max_rows or DEFAULT_ROWS_PER_IMAGE * max(batch_sizes))
         for rows in (b for b in STATIC_ROW_BUCKETS if b <= largest):
             cache, params, state = self.static_step_inputs(rows)
             cache.advance(self.config.prefix_len + 2)

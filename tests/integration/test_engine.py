@@ -128,6 +128,8 @@ def test_static_warmup_records_every_bucket_compaction_can_reach(tiny_engine):
     static = CaptionEngine(tiny_engine.model, tiny_engine.vocab, static_shapes=True)
     static.warmup(batch_sizes=(1, 4), max_new_tokens=2)
     assert set(static._static_caches) == {8, 12, 16, 24}  # every bucket up to 4 default requests (24 rows)
+    static.warmup(batch_sizes=(1,), max_new_tokens=2, max_rows=40)  # e.g. requests with more captions
+    assert set(static._static_caches) == {8, 12, 16, 24, 32, 48}
 
 
 def test_compiled_encoder_runs_power_of_two_batches_only(plain_tiny_engine, golden_pixels):

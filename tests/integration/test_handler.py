@@ -285,3 +285,13 @@ def REPO_CONFIG_FULL():  # noqa: N802 - the full-size preset as a JSON file
     path = Path(tempfile.mkdtemp()) / "caption_config.json"
     PRESETS["seed-full"].to_json(path)
     return path
+
+
+def test_warmup_covers_every_row_count_a_full_batch_can_need(tmp_path, monkeypatch):
+    """batchSize 8, limits.max_num_captions 3: up to 8 images x 3 styles x 3 captions = 72 rows."""
+    from model.engine import CaptionEngine
+
+    calls = []
+    monkeypatch.setattr(CaptionEngine, "warmup", lambda self, **kwargs: calls.append(kwargs))
+    make_service(make_model_dir(tmp_path, {"warmup": True, "limits": {"max_num_captions": 3}}), batch_size=8)
+    assert calls == [{"batch_sizes": [1, 8], "max_rows": 72}]
