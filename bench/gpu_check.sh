@@ -46,5 +46,5 @@ timeout 80 $PY -m bench model --weights "$CKPT" --device cuda --dtype bfloat16 -
   --step-rows 6,64 --max-new-tokens 64 --out "$OUT" 2>&1 | tee "$OUT/bench-eager.log" | tail -12 | tee -a "$OUT/summary.txt"
 
 step handler CUDA tests: golden captions, bf16 default, out-of-memory recovery, full-size batch, compiled by default
-timeout 180 $PY -m pytest -q -m gpu tests/integration/test_handler.py -p no:cacheprovider 2>&1 | tee "$OUT/handler-gpu-tests.log" | tail -5 | tee -a "$OUT/summary.txt"
+timeout 240 $PY -m pytest -q -m gpu tests/integration/test_handler.py -p no:cacheprovider 2>&1 | tee "$OUT/handler-gpu-tests.log" | tail -5 | tee -a "$OUT/summary.txt"
 step done
