@@ -39,18 +39,9 @@ def main() -> None:
     print(profiled(lambda: engine.generate(pixels, plans)))
     print(engine.last_stats)
 
-    cache, params, state = engine.static_step_inputs(step_rows)
-    position = engine.config.prefix_len + 2 + engine.config.max_text_tokens // 2
-
-    def steps(count: int) -> None:
-        state.reset()
-        for _ in range(count):
-            cache.advance(position)
-            engine.static_step(cache, params, state)
-
-    steps(3)
+    engine.run_static_steps(step_rows, 3)  # compile and record
     print(f"\n{step_rows}-row decode step, 20 replays:")
-    print(profiled(lambda: steps(20)))
+    print(profiled(lambda: engine.run_static_steps(step_rows, 20)))
     print("CUDA graph skips:", counters["inductor"]["cudagraph_skips"])
 
 

@@ -103,9 +103,10 @@ class CaptionHandler:
                                max_rows=batch_size * len(STYLES) * self.limits.max_num_captions)
         logger.info(
             "caption handler ready: model=%s device=%s dtype=%s threads=%d compile_encoder=%s "
-            "image_size=%d code=%s load=%.1fs warmup=%.1fs",
+            "compile_decode=%s image_size=%d code=%s load=%.1fs warmup=%.1fs",
             context.model_name, self.device, str(dtype).removeprefix("torch."), torch.get_num_threads(),
-            settings.compile_encoder, self.image_size, code_dir, loaded - started, time.perf_counter() - loaded,
+            self.engine.encoder_buckets, self.engine.static_shapes, self.image_size, code_dir, loaded - started,
+            time.perf_counter() - loaded,
         )
         self.initialized = True
 

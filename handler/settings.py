@@ -19,7 +19,6 @@ from model.styles import Limits
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ON_GPU = "gpu"  # a compile setting that applies on CUDA devices only
-COMPILE_KEYS = ("compile_encoder", "compile_decode")
 
 
 class SettingsError(ValueError):
@@ -90,12 +89,6 @@ class HandlerSettings:
             if name == "limits":
                 values[name] = _limits(value)
                 continue
-            if name in COMPILE_KEYS:
-                if not isinstance(value, bool) and value != ON_GPU:
-                    raise SettingsError(f"model-config.yaml handler: {name} must be true, false or {ON_GPU!r}, "
-                                        f"got {value!r}")
-                values[name] = value
-                continue
             default = known[name].default
             values[name] = _check(name, value, default)
         settings = cls(**values)
@@ -113,6 +106,10 @@ def _check(name: str, value: Any, default: Any) -> Any:
     if default is None:  # optional path
         if value is not None and not isinstance(value, str):
             raise SettingsError(f"model-config.yaml handler: {name} must be a string")
+        return value
+    if default == ON_GPU:  # a compile switch: a boolean, or on CUDA devices only
+        if not isinstance(value, bool) and value != ON_GPU:
+            raise SettingsError(f"model-config.yaml handler: {name} must be true, false or {ON_GPU!r}, got {value!r}")
         return value
     kind = type(default)
     if kind is bool:

@@ -355,6 +355,15 @@ class CaptionEngine:
         return self._static_cache(rows), params, self._token_state(rows, self.config.max_text_tokens)
 
     @torch.inference_mode()
+    def run_static_steps(self, rows: int, count: int) -> None:
+        """`count` static steps of the `rows` bucket on dummy inputs (warm-up, profiling): the
+        token state reset first, the cache position fixed mid-sequence."""
+        cache, params, state = self.static_step_inputs(rows)
+        cache.advance(self.config.prefix_len + 2 + self.config.max_text_tokens // 2)
+        for _ in range(count):
+            self.static_step(cache, params, state)
+
+    @torch.inference_mode()
     def warmup(self, batch_sizes=(1,), max_new_tokens: int = 8, max_rows: int | None = None) -> None:
         """Run dummy batches so that compilation and allocation happen before real traffic.
 
@@ -373,7 +382,4 @@ class CaptionEngine:
             return
         largest = self._rows_for_cache(max_rows or DEFAULT_ROWS_PER_IMAGE * max(batch_sizes))
         for rows in (b for b in STATIC_ROW_BUCKETS if b <= largest):
-            cache, params, state = self.static_step_inputs(rows)
-            cache.advance(self.config.prefix_len + 2)
-            for _ in range(3):
-                self.static_step(cache, params, state)
+            self.run_static_steps(rows, 3)
