@@ -26,6 +26,8 @@ def main(argv=None) -> int:
     model.add_argument("--quantize", choices=["int8"], help="int8 dynamic quantization of the decoder (CPU)")
     model.add_argument("--prepack", action=argparse.BooleanOptionalAction, default=None,
                        help="oneDNN-packed decoder Linears (default: on for float32 CPU, see model/packing.py)")
+    model.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
+                       help="merged q/k/v and feature/gate Linears (model/fusion.py)")
     model.add_argument("--batch-sizes", type=_ints, default=[1, 8])
     model.add_argument("--step-rows", type=_ints, default=[6, 48, 64])
     model.add_argument("--max-new-tokens", type=int, default=128)

@@ -185,14 +185,14 @@ def run(args) -> dict:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     engine = CaptionEngine.from_files(args.weights, config=args.config, device=device, dtype=dtype,
-                                      quantize=args.quantize, prepack=args.prepack,
+                                      quantize=args.quantize, prepack=args.prepack, fuse=args.fuse,
                                       compile_encoder=args.compile, compile_decode=args.compile)
     packed = is_packed(engine.model)
     options = {"seed": 0, "max_new_tokens": args.max_new_tokens}
     jpegs = synthetic_jpegs(max(args.batch_sizes))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     results = {"device": str(device), "device_name": name, "dtype": args.dtype, "quantize": args.quantize,
-               "prepack": packed, "compile": args.compile, "threads": torch.get_num_threads(),
+               "prepack": packed, "fused": args.fuse, "compile": args.compile, "threads": torch.get_num_threads(),
                "max_new_tokens": args.max_new_tokens, "torch": torch.__version__, "engine": [], "decode_step_ms": {}}
     for batch in args.batch_sizes:
         time_batch(engine, jpegs[:batch], dict(options, max_new_tokens=4))  # warm-up (and compile)
@@ -207,9 +207,9 @@ def run(args) -> dict:
         results["decode_step_ms"][rows] = time_decode_step(engine, rows)
         print(f"decode step, {rows} rows: {results['decode_step_ms'][rows]:.3f} ms", flush=True)
     if args.baseline:
-        # The seed's algorithm on the seed's layers: plain nn.Linear, never quantized or packed.
-        plain = engine if not (packed or args.quantize) else CaptionEngine.from_files(
-            args.weights, config=args.config, device=device, dtype=dtype, prepack=False)
+        # The seed's algorithm on the seed's layers: plain nn.Linear, never fused, quantized or packed.
+        plain = engine if not (packed or args.quantize or args.fuse) else CaptionEngine.from_files(
+            args.weights, config=args.config, device=device, dtype=dtype, prepack=False, fuse=False)
         results["baseline"] = time_baseline(plain, jpegs[: args.baseline_images], options)
         base = results["baseline"]["s_per_image"]
         print(f"baseline (seed algorithm, one request at a time): {base:.3f} s/image", flush=True)
@@ -235,7 +235,7 @@ def run(args) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = (f"model-{kind}-{args.dtype}{'-' + args.quantize if args.quantize else ''}"
-            f"{'-unpacked' if args.prepack is False else ''}"
+            f"{'-unpacked' if args.prepack is False else ''}{'' if args.fuse else '-unfused'}"
             f"{'-compiled' if args.compile else ''}")
     (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results, out / f"{stem}.png")

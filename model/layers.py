@@ -8,6 +8,9 @@ Attention does not own its key/value storage: each call receives a `kv` object w
 `attend(layer, q, k, v, mask)` stores the new keys/values and attends over what the queries see.
 The engine passes different ones for prefix prefill, per-style prefill and decode steps
 (see `model/kv_cache.py`); `kv=None` attends over the call's own positions only.
+
+After loading, `model/fusion.py` may merge q/k/v and feature/gate into single Linears; the
+blocks run either form.
 """
 
 from __future__ import annotations
@@ -46,15 +49,21 @@ class SelfAttention(nn.Module):
         self.q_norm = nn.RMSNorm(self.head_dim)
         self.k_norm = nn.RMSNorm(self.head_dim)
         self.proj = nn.Linear(dim, dim)
+        self.qkv_proj: nn.Linear | None = None  # q, k and v in one Linear (`model/fusion.py`)
+
+    def _project(self, h: torch.Tensor):
+        if self.qkv_proj is None:
+            return self.q_proj(h), self.k_proj(h), self.v_proj(h)
+        return self.qkv_proj(h).chunk(3, dim=-1)  # (B, T, 3D) -> 3 x (B, T, D)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)  # (B, T, D) -> (B, H, T, hd)
 
     def forward(self, x, cos, sin, mask=None, kv=None, layer: int = 0):
-        h = self.pre_norm(x)
-        q = apply_rope(self.q_norm(self._heads(self.q_proj(h))), cos, sin)
-        k = apply_rope(self.k_norm(self._heads(self.k_proj(h))), cos, sin)
-        v = self._heads(self.v_proj(h))
+        q, k, v = self._project(self.pre_norm(x))
+        q = apply_rope(self.q_norm(self._heads(q)), cos, sin)
+        k = apply_rope(self.k_norm(self._heads(k)), cos, sin)
+        v = self._heads(v)
         if kv is None:
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
@@ -70,10 +79,16 @@ class FeedForward(nn.Module):
         self.feature = nn.Linear(dim, hidden)
         self.gate = nn.Linear(dim, hidden)
         self.proj = nn.Linear(hidden, dim)
+        self.feature_gate: nn.Linear | None = None  # feature and gate in one Linear (`model/fusion.py`)
+
+    def _feature_and_gate(self, h: torch.Tensor):
+        if self.feature_gate is None:
+            return self.feature(h), self.gate(h)
+        return self.feature_gate(h).chunk(2, dim=-1)  # (B, T, 2F) -> 2 x (B, T, F)
 
     def forward(self, x):
-        h = self.pre_norm(x)
-        return x + self.proj(F.silu(self.feature(h)) * self.gate(h))
+        feature, gate = self._feature_and_gate(self.pre_norm(x))
+        return x + self.proj(F.silu(feature) * gate)
 
 
 class DecoderBlock(nn.Module):
