@@ -5,7 +5,7 @@
   image's prefix (gathered by index) plus its own positions.
 - `KVCache`: the static decode cache (CUDA graphs), one row per caption, preallocated for the
   whole generation and written in place at an explicit position. Rows are filled with a copy
-  of their image's prefix and their group's keys/values.
+  of their image's prefix and their group's keys/values; a step attends over a span of it.
 - `SharedPrefixCache`: the eager decode cache. Rows keep only `[style] [CLS]` and their own
   tokens; the rows of an image share its prefix, read once per image per step.
 
@@ -58,12 +58,13 @@ class KVCache(StoreThenAttend, nn.Module):
 
     One buffer per layer and kind (as gpt-fast does): an in-place write into a whole graph
     input is what torch.compile turns into a write in place; a write into a slice of one big
-    buffer made it copy the whole cache every step. Every step attends over the whole buffer
-    under a mask, so one graph serves every position; the buffers keep fixed addresses, so
-    CUDA graphs read them in place.
+    buffer made it copy the whole cache every step. Each step attends over the buffer's first
+    `span` positions under a mask, `span` the shortest of `spans` past `position`: one graph
+    serves every position of a span (one graph per span), early steps skip the unwritten tail,
+    and the buffers keep fixed addresses, so CUDA graphs read them in place.
     """
 
-    def __init__(self, layers, rows, heads, max_len, head_dim, dtype, device):
+    def __init__(self, layers, rows, heads, max_len, head_dim, dtype, device, spans: tuple[int, ...] = ()):
         super().__init__()
         shape = (rows, heads, max_len, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
@@ -71,6 +72,8 @@ class KVCache(StoreThenAttend, nn.Module):
         self.register_buffer("position", torch.zeros(1, dtype=torch.long, device=device), persistent=False)
         for buffer in (*self.keys, *self.values, self.position):
             torch._dynamo.mark_static_address(buffer)
+        self.spans = tuple(sorted({*(s for s in spans if s < max_len), max_len}))
+        self.span = max_len
 
     @property
     def rows(self) -> int:
@@ -91,17 +94,18 @@ class KVCache(StoreThenAttend, nn.Module):
             values[:, :, prefix_len:end] = groups.values[layer].index_select(0, row_group)
 
     def advance(self, position: int) -> None:
-        """Set the position the next decode step writes at."""
+        """Set the position the next decode step writes at, and the span it attends over."""
         self.position.fill_(position)
+        self.span = next(span for span in self.spans if span > position)
 
     def decode_mask(self) -> torch.Tensor:
-        return (torch.arange(self.max_len, device=self.position.device) <= self.position)[None]  # (1, max_len)
+        return (torch.arange(self.span, device=self.position.device) <= self.position)[None]  # (1, span)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         keys, values = self.keys[layer], self.values[layer]
         keys.index_copy_(2, self.position, k)
         values.index_copy_(2, self.position, v)
-        return keys, values
+        return keys[:, :, : self.span], values[:, :, : self.span]
 
     def load_rows(self, other: "KVCache", rows: torch.Tensor) -> None:
         """Copy `other`'s `rows` into this cache's own buffers (in place: addresses stay fixed)."""

@@ -1,10 +1,11 @@
-"""The eager decode cache's shared-prefix attention equals plain attention over per-row copies."""
+"""The decode caches: the eager shared-prefix attention equals plain attention over per-row
+copies; the static cache attends over the shortest span that holds its position."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from model.kv_cache import GroupKV, PrefixKV, SharedPrefixCache, image_slots, shared_prefix_attention
+from model.kv_cache import GroupKV, KVCache, PrefixKV, SharedPrefixCache, image_slots, shared_prefix_attention
 
 pytestmark = pytest.mark.unit
 
@@ -68,3 +69,21 @@ def test_cache_writes_at_its_position_and_compaction_drops_images_without_rows()
     own_v = torch.cat((own_v[kept], v2), dim=2)
     expected = per_row_attention(q2, prefix.keys[0], prefix.values[0], own_k, own_v, torch.tensor([2, 0]))
     torch.testing.assert_close(context, expected)
+
+
+def test_static_cache_attends_over_the_shortest_span_holding_its_position():
+    cache = KVCache(1, 2, HEADS, 12, HEAD_DIM, torch.float32, "cpu", spans=(6, 9, 12, 20))
+    assert cache.spans == (6, 9, 12)  # the buffer's length is the last span
+    torch.manual_seed(0)
+    for layer_buffers in (cache.keys, cache.values):
+        layer_buffers[0].normal_()
+    for position, span in ((4, 6), (5, 6), (6, 9), (8, 9), (9, 12), (11, 12)):
+        cache.advance(position)
+        q, k, v = (torch.randn(2, HEADS, 1, HEAD_DIM) for _ in range(3))
+        keys, values = cache.update(0, k, v)
+        assert cache.span == span and keys.shape[2] == span and cache.decode_mask().shape == (1, span)
+        assert torch.equal(cache.keys[0][:, :, position], k[:, :, 0])  # written in the whole buffer
+        context = cache.attend(0, q, k, v, cache.decode_mask())
+        visible = torch.arange(12) <= position  # the full buffer, masked: the same context
+        expected = F.scaled_dot_product_attention(q, cache.keys[0], cache.values[0], attn_mask=visible[None])
+        torch.testing.assert_close(context, expected)
