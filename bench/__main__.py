@@ -44,6 +44,8 @@ def main(argv=None) -> int:
     handler.add_argument("--batches", type=int, default=3)
     handler.add_argument("--max-new-tokens", type=int, default=64)
     handler.add_argument("--decode-threads", type=int, default=8)
+    handler.add_argument("--warmup", action="store_true",
+                         help="the handler's own warm-up (every graph a full batch can need), timed")
     handler.add_argument("--out", default="bench/results")
     http = commands.add_parser("http", help="load test of a running TorchServe: batching on vs off, concurrency sweep")
     target = http.add_argument_group("server (a running one, or --start)")

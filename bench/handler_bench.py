@@ -29,8 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 class StubContext:
     """The attributes of ts.context.Context that the handler reads, and per-request statuses."""
 
-    def __init__(self, model_dir: Path, gpu_id, model_yaml_config: dict):
-        self.system_properties = {"model_dir": str(model_dir), "gpu_id": gpu_id, "batch_size": 0}
+    def __init__(self, model_dir: Path, gpu_id, model_yaml_config: dict, batch_size: int = 1):
+        self.system_properties = {"model_dir": str(model_dir), "gpu_id": gpu_id, "batch_size": batch_size}
         self.model_yaml_config = model_yaml_config
         self.model_name = "captioner"
         self.manifest = {"model": {"serializedFile": "weights.pt"}}
@@ -70,13 +70,17 @@ def stage_ms_per_image(handler: CaptionHandler, rows: list[dict], repeats: int) 
 def run(args) -> dict:
     config = CaptionConfig.from_json(args.config) if args.config else PRESETS["seed-full"]
     gpu_id = 0 if args.device.startswith("cuda") else None
-    overrides = {"compile_encoder": args.compile, "compile_decode": args.compile, "warmup": False,
+    overrides = {"compile_encoder": args.compile, "compile_decode": args.compile, "warmup": args.warmup,
                  "decode_threads": args.decode_threads}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp)
-        context = StubContext(model_dir, gpu_id, make_model_dir(model_dir, Path(args.weights), config, overrides))
+        context = StubContext(model_dir, gpu_id, make_model_dir(model_dir, Path(args.weights), config, overrides),
+                              batch_size=args.batch_size)  # the model's batchSize, as TorchServe passes it
         handler = CaptionHandler()
+        started = time.perf_counter()
         handler.initialize(context)
+        initialize_s = time.perf_counter() - started
+        print(f"initialize (load{', compile and warm up' if args.warmup else ''}): {initialize_s:.1f} s", flush=True)
         images = [base64.b64encode(b).decode() for b in synthetic_jpegs(args.batch_size)]
         rows = [{"body": {"image": image, "max_new_tokens": args.max_new_tokens, "seed": i}} for i, image in enumerate(images)]
         handler.handle(rows, context)  # warm-up (and compilation)
@@ -93,7 +97,7 @@ def run(args) -> dict:
     result = {
         "device": args.device, "device_name": torch.cuda.get_device_name(0) if gpu_id is not None else "cpu",
         "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "compile": args.compile,
-        "batch_seconds": timings, "images_per_s": args.batch_size / best,
+        "warmup": args.warmup, "initialize_s": initialize_s, "batch_seconds": timings, "images_per_s": args.batch_size / best,
         "captions_per_image": sum(len(v) for v in captions.values()),
         "stage_ms_per_image": stages,
         "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu_id is not None else None,

@@ -106,34 +106,39 @@ def eager_cache(engine: CaptionEngine, rows: int, rows_per_image: int = 6) -> Sh
                              2 + cfg.max_text_tokens)
 
 
-@torch.inference_mode()
-def time_decode_step(engine: CaptionEngine, rows: int, steps: int = 50) -> float:
-    """Milliseconds per decode step for `rows` rows, mid-sequence, cache of the full length.
-    With static shapes the step includes token selection (both are one CUDA graph)."""
-    cfg, device = engine.config, engine.device
-    position = cfg.prefix_len + 2 + cfg.max_text_tokens // 2
-    steps = min(steps, cfg.max_text_tokens - 4)  # the static history holds max_text_tokens tokens
-    if engine.static_shapes:
-        cache, params, state = engine.static_step_inputs(rows)
+def step_positions(config, max_new_tokens: int, samples: int) -> list[int]:
+    """Up to `samples` cache positions spread evenly over a `max_new_tokens` caption's decode steps."""
+    first, steps = config.prefix_len + 2, min(max_new_tokens, config.max_text_tokens) - 1
+    count = min(samples, steps)
+    return [first + round(i * (steps - 1) / max(count - 1, 1)) for i in range(count)]
 
-        def step():
-            engine.static_step(cache, params, state)
+
+@torch.inference_mode()
+def time_decode_step(engine: CaptionEngine, rows: int, max_new_tokens: int, samples: int = 32) -> float:
+    """Milliseconds per decode step for `rows` rows: the mean over positions spread over a
+    `max_new_tokens` caption (a step costs more the more positions it attends over). With
+    static shapes the step includes token selection (both are one CUDA graph)."""
+    positions = step_positions(engine.config, max_new_tokens, samples)
+    if engine.static_shapes:
+        def run_steps():
+            cache, params, state = engine.static_step_inputs(rows)  # state reset: its history has room
+            for position in positions:
+                cache.advance(position)
+                engine.static_step(cache, params, state)
     else:
         cache = eager_cache(engine, rows)
-        tokens = torch.full((rows,), 1037, device=device)
+        tokens = torch.full((rows,), 1037, device=engine.device)
 
-        def step():
-            decode_step(engine.model, cache, tokens)
-    for _ in range(3):
-        cache.advance(position)
-        step()
-    sync(device)
+        def run_steps():
+            for position in positions:
+                cache.advance(position)
+                decode_step(engine.model, cache, tokens)
+    run_steps()  # warm-up: every span's graph compiled and recorded
+    sync(engine.device)
     start = time.perf_counter()
-    for _ in range(steps):
-        cache.advance(position)
-        step()
-    sync(device)
-    return (time.perf_counter() - start) / steps * 1e3
+    run_steps()
+    sync(engine.device)
+    return (time.perf_counter() - start) / len(positions) * 1e3
 
 
 def check_targets(figures: dict, full_size: bool = True) -> list[str]:
@@ -204,8 +209,9 @@ def run(args) -> dict:
               f"{best['preprocess_ms']:.0f} ms, encode {best['encode_ms']:.0f} ms, prefill {best['prefill_ms']:.0f} ms,"
               f" steps {best['decode_steps_ms']:.0f} ms; engine only {best['engine_images_per_s']:.1f} images/s)", flush=True)
     for rows in args.step_rows:
-        results["decode_step_ms"][rows] = time_decode_step(engine, rows)
-        print(f"decode step, {rows} rows: {results['decode_step_ms'][rows]:.3f} ms", flush=True)
+        results["decode_step_ms"][rows] = time_decode_step(engine, rows, args.max_new_tokens)
+        print(f"decode step, {rows} rows: {results['decode_step_ms'][rows]:.3f} ms "
+              f"(mean over a {args.max_new_tokens}-token caption's positions)", flush=True)
     if args.baseline:
         # The seed's algorithm on the seed's layers: plain nn.Linear, never fused, quantized or packed.
         plain = engine if not (packed or args.quantize or args.fuse) else CaptionEngine.from_files(

@@ -1,13 +1,15 @@
 """Profile the compiled engine on CUDA: where a batch's and a decode step's time goes.
 
-`python -m bench.profile_gpu CHECKPOINT [IMAGES] [STEP_ROWS]` prints the top kernels/ops by
-device time for one warmed-up generate call (images x 6 captions x 16 tokens), then for 20
-replays of the decode step (CUDA graph) of the STEP_ROWS-row bucket alone.
+`python -m bench.profile_gpu CHECKPOINT [IMAGES] [STEP_ROWS,...]` prints the top kernels/ops by
+device time for one warmed-up generate call (images x 6 captions x 16 tokens), then for each
+STEP_ROWS bucket the decode step (one CUDA graph) at a mid-sequence position: wall time per
+step, kernels launched per step, their summed device time, and the costliest kernels.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 
 import torch
 from torch._dynamo.utils import counters
@@ -16,32 +18,56 @@ from torch.profiler import ProfilerActivity, profile
 from model.engine import CaptionEngine
 from model.styles import make_plan
 
+PROFILED_STEPS = 20
+TIMED_STEPS = 50
 
-def profiled(fn) -> str:
+
+def profiled(fn) -> profile:
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
+    return prof
+
+
+def kernel_summary(prof: profile, steps: int, top: int = 20) -> list[str]:
+    """Kernels per step and device time per step, overall and for the costliest kernel names."""
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_name: dict[str, list[float]] = {}
+    for event in kernels:
+        by_name.setdefault(event.name, []).append(event.device_time)
+    total_us = sum(event.device_time for event in kernels) / steps
+    lines = [f"{len(kernels) / steps:.0f} kernels per step, {total_us / 1e3:.3f} ms of kernel time per step"]
+    ranked = sorted(by_name.items(), key=lambda item: -sum(item[1]))[:top]
+    lines += [f"{sum(times) / steps:9.1f} us {len(times) / steps:5.1f}x  {name[:110]}" for name, times in ranked]
+    return lines
 
 
 @torch.inference_mode()
 def main() -> None:
     weights = sys.argv[1]
     images = int(sys.argv[2]) if len(sys.argv) > 2 else 64
-    step_rows = int(sys.argv[3]) if len(sys.argv) > 3 else 64
+    step_rows = [int(r) for r in sys.argv[3].split(",")] if len(sys.argv) > 3 else [64]
     engine = CaptionEngine.from_files(weights, device="cuda", dtype=torch.bfloat16, compile_encoder=True,
                                       compile_decode=True)
     pixels = torch.randn(images, 3, 384, 384, device="cuda")
     plans = [make_plan({"seed": i, "max_new_tokens": 16}) for i in range(images)]
     for _ in range(2):
         engine.generate(pixels, plans)
-    print(profiled(lambda: engine.generate(pixels, plans)))
+    prof = profiled(lambda: engine.generate(pixels, plans))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
     print(engine.last_stats)
 
-    engine.run_static_steps(step_rows, 3)  # compile and record
-    print(f"\n{step_rows}-row decode step, 20 replays:")
-    print(profiled(lambda: engine.run_static_steps(step_rows, 20)))
+    for rows in step_rows:
+        engine.run_static_steps(rows, 3)  # compile and record
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        engine.run_static_steps(rows, TIMED_STEPS)
+        torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - started) / TIMED_STEPS * 1e3
+        print(f"\n{rows}-row decode step, mid-sequence: {wall_ms:.3f} ms per step (wall)")
+        print("\n".join(kernel_summary(profiled(lambda: engine.run_static_steps(rows, PROFILED_STEPS)),
+                                       PROFILED_STEPS)))
     print("CUDA graph skips:", counters["inductor"]["cudagraph_skips"])
 
 

@@ -52,10 +52,11 @@ DEFAULT_ROWS_PER_IMAGE = 6  # three styles x two captions
 STATIC_MIN_CANDIDATES = 64
 STATIC_MIN_NGRAM = 4
 # A static step attends over the cache's first `span` positions: the prefix, `[style] [CLS]`
-# and the first 1/4, 1/2 or all of max_text_tokens, the shortest holding the step's position.
-# Early steps then skip the unwritten tail (H100, 384 rows, 12 layers: 1.51 ms of attention
-# over 276 positions, 1.18 over 211).
-STATIC_SPAN_DIVISORS = (4, 2, 1)
+# and the first half or all of max_text_tokens, the shorter when it holds the step's position.
+# The first half of the steps then skips the unwritten tail (H100, 384 rows, 12 layers: 1.51
+# ms of attention over 276 positions, 1.18 over 211). Each span is one more graph per row
+# bucket to compile at warm-up, so there are only two.
+STATIC_SPAN_DIVISORS = (2, 1)
 # torch.compile keeps one graph per row bucket and span (dynamic=False) and model/dtype; past
 # dynamo's default of 8 per function it would silently fall back to eager.
 RECOMPILE_LIMIT = 4 * len(STATIC_ROW_BUCKETS) * len(STATIC_SPAN_DIVISORS)

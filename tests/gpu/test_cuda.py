@@ -64,3 +64,25 @@ def test_bfloat16_on_cuda(golden_pixels):
     results = engine.caption(pixels.cuda(), [make_plan({"temperature": 0, "num_captions": 1})] * 3)
     assert all(set(r) == {s.capitalize() for s in STYLES} for r in results)
     assert results[1]["Concise"][0].startswith("A ")
+
+
+def test_compiled_spans_recorded_at_warmup_on_cuda(golden_pixels):
+    """Random weights run captions to the tiny model's 40 tokens, across both attention spans:
+    warm-up recorded both graphs, and the tokens are those of eager decoding."""
+    from torch._dynamo.utils import counters
+
+    from model.captioner import CaptionModel
+    from model.config import PRESETS
+    from model.tokenizer import VOCAB_PATH, Vocabulary
+
+    _, pixels = golden_pixels
+    torch.manual_seed(0)
+    model, vocab = CaptionModel(PRESETS["seed-tiny"]).eval().cuda(), Vocabulary(VOCAB_PATH)
+    compiled = CaptionEngine(model, vocab, compile_decode=True)
+    compiled.warmup(batch_sizes=(1,), max_new_tokens=2)
+    graphs = counters["stats"]["unique_graphs"]
+    plans = [make_plan({"seed": 1, "max_new_tokens": 40})]
+    ids = compiled.generate(pixels[:1].cuda(), plans)[1]
+    assert counters["stats"]["unique_graphs"] == graphs and max(len(row) for row in ids) > 20
+    assert ids == CaptionEngine(model, vocab).generate(pixels[:1].cuda(), plans)[1]
+    assert counters["inductor"]["cudagraph_skips"] == 0

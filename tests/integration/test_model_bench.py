@@ -19,7 +19,7 @@ def test_model_bench_writes_figures_and_the_baseline_ratio(tmp_path, capsys, pre
     printed = capsys.readouterr().out
     results = json.loads((tmp_path / f"{stem}.json").read_text())
     assert (tmp_path / f"{stem}.png").stat().st_size > 10_000
-    assert results["prepack"] is prepack
+    assert results["prepack"] is prepack and results["fused"] is True
     assert [r["batch"] for r in results["engine"]] == [1, 2]
     assert all(r["new_tokens_per_s"] > 0 and r["decode_steps_ms"] > 0 for r in results["engine"])
     assert results["decode_step_ms"]["6"] > 0
@@ -32,8 +32,9 @@ def test_model_bench_writes_figures_and_the_baseline_ratio(tmp_path, capsys, pre
 def test_handler_bench_runs_the_real_handler_and_reports_refusals(tmp_path, capsys):
     tiny = ["--weights", str(SEED_TINY / "weights.pt"), "--config", str(SEED_TINY / "config.json"),
             "--batch-size", "2", "--batches", "1", "--out", str(tmp_path)]
-    assert main(["handler", *tiny, "--max-new-tokens", "8"]) == 0
+    assert main(["handler", *tiny, "--max-new-tokens", "8", "--warmup"]) == 0
     result = json.loads((tmp_path / "handler-cpu.json").read_text())
+    assert result["warmup"] is True and result["initialize_s"] > 0
     assert result["images_per_s"] > 0 and result["captions_per_image"] == 6
     assert set(result["stage_ms_per_image"]) == {"preprocess", "inference", "postprocess"}
     assert all(ms > 0 for ms in result["stage_ms_per_image"].values())

@@ -1,8 +1,10 @@
-"""The benchmark's target verdicts: met, missed, and not judged for other configs."""
+"""The benchmark's target verdicts (met, missed, not judged for other configs) and the
+positions its decode-step time is averaged over."""
 
 import pytest
 
-from bench.model_bench import check_targets
+from bench.model_bench import check_targets, step_positions
+from model.config import PRESETS
 
 pytestmark = pytest.mark.unit
 
@@ -16,3 +18,13 @@ def test_target_verdicts():
     assert check_targets({"cpu_one_image_s": None}) == []
     (line,) = check_targets({"cpu_one_image_s": 0.05}, full_size=False)
     assert line.endswith("-> not judged (not the full-size model)")
+
+
+def test_step_positions_spread_over_the_caption():
+    full, tiny = PRESETS["seed-full"], PRESETS["seed-tiny"]
+    first = full.prefix_len + 2
+    positions = step_positions(full, 64, 32)
+    assert len(positions) == 32 and positions[0] == first and positions[-1] == first + 62
+    assert positions == sorted(set(positions))
+    assert step_positions(full, 8, 32) == list(range(first, first + 7))  # fewer steps than samples: each
+    assert step_positions(tiny, 128, 32)[-1] == tiny.prefix_len + 2 + tiny.max_text_tokens - 2  # capped
