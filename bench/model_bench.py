@@ -22,7 +22,7 @@ from torch._dynamo.utils import counters
 
 from model.config import PRESETS
 from model.engine import CaptionEngine, decode_step
-from model.image import decode_image, to_pixel_values
+from model.image import decode_image, to_pixel_values, to_uint8_pixels
 from model.kv_cache import GroupKV, PrefixKV, SharedPrefixCache
 from model.packing import is_packed
 from model.styles import make_plan
@@ -61,7 +61,8 @@ def time_batch(engine: CaptionEngine, jpegs: list[bytes], options: dict) -> dict
     start = time.perf_counter()
     images = [decode_image(b) for b in jpegs]
     decoded = time.perf_counter()
-    pixels = torch.stack([to_pixel_values(im, engine.config.image_size) for im in images])
+    preprocess = to_uint8_pixels if device.type == "cuda" else to_pixel_values  # as the handler does
+    pixels = torch.stack([preprocess(im, engine.config.image_size) for im in images])
     preprocessed = time.perf_counter()
     engine.caption(pixels, [make_plan(options)] * len(jpegs))
     sync(device)

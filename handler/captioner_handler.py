@@ -33,7 +33,7 @@ from handler import metrics as handler_metrics  # noqa: E402
 from handler.batching import PreparedBatch, is_out_of_memory, reason_phrase  # noqa: E402
 from handler.request_parsing import RequestError, error_body, parse_request  # noqa: E402
 from handler.settings import HandlerSettings  # noqa: E402
-from model.image import decode_image, to_pixel_values  # noqa: E402
+from model.image import decode_image, to_pixel_values, to_uint8_pixels  # noqa: E402
 from model.styles import STYLES, make_plan  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ class CaptionHandler:
         self.limits = None
         self.device = torch.device("cpu")
         self.image_size = 0
+        self.normalize_on_device = False  # decoded images travel as uint8, normalised by the engine
         self.context = None
         self._decode_pool: ThreadPoolExecutor | None = None
 
@@ -69,6 +70,7 @@ class CaptionHandler:
             torch.cuda.set_device(self.device)
         else:
             self.device = torch.device("cpu")
+        self.normalize_on_device = self.device.type == "cuda"
         if settings.threads:
             torch.set_num_threads(settings.threads)
         dtype = settings.dtype_for(self.device)
@@ -174,7 +176,13 @@ class CaptionHandler:
         return batch
 
     def _pixels(self, image: bytes) -> torch.Tensor:
-        return to_pixel_values(decode_image(image, self.settings.max_pixels), self.image_size)
+        """uint8 for a GPU, which normalises the batch (a quarter of the bytes to stack and copy);
+        normalised float32 on CPU, here in the decode threads: one batched normalisation on
+        the CPU took longer than these in parallel (143 vs 102 ms for 64 images, 2 cores)."""
+        decoded = decode_image(image, self.settings.max_pixels)
+        if self.normalize_on_device:
+            return to_uint8_pixels(decoded, self.image_size)
+        return to_pixel_values(decoded, self.image_size)
 
     def inference(self, batch: PreparedBatch) -> list[dict]:
         """One engine call for every request of the batch that survived preprocessing."""

@@ -31,8 +31,9 @@ import torch
 from .captioner import CaptionModel
 from .checkpoint import load_model
 from .config import PRESETS, SEP_ID, STYLE_TOKEN_IDS, CaptionConfig
-from .kv_cache import GroupKV, KVCache, PrefixKV, SharedPrefixCache
 from .fusion import fuse_projections
+from .image import normalize
+from .kv_cache import GroupKV, KVCache, PrefixKV, SharedPrefixCache
 from .packing import is_packed, prepack_available, prepack_decoder
 from .quantize import quantize_decoder
 from .sampling import RowParams, TokenState, make_row_params, select_next, select_step
@@ -189,9 +190,11 @@ class CaptionEngine:
         return self.encoder(pixel_values)[:count]
 
     def prefill_prefix(self, pixel_values: torch.Tensor) -> PrefixKV:
-        """Encode images and run their prefix positions through the decoder once."""
+        """Encode images (normalised float32, or uint8 from `to_uint8_pixels`, normalised here on
+        the model's device) and run their prefix positions through the decoder once."""
         with self._timed("encode_ms"):
-            image_tokens = self.encode(pixel_values.to(self.device))
+            pixels = pixel_values.to(self.device)
+            image_tokens = self.encode(normalize(pixels) if pixels.dtype == torch.uint8 else pixels)
         with self._timed("prefill_ms"):
             prefix = self.model.prefix_embeddings(image_tokens)
             cos, sin = self.model.rope(torch.arange(prefix.shape[1], device=self.device))

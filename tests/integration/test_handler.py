@@ -160,6 +160,18 @@ def test_gpu_id_without_cuda_falls_back_to_cpu(tmp_path):
     assert handler.device == torch.device("cpu")
 
 
+def test_uint8_pixels_normalised_by_the_engine_give_the_golden_captions(tmp_path):
+    """What a GPU worker does (uint8 images batched, normalised on the device), run on CPU."""
+    service, handler = make_service(make_model_dir(tmp_path))
+    assert not handler.normalize_on_device  # CPU: normalised in the decode threads
+    handler.normalize_on_device = True
+    engine_inputs, prefill = [], handler.engine.prefill_prefix
+    handler.engine.prefill_prefix = lambda pixels: engine_inputs.append(pixels.dtype) or prefill(pixels)
+    replies = predict(service, batch(*(json_row(IMAGES[n], **GREEDY) for n in IMAGES)))
+    assert [r.json() for r in replies] == [golden(n) for n in IMAGES]
+    assert engine_inputs == [torch.uint8]
+
+
 def test_invalid_handler_settings_fail_the_worker_start(tmp_path):
     from handler.settings import SettingsError
 

@@ -27,6 +27,7 @@ from model.image import (
     resize_shorter_side,
     resized_size,
     to_pixel_values,
+    to_uint8_pixels,
 )
 
 pytestmark = pytest.mark.unit
@@ -127,6 +128,14 @@ def test_plain_images_decode_like_pillow_convert_rgb(name):
     actual = decode_image(path.read_bytes())
     assert actual.mode == "RGB" and actual.size == expected.size
     assert actual.tobytes() == expected.tobytes()
+
+
+def test_uint8_pixels_normalised_later_in_a_batch_are_the_same_numbers():
+    """The GPU handler path: uint8 images stacked, then normalised together (on the device)."""
+    images = [decode_image(p.read_bytes()) for p in sorted((PREPROCESS_DIR / "images").iterdir())[:4]]
+    uint8 = torch.stack([to_uint8_pixels(image, 384) for image in images])
+    assert uint8.dtype == torch.uint8 and uint8.shape == (len(images), 3, 384, 384) and uint8.is_contiguous()
+    assert torch.equal(normalize(uint8), torch.stack([to_pixel_values(image, 384) for image in images]))
 
 
 def test_load_pixel_values_accepts_bytes_and_paths():
