@@ -20,12 +20,12 @@ def merged_linear(linears: list[nn.Linear]) -> nn.Linear:
     """One Linear whose output is the concatenation of `linears`' outputs."""
     first = linears[0]
     has_bias = first.bias is not None
-    merged = nn.Linear(first.in_features, sum(l.out_features for l in linears), bias=has_bias,
+    merged = nn.Linear(first.in_features, sum(linear.out_features for linear in linears), bias=has_bias,
                        device=first.weight.device, dtype=first.weight.dtype)
     with torch.no_grad():
-        merged.weight.copy_(torch.cat([l.weight for l in linears]))
+        merged.weight.copy_(torch.cat([linear.weight for linear in linears]))
         if has_bias:
-            merged.bias.copy_(torch.cat([l.bias for l in linears]))
+            merged.bias.copy_(torch.cat([linear.bias for linear in linears]))
     return merged.requires_grad_(False)
 
 
