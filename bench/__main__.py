@@ -23,6 +23,8 @@ def main(argv=None) -> int:
     model.add_argument("--device", default="cpu")
     model.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     model.add_argument("--compile", action="store_true", help="torch.compile the encoder and the decode step")
+    model.add_argument("--dynamic-rows", action="store_true",
+                       help="with --compile: one decode-step compilation per span for all row buckets")
     model.add_argument("--quantize", choices=["int8"], help="int8 dynamic quantization of the decoder (CPU)")
     model.add_argument("--prepack", action=argparse.BooleanOptionalAction, default=None,
                        help="oneDNN-packed decoder Linears (default: on for float32 CPU, see model/packing.py)")
@@ -40,6 +42,7 @@ def main(argv=None) -> int:
     handler.add_argument("--config", help="model config JSON (default: full size)")
     handler.add_argument("--device", default="cpu")
     handler.add_argument("--compile", action="store_true")
+    handler.add_argument("--dynamic-rows", action="store_true", help="the handler's compile_dynamic_rows")
     handler.add_argument("--batch-size", type=int, default=8)
     handler.add_argument("--batches", type=int, default=3)
     handler.add_argument("--max-new-tokens", type=int, default=64)

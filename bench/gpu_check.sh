@@ -5,7 +5,8 @@
 # outer `timeout` and pack OUT_DIR afterwards (docs/benchmarks.md); a cut-off run loses only
 # the last, least important steps.
 # CUDA tests, the model benchmark in bfloat16 compiled (CUDA graphs) and eager (with the seed's
-# algorithm as baseline), the decode-step time, images/s through the handler's batched path, a
+# algorithm as baseline), the same compiled with dynamic rows (and its warm-up time), the
+# decode-step time, images/s through the handler's batched path, a
 # profile of the compiled decode loop and steps, the handler's warm-up time (every graph a
 # default batch can need), the handler's CUDA tests, and peak GPU memory; most
 # important first, so a cut-off run still leaves the main figures. Everything is written under
@@ -34,6 +35,17 @@ step random full-size checkpoint
 step model benchmark, bf16 compiled
 timeout 200 $PY -m bench model --weights "$CKPT" --device cuda --dtype bfloat16 --compile --batch-sizes 1,8,64,128 \
   --step-rows 8,64 --max-new-tokens 64 --no-baseline --out "$OUT" 2>&1 | tee "$OUT/bench-compiled.log" | tail -14 | tee -a "$OUT/summary.txt"
+
+step "model benchmark, bf16 compiled with dynamic rows: one compilation per span for all row buckets"
+timeout 200 $PY -m bench model --weights "$CKPT" --device cuda --dtype bfloat16 --compile --dynamic-rows \
+  --batch-sizes 1,8,64,128 --step-rows 8,64 --max-new-tokens 64 --no-baseline --out "$OUT" 2>&1 \
+  | tee "$OUT/bench-compiled-dynamic.log" | tail -9 | tee -a "$OUT/summary.txt"
+
+step handler warm-up with the default settings and dynamic rows, then batches of 8 default requests
+mkdir -p "$OUT/warmup-dynamic"
+timeout 240 $PY -m bench handler --weights "$CKPT" --device cuda --compile --dynamic-rows --warmup --batch-size 8 \
+  --batches 3 --max-new-tokens 128 --out "$OUT/warmup-dynamic" 2>&1 | tee "$OUT/bench-handler-warmup-dynamic.log" \
+  | tail -4 | tee -a "$OUT/summary.txt"
 
 step handler batched path, compiled, 64 requests per batch
 timeout 90 $PY -m bench handler --weights "$CKPT" --device cuda --compile --batch-size 64 --batches 3 \

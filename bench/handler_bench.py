@@ -71,6 +71,7 @@ def run(args) -> dict:
     config = CaptionConfig.from_json(args.config) if args.config else PRESETS["seed-full"]
     gpu_id = 0 if args.device.startswith("cuda") else None
     overrides = {"compile_encoder": args.compile, "compile_decode": args.compile, "warmup": args.warmup,
+                 "compile_dynamic_rows": args.dynamic_rows,
                  "decode_threads": args.decode_threads}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp)
@@ -97,7 +98,8 @@ def run(args) -> dict:
     result = {
         "device": args.device, "device_name": torch.cuda.get_device_name(0) if gpu_id is not None else "cpu",
         "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "compile": args.compile,
-        "warmup": args.warmup, "initialize_s": initialize_s, "batch_seconds": timings, "images_per_s": args.batch_size / best,
+        "dynamic_rows": args.dynamic_rows, "warmup": args.warmup, "initialize_s": initialize_s,
+        "batch_seconds": timings, "images_per_s": args.batch_size / best,
         "captions_per_image": sum(len(v) for v in captions.values()),
         "stage_ms_per_image": stages,
         "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu_id is not None else None,

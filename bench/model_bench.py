@@ -192,13 +192,14 @@ def run(args) -> dict:
     dtype = getattr(torch, args.dtype)
     engine = CaptionEngine.from_files(args.weights, config=args.config, device=device, dtype=dtype,
                                       quantize=args.quantize, prepack=args.prepack, fuse=args.fuse,
-                                      compile_encoder=args.compile, compile_decode=args.compile)
+                                      compile_encoder=args.compile, compile_decode=args.compile,
+                                      dynamic_rows=args.dynamic_rows)
     packed = is_packed(engine.model)
     options = {"seed": 0, "max_new_tokens": args.max_new_tokens}
     jpegs = synthetic_jpegs(max(args.batch_sizes))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     results = {"device": str(device), "device_name": name, "dtype": args.dtype, "quantize": args.quantize,
-               "prepack": packed, "fused": args.fuse, "compile": args.compile, "threads": torch.get_num_threads(),
+               "prepack": packed, "fused": args.fuse, "dynamic_rows": engine.dynamic_rows, "compile": args.compile, "threads": torch.get_num_threads(),
                "max_new_tokens": args.max_new_tokens, "torch": torch.__version__, "engine": [], "decode_step_ms": {}}
     for batch in args.batch_sizes:
         time_batch(engine, jpegs[:batch], dict(options, max_new_tokens=4))  # warm-up (and compile)
@@ -243,7 +244,7 @@ def run(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     stem = (f"model-{kind}-{args.dtype}{'-' + args.quantize if args.quantize else ''}"
             f"{'-unpacked' if args.prepack is False else ''}{'' if args.fuse else '-unfused'}"
-            f"{'-compiled' if args.compile else ''}")
+            f"{'-compiled' if args.compile else ''}{'-dynamic' if engine.dynamic_rows else ''}")
     (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results, out / f"{stem}.png")
     print(f"wrote {out / (stem + '.json')} and {out / (stem + '.png')}")

@@ -49,6 +49,10 @@ class HandlerSettings:
     # compiling costs minutes of start-up on a few cores.
     compile_encoder: bool | str = ON_GPU
     compile_decode: bool | str = ON_GPU
+    # Compile the decode step once per attention span for all row buckets (the row count a
+    # symbolic size), instead of once per bucket and span: a shorter warm-up. Not yet measured
+    # on a GPU, hence off.
+    compile_dynamic_rows: bool = False
     # Intra-op threads of this worker; 0 leaves PyTorch's default (all cores). With several
     # CPU workers on one host set it to cores / workers.
     threads: int = 0

@@ -121,7 +121,7 @@ def cut_at_end(ids: list[int]) -> list[int]:
 
 class CaptionEngine:
     def __init__(self, model: CaptionModel, vocab: Vocabulary, *, compile_encoder=False, compile_decode=False,
-                 static_shapes: bool | None = None, sync_every: int = 8):
+                 static_shapes: bool | None = None, sync_every: int = 8, dynamic_rows: bool = False):
         self.model, self.vocab, self.config = model, vocab, model.config
         self.device = model.token_embeddings.weight.device
         self.dtype = model.token_embeddings.weight.dtype
@@ -136,9 +136,14 @@ class CaptionEngine:
         self.encoder = (torch.compile(model.encode_images, dynamic=False) if compile_encoder
                         else model.encode_images)
         self._decode_select = decode_select_step
+        # dynamic_rows: the row count is a symbolic size, so one compilation per span serves every
+        # row bucket, and each bucket only records its CUDA graph (a faster warm-up; kernels
+        # generated for symbolic sizes). Otherwise one compilation per bucket and span.
+        self.dynamic_rows = bool(compile_decode and dynamic_rows)
         if compile_decode:  # one CUDA graph per row bucket: the step and token selection together
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-            self._decode_select = torch.compile(decode_select_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+            self._decode_select = torch.compile(decode_select_step, mode="reduce-overhead", fullgraph=True,
+                                                dynamic=None if self.dynamic_rows else False)
         self.last_stats: dict = {}
         self._static_caches: dict[int, KVCache] = {}
         self._static_states: dict[int, TokenState] = {}
@@ -224,9 +229,16 @@ class CaptionEngine:
         cfg = self.config
         if rows not in self._static_caches:
             spans = tuple(cfg.prefix_len + 2 + cfg.max_text_tokens // divisor for divisor in STATIC_SPAN_DIVISORS)
-            self._static_caches[rows] = KVCache(cfg.depth, rows, cfg.num_heads, cfg.max_seq_len, cfg.head_dim,
-                                                self.dtype, self.device, spans)
+            self._static_caches[rows] = cache = KVCache(cfg.depth, rows, cfg.num_heads, cfg.max_seq_len,
+                                                        cfg.head_dim, self.dtype, self.device, spans)
+            self._mark_rows_dynamic(*cache.keys, *cache.values)
         return self._static_caches[rows]
+
+    def _mark_rows_dynamic(self, *tensors: torch.Tensor) -> None:
+        """With `dynamic_rows`: dimension 0 (rows) of these step inputs is a symbolic size."""
+        if self.dynamic_rows:
+            for tensor in tensors:
+                torch._dynamo.mark_dynamic(tensor, 0)
 
     def _token_state(self, rows: int, max_new: int) -> TokenState:
         """Generation state; with static shapes one per row bucket, reset in place."""
@@ -240,7 +252,9 @@ class CaptionEngine:
     def _static_state(self, rows: int) -> TokenState:
         if rows not in self._static_states:
             cfg = self.config
-            self._static_states[rows] = TokenState(rows, cfg.max_text_tokens, cfg.output_size, self.device, static=True)
+            self._static_states[rows] = state = TokenState(rows, cfg.max_text_tokens, cfg.output_size, self.device,
+                                                           static=True)
+            self._mark_rows_dynamic(state.history, state.seen, state.done)
         return self._static_states[rows]
 
     def _static_row_params(self, params: RowParams) -> RowParams:
@@ -248,6 +262,7 @@ class CaptionEngine:
         rows = len(params.temperature)
         if rows not in self._static_params:
             self._static_params[rows] = params.static_copy()
+            self._mark_rows_dynamic(*self._static_params[rows].tensors())
         held = self._static_params[rows].load(params)
         held.candidates = min(max(held.candidates, STATIC_MIN_CANDIDATES), self.config.output_size)
         held.max_ngram = max(held.max_ngram, STATIC_MIN_NGRAM)

@@ -45,6 +45,9 @@ class RowParams:
         picked = {name: getattr(self, name).index_select(0, rows) for name in _ROW_FIELDS}
         return RowParams(**picked, candidates=self.candidates, max_ngram=self.max_ngram)
 
+    def tensors(self) -> list[torch.Tensor]:
+        return [getattr(self, name) for name in _ROW_FIELDS]
+
     def static_copy(self) -> "RowParams":
         """A copy in fixed-address tensors (inputs a CUDA graph reads in place), refilled by `load`."""
         copied = {name: getattr(self, name).clone() for name in _ROW_FIELDS}

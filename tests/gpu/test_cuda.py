@@ -86,3 +86,20 @@ def test_compiled_spans_recorded_at_warmup_on_cuda(golden_pixels):
     assert counters["stats"]["unique_graphs"] == graphs and max(len(row) for row in ids) > 20
     assert ids == CaptionEngine(model, vocab).generate(pixels[:1].cuda(), plans)[1]
     assert counters["inductor"]["cudagraph_skips"] == 0
+
+
+def test_dynamic_rows_compile_once_per_span_on_cuda(cuda_engine, golden_pixels):
+    """`dynamic_rows` on CUDA: four row buckets, two compilations (one per span), each bucket's
+    own CUDA graph, and the tokens of eager decoding through compaction."""
+    from torch._dynamo.utils import counters
+
+    _, pixels = golden_pixels
+    compiled = CaptionEngine(cuda_engine.model, cuda_engine.vocab, compile_decode=True, dynamic_rows=True,
+                             sync_every=3)
+    before = counters["stats"]["unique_graphs"]
+    compiled.warmup(batch_sizes=(1, 4), max_new_tokens=2)
+    assert counters["stats"]["unique_graphs"] - before == 2
+    plans = [make_plan({"seed": s, "max_new_tokens": m}) for s, m in ((1, 30), (2, 3), (3, 6))]
+    assert compiled.generate(pixels.cuda(), plans)[1] == cuda_engine.generate(pixels.cuda(), plans)[1]
+    assert counters["stats"]["unique_graphs"] - before == 2
+    assert counters["inductor"]["cudagraph_skips"] == 0

@@ -185,3 +185,21 @@ def test_compiled_warmup_records_every_attention_span_a_long_caption_crosses(gol
     assert counters["stats"]["unique_graphs"] == graphs
     assert max(len(row) for row in ids) > 20  # into the last span
     assert ids == CaptionEngine(model, vocab).generate(pixels[:1], plans)[1]
+
+
+def test_dynamic_rows_compile_once_per_span_for_every_row_bucket(plain_tiny_engine, golden_pixels):
+    """`dynamic_rows`: warming up four row buckets at two spans compiles two graphs, not eight,
+    and decoding (with compaction into smaller buckets) gives the tokens of eager decoding."""
+    from torch._dynamo.utils import counters
+
+    _, pixels = golden_pixels
+    compiled = CaptionEngine(plain_tiny_engine.model, plain_tiny_engine.vocab, compile_decode=True,
+                             dynamic_rows=True, sync_every=3)
+    before = counters["stats"]["unique_graphs"]
+    compiled.warmup(batch_sizes=(1, 4), max_new_tokens=2)  # buckets 8, 12, 16 and 24
+    assert set(compiled._static_caches) == {8, 12, 16, 24}
+    assert counters["stats"]["unique_graphs"] - before == 2
+    plans = [make_plan({"seed": s, "max_new_tokens": m}) for s, m in ((1, 30), (2, 3), (3, 6))]
+    assert compiled.generate(pixels, plans)[1] == plain_tiny_engine.generate(pixels, plans)[1]
+    assert compiled.last_stats["row_buckets"] == [24, 12, 8]
+    assert counters["stats"]["unique_graphs"] - before == 2

@@ -194,6 +194,13 @@ def test_compile_settings_per_device():
     assert forced.compiles("compile_encoder", cpu) and not forced.compiles("compile_decode", cuda)
 
 
+def test_compile_dynamic_rows_setting_reaches_the_engine(tmp_path):
+    _, handler = make_service(make_model_dir(tmp_path, {"compile_decode": True, "compile_dynamic_rows": True}))
+    assert handler.engine.static_shapes and handler.engine.dynamic_rows
+    _, default = make_service(make_model_dir(tmp_path / "default", {"compile_decode": True}))
+    assert default.engine.static_shapes and not default.engine.dynamic_rows
+
+
 def test_default_settings_on_cpu_serve_the_packed_eager_engine(tmp_path):
     _, handler = make_service(make_model_dir(tmp_path))
     assert not handler.engine.static_shapes and not handler.engine.encoder_buckets
