@@ -14,7 +14,7 @@ def _floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v]
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench")
     commands = parser.add_subparsers(dest="command", required=True)
     model = commands.add_parser("model", help="engine vs the seed's algorithm, per stage and batch size")
@@ -94,7 +94,11 @@ def main(argv=None) -> int:
     request.add_argument("--image-size", type=_ints, default=[320, 240], help="W,H of the generated JPEG")
     http.add_argument("--out", default="bench/results")
     http.add_argument("--name", default="http", help="output file stem")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     if args.command == "model":
         from .model_bench import run
     elif args.command == "http":
