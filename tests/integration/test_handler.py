@@ -224,6 +224,10 @@ def cuda_device():
 
 
 cuda = pytest.mark.usefixtures("cuda_device")
+# Warm-up compiles a graph per row bucket and span up to batchSize x 3 x max_num_captions rows:
+# at 2 captions per style, 12 graphs instead of the defaults' 20 (which took over 190 s on an
+# H100), enough for the requests below.
+WARMUP = {"warmup": True, "limits": {"max_num_captions": 2}}
 
 
 @pytest.mark.gpu
@@ -231,7 +235,7 @@ cuda = pytest.mark.usefixtures("cuda_device")
 def test_cuda_float32_gives_the_golden_captions_and_compiled_encoder_too(tmp_path):
     for compile_encoder in (False, True):
         service, handler = make_service(make_model_dir(tmp_path / str(compile_encoder), {
-            "gpu_dtype": "float32", "compile_encoder": compile_encoder, "warmup": True}), gpu=0)
+            "gpu_dtype": "float32", "compile_encoder": compile_encoder, **WARMUP}), gpu=0)
         assert handler.device == torch.device("cuda:0") and handler.engine.dtype == torch.float32
         for kind, options in (("greedy", GREEDY), ("greedy_plain", PLAIN)):
             replies = predict(service, batch(*(json_row(IMAGES[n], **options) for n in IMAGES)))
@@ -241,7 +245,7 @@ def test_cuda_float32_gives_the_golden_captions_and_compiled_encoder_too(tmp_pat
 @pytest.mark.gpu
 @cuda
 def test_cuda_defaults_to_bfloat16(tmp_path):
-    service, handler = make_service(make_model_dir(tmp_path, {"warmup": True}), gpu=0)
+    service, handler = make_service(make_model_dir(tmp_path, WARMUP), gpu=0)
     assert handler.engine.dtype == torch.bfloat16
     replies = predict(service, batch(*(json_row(IMAGES[n], **GREEDY) for n in IMAGES)))
     same = sum(r.json() == golden(n) for r, n in zip(replies, IMAGES))
@@ -278,7 +282,7 @@ def test_cuda_full_size_batch_timing(tmp_path):
 
     from weights.random_init import write_random_checkpoint
 
-    model_dir = make_model_dir(tmp_path, {"warmup": True})
+    model_dir = make_model_dir(tmp_path, WARMUP)
     write_random_checkpoint(model_dir / "weights.pt", seed=0)
     shutil.copy(REPO_CONFIG_FULL(), model_dir / "caption_config.json")
     service, handler = make_service(model_dir, gpu=0)
