@@ -20,6 +20,7 @@ them (that bucket's own cache, state and CUDA graph), so finished rows stop cost
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 from contextlib import contextmanager
@@ -40,6 +41,8 @@ from .sampling import RowParams, TokenState, make_row_params, select_next, selec
 from .styles import STYLES, CaptionPlan, make_plan, response_key
 from .text import tidy_caption
 from .tokenizer import VOCAB_PATH, Vocabulary
+
+logger = logging.getLogger(__name__)
 
 ROW_KEY_STRIDE = 64  # row key = style index * stride + caption index (captions per style < stride)
 # Row counts of the static (CUDA-graph) caches: powers of two and 1.5x them, so that batches of
@@ -401,16 +404,20 @@ class CaptionEngine:
         largest batch of default requests), at every attention span: each step is compiled, run
         once and recorded (three calls), so no batch of up to `max_rows` rows records a graph
         while serving."""
-        size = self.config.image_size
+        size, started = self.config.image_size, time.perf_counter()
         for batch in batch_sizes:
             pixels = torch.zeros(batch, 3, size, size)
             self.generate(pixels, [make_plan({"max_new_tokens": max_new_tokens, "seed": 0})] * batch)
         if self.encoder_buckets:  # every power-of-two batch a partial batch can pad to
             for batch in range(encoder_batch(max(batch_sizes)).bit_length()):
                 self.encode(torch.zeros(1 << batch, 3, size, size, device=self.device))
+        logger.info("warm-up: batches of %s images done (%.1f s)", list(batch_sizes), time.perf_counter() - started)
         if not self.static_shapes:
             return
         largest = self._rows_for_cache(max_rows or DEFAULT_ROWS_PER_IMAGE * max(batch_sizes))
-        for rows in (b for b in STATIC_ROW_BUCKETS if b <= largest):
+        buckets = [b for b in STATIC_ROW_BUCKETS if b <= largest]
+        for done, rows in enumerate(buckets, 1):  # compiling each can take many seconds: say how far it got
             for span in self._static_cache(rows).spans:
                 self.run_static_steps(rows, 3, position=span - 1)
+            logger.info("warm-up: decode step of the %d-row bucket recorded (%d of %d, %.1f s)", rows, done,
+                        len(buckets), time.perf_counter() - started)

@@ -124,10 +124,13 @@ def test_compiled_static_decode_compacts_into_smaller_buckets(plain_tiny_engine,
     assert set(compiled._static_caches) == {24, 12, 8}
 
 
-def test_static_warmup_records_every_bucket_compaction_can_reach(tiny_engine):
+def test_static_warmup_records_every_bucket_compaction_can_reach(tiny_engine, caplog):
     static = CaptionEngine(tiny_engine.model, tiny_engine.vocab, static_shapes=True)
-    static.warmup(batch_sizes=(1, 4), max_new_tokens=2)
+    with caplog.at_level("INFO", logger="model.engine"):
+        static.warmup(batch_sizes=(1, 4), max_new_tokens=2)
     assert set(static._static_caches) == {8, 12, 16, 24}  # every bucket up to 4 default requests (24 rows)
+    progress = [r.getMessage() for r in caplog.records if "row bucket recorded" in r.getMessage()]
+    assert [m.split(" (")[1].split(",")[0] for m in progress] == ["1 of 4", "2 of 4", "3 of 4", "4 of 4"]
     static.warmup(batch_sizes=(1,), max_new_tokens=2, max_rows=40)  # e.g. requests with more captions
     assert set(static._static_caches) == {8, 12, 16, 24, 32, 48}
 
