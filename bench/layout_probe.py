@@ -5,7 +5,9 @@
   prefix at the full length (276 positions), per-row copies sized to the token cap, and an
   image-major layout (each image's prefix stored once, its six rows as six queries over the
   prefix plus all six rows' own positions under a mask);
-- q/k/v as three Linears or one, feature/gate as two or one.
+- q/k/v as three Linears or one, feature/gate as two or one;
+- the top-64 candidates of (rows, 30522) logits: one `topk`, or the top 64 of each of 32
+  chunks first and then of those 2048 (same values; ties may come in another order).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-LAYERS, HEADS, HEAD_DIM, PREFIX, DIM, HIDDEN = 12, 12, 64, 146, 768, 3072
+LAYERS, HEADS, HEAD_DIM, PREFIX, DIM, HIDDEN, VOCAB = 12, 12, 64, 146, 768, 3072, 30522
+CANDIDATES, CHUNKS = 64, 32
 ROWS_PER_IMAGE = 6
 DTYPE, DEVICE = torch.bfloat16, "cuda"
 
@@ -87,10 +90,33 @@ def projections() -> None:
               f"feature/gate 2 GEMMs {feature_gate[0]:.3f} vs 1 {feature_gate[1]:.3f}")
 
 
+def chunked_topk(logits: torch.Tensor, k: int, chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top k of each row via the top k of each of `chunks` slices (padded with -inf)."""
+    rows, vocab = logits.shape
+    width = -(-vocab // chunks)
+    padded = F.pad(logits, (0, chunks * width - vocab), value=float("-inf")).view(rows, chunks, width)
+    values, index = padded.topk(k, dim=-1)  # (rows, chunks, k)
+    index = index + torch.arange(chunks, device=logits.device)[:, None] * width
+    best, where = values.flatten(1).topk(k, dim=-1)
+    return best, index.flatten(1).gather(1, where)
+
+
+@torch.inference_mode()
+def top_candidates() -> None:
+    print(f"top-{CANDIDATES} of {VOCAB} logits, one CUDA graph, ms per replay")
+    for rows in (8, 64, 384):
+        logits = torch.randn(rows, VOCAB, device=DEVICE)
+        assert torch.equal(chunked_topk(logits, CANDIDATES, CHUNKS)[0], logits.topk(CANDIDATES)[0])
+        one = graph_ms(lambda: logits.topk(CANDIDATES))
+        two = graph_ms(lambda: chunked_topk(logits, CANDIDATES, CHUNKS))
+        print(f"  {rows} rows: topk {one:.3f}, {CHUNKS} chunks then topk {two:.3f}")
+
+
 def main() -> None:
     print("torch", torch.__version__, torch.cuda.get_device_name())
     attention_layouts()
     projections()
+    top_candidates()
 
 
 if __name__ == "__main__":
