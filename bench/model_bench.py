@@ -122,10 +122,7 @@ def time_decode_step(engine: CaptionEngine, rows: int, max_new_tokens: int, samp
     positions = step_positions(engine.config, max_new_tokens, samples)
     if engine.static_shapes:
         def run_steps():
-            cache, params, state = engine.static_step_inputs(rows)  # state reset: its history has room
-            for position in positions:
-                cache.advance(position)
-                engine.static_step(cache, params, state)
+            engine.run_static_steps(rows, positions)
     else:
         cache = eager_cache(engine, rows)
         tokens = torch.full((rows,), 1037, device=engine.device)

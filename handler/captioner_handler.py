@@ -109,8 +109,7 @@ class CaptionHandler:
             "compile_decode=%s dynamic_rows=%s image_size=%d code=%s load=%.1fs warmup=%.1fs",
             context.model_name, self.device, str(dtype).removeprefix("torch."), torch.get_num_threads(),
             self.engine.encoder_buckets, self.engine.static_shapes, self.engine.dynamic_rows, self.image_size,
-            code_dir, loaded - started,
-            time.perf_counter() - loaded,
+            code_dir, loaded - started, time.perf_counter() - loaded,
         )
         self.initialized = True
 

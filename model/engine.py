@@ -148,6 +148,8 @@ class CaptionEngine:
             self._decode_select = torch.compile(decode_select_step, mode="reduce-overhead", fullgraph=True,
                                                 dynamic=None if self.dynamic_rows else False)
         self.last_stats: dict = {}
+        cfg = self.config
+        self._spans = tuple(cfg.prefix_len + 2 + cfg.max_text_tokens // divisor for divisor in STATIC_SPAN_DIVISORS)
         self._static_caches: dict[int, KVCache] = {}
         self._static_states: dict[int, TokenState] = {}
         self._static_params: dict[int, RowParams] = {}
@@ -231,9 +233,8 @@ class CaptionEngine:
         recorded against its addresses)."""
         cfg = self.config
         if rows not in self._static_caches:
-            spans = tuple(cfg.prefix_len + 2 + cfg.max_text_tokens // divisor for divisor in STATIC_SPAN_DIVISORS)
             self._static_caches[rows] = cache = KVCache(cfg.depth, rows, cfg.num_heads, cfg.max_seq_len,
-                                                        cfg.head_dim, self.dtype, self.device, spans)
+                                                        cfg.head_dim, self.dtype, self.device, self._spans)
             self._mark_rows_dynamic(*cache.keys, *cache.values)
         return self._static_caches[rows]
 
@@ -387,12 +388,12 @@ class CaptionEngine:
         return self._static_cache(rows), params, self._token_state(rows, self.config.max_text_tokens)
 
     @torch.inference_mode()
-    def run_static_steps(self, rows: int, count: int, position: int | None = None) -> None:
-        """`count` static steps of the `rows` bucket on dummy inputs (warm-up, profiling): the
-        token state reset first, the cache position fixed (default: mid-sequence)."""
+    def run_static_steps(self, rows: int, positions: list[int]) -> None:
+        """Static steps of the `rows` bucket on dummy inputs (warm-up, profiling, benchmarks), one
+        at each cache position of `positions`, the token state reset first."""
         cache, params, state = self.static_step_inputs(rows)
-        cache.advance(self.config.prefix_len + 2 + self.config.max_text_tokens // 2 if position is None else position)
-        for _ in range(count):
+        for position in positions:
+            cache.advance(position)
             self.static_step(cache, params, state)
 
     @torch.inference_mode()
@@ -418,6 +419,6 @@ class CaptionEngine:
         buckets = [b for b in STATIC_ROW_BUCKETS if b <= largest]
         for done, rows in enumerate(buckets, 1):  # compiling each can take many seconds: say how far it got
             for span in self._static_cache(rows).spans:
-                self.run_static_steps(rows, 3, position=span - 1)
+                self.run_static_steps(rows, [span - 1] * 3)
             logger.info("warm-up: decode step of the %d-row bucket recorded (%d of %d, %.1f s)", rows, done,
                         len(buckets), time.perf_counter() - started)

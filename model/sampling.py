@@ -41,24 +41,26 @@ class RowParams:
     candidates: int  # how many top tokens to consider: max top_k, or the whole vocabulary
     max_ngram: int
 
-    def select(self, rows: torch.Tensor) -> "RowParams":
-        picked = {name: getattr(self, name).index_select(0, rows) for name in _ROW_FIELDS}
-        return RowParams(**picked, candidates=self.candidates, max_ngram=self.max_ngram)
-
     def tensors(self) -> list[torch.Tensor]:
         return [getattr(self, name) for name in _ROW_FIELDS]
 
+    def _with(self, tensors) -> "RowParams":
+        return RowParams(**dict(zip(_ROW_FIELDS, tensors)), candidates=self.candidates, max_ngram=self.max_ngram)
+
+    def select(self, rows: torch.Tensor) -> "RowParams":
+        return self._with(tensor.index_select(0, rows) for tensor in self.tensors())
+
     def static_copy(self) -> "RowParams":
         """A copy in fixed-address tensors (inputs a CUDA graph reads in place), refilled by `load`."""
-        copied = {name: getattr(self, name).clone() for name in _ROW_FIELDS}
-        for tensor in copied.values():
+        copied = [tensor.clone() for tensor in self.tensors()]
+        for tensor in copied:
             torch._dynamo.mark_static_address(tensor)
-        return RowParams(**copied, candidates=self.candidates, max_ngram=self.max_ngram)
+        return self._with(copied)
 
     def load(self, other: "RowParams") -> "RowParams":
         """Copy `other` (same row count) into these tensors in place."""
-        for name in _ROW_FIELDS:
-            getattr(self, name).copy_(getattr(other, name))
+        for mine, theirs in zip(self.tensors(), other.tensors()):
+            mine.copy_(theirs)
         self.candidates, self.max_ngram = other.candidates, other.max_ngram
         return self
 
