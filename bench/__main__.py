@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     handler.add_argument("--batches", type=int, default=3)
     handler.add_argument("--max-new-tokens", type=int, default=64)
     handler.add_argument("--decode-threads", type=int, default=8)
+    handler.add_argument("--decode-intra-op-threads", type=int,
+                         help="the handler's decode_intra_op_threads (default: model-config.yaml's)")
+    handler.add_argument("--workers", type=int, default=1,
+                         help="handler processes on the same device, timed together (TorchServe's min_worker)")
     handler.add_argument("--warmup", action="store_true",
                          help="the handler's own warm-up (every graph a full batch can need), timed")
     handler.add_argument("--out", default="bench/results")

@@ -4,13 +4,17 @@ Drives `handler.captioner_handler.CaptionHandler` directly with a minimal stand-
 TorchServe's context, so it runs where TorchServe is not installed (a GPU box): each batch
 is what a worker receives from the frontend's dynamic batching, JSON requests with base64
 images. Prints images/s and the milliseconds per image of each handler stage; writes
-`<out>/handler-<device>.json`.
+`<out>/handler-<device>.json`. With `--workers N`, N handler processes share the device as
+TorchServe's workers would (one decodes images while another runs the model): the images/s
+of all of them together, in `<out>/handler-<device>-<N>workers.json`.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import multiprocessing
+import queue
 import tempfile
 import time
 from pathlib import Path
@@ -67,31 +71,52 @@ def stage_ms_per_image(handler: CaptionHandler, rows: list[dict], repeats: int) 
     return best
 
 
-def run(args) -> dict:
+def open_handler(args, model_dir: Path) -> tuple[CaptionHandler, StubContext, float]:
+    """A handler initialised in `model_dir` as a TorchServe worker would be: (handler, context,
+    initialize seconds)."""
     config = CaptionConfig.from_json(args.config) if args.config else PRESETS["seed-full"]
     gpu_id = 0 if args.device.startswith("cuda") else None
     overrides = {"compile_encoder": args.compile, "compile_decode": args.compile, "warmup": args.warmup,
                  "compile_dynamic_rows": args.dynamic_rows,
                  "decode_threads": args.decode_threads}
+    if args.decode_intra_op_threads is not None:
+        overrides["decode_intra_op_threads"] = args.decode_intra_op_threads
+    context = StubContext(model_dir, gpu_id, make_model_dir(model_dir, Path(args.weights), config, overrides),
+                          batch_size=args.batch_size)  # the model's batchSize, as TorchServe passes it
+    handler = CaptionHandler()
+    started = time.perf_counter()
+    handler.initialize(context)
+    return handler, context, time.perf_counter() - started
+
+
+def request_rows(args) -> list[dict]:
+    images = [base64.b64encode(b).decode() for b in synthetic_jpegs(args.batch_size)]
+    return [{"body": {"image": image, "max_new_tokens": args.max_new_tokens, "seed": i}} for i, image in enumerate(images)]
+
+
+def timed_batches(handler: CaptionHandler, context: StubContext, rows: list[dict], batches: int):
+    """(start, end) perf_counter pairs of `batches` calls of `handle`, and the last replies."""
+    spans, replies = [], []
+    for _ in range(batches):
+        start = time.perf_counter()
+        replies = handler.handle(rows, context)
+        spans.append((start, time.perf_counter()))
+    if context.statuses:
+        raise SystemExit(f"requests failed: {context.statuses}; first reply: {replies[0]}")
+    return spans, replies
+
+
+def run(args) -> dict:
+    if args.workers > 1:
+        return run_workers(args)
+    gpu_id = 0 if args.device.startswith("cuda") else None
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = Path(tmp)
-        context = StubContext(model_dir, gpu_id, make_model_dir(model_dir, Path(args.weights), config, overrides),
-                              batch_size=args.batch_size)  # the model's batchSize, as TorchServe passes it
-        handler = CaptionHandler()
-        started = time.perf_counter()
-        handler.initialize(context)
-        initialize_s = time.perf_counter() - started
+        handler, context, initialize_s = open_handler(args, Path(tmp))
         print(f"initialize (load{', compile and warm up' if args.warmup else ''}): {initialize_s:.1f} s", flush=True)
-        images = [base64.b64encode(b).decode() for b in synthetic_jpegs(args.batch_size)]
-        rows = [{"body": {"image": image, "max_new_tokens": args.max_new_tokens, "seed": i}} for i, image in enumerate(images)]
+        rows = request_rows(args)
         handler.handle(rows, context)  # warm-up (and compilation)
-        timings = []
-        for _ in range(args.batches):
-            start = time.perf_counter()
-            replies = handler.handle(rows, context)
-            timings.append(time.perf_counter() - start)
-        if context.statuses:
-            raise SystemExit(f"requests failed: {context.statuses}; first reply: {replies[0]}")
+        spans, replies = timed_batches(handler, context, rows, args.batches)
+        timings = [end - start for start, end in spans]
         captions = json.loads(replies[0])
         stages = stage_ms_per_image(handler, rows, args.batches)
     best = min(timings)
@@ -99,6 +124,7 @@ def run(args) -> dict:
         "device": args.device, "device_name": torch.cuda.get_device_name(0) if gpu_id is not None else "cpu",
         "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "compile": args.compile,
         "dynamic_rows": args.dynamic_rows, "warmup": args.warmup, "initialize_s": initialize_s,
+        "decode_threads": args.decode_threads, "decode_intra_op_threads": handler.settings.decode_intra_op_threads,
         "batch_seconds": timings, "images_per_s": args.batch_size / best,
         "captions_per_image": sum(len(v) for v in captions.values()),
         "stage_ms_per_image": stages,
@@ -108,7 +134,78 @@ def run(args) -> dict:
           f"<= {args.max_new_tokens} tokens: {result['images_per_s']:.1f} images/s (best of {args.batches}; "
           f"target >= 300 on an H100/H200)")
     print("per image, best of each: " + ", ".join(f"{name} {ms:.2f} ms" for name, ms in stages.items()))
+    return write_result(args, result)
+
+
+def write_result(args, result: dict) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"handler-{'gpu' if gpu_id is not None else 'cpu'}.json").write_text(json.dumps(result, indent=2) + "\n")
+    stem = f"handler-{'gpu' if args.device.startswith('cuda') else 'cpu'}"
+    if args.workers > 1:
+        stem += f"-{args.workers}workers"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+# ---------------------------------------------------------------------- several workers
+def worker_main(args, index: int, ready, results) -> None:
+    """One worker process: initialise, compile on a first batch, wait for the others, then time
+    `args.batches` batches; puts (index, initialize_s, spans) on `results`."""
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            handler, context, initialize_s = open_handler(args, Path(tmp))
+            rows = request_rows(args)
+            handler.handle(rows, context)
+            ready.wait()
+            spans, _ = timed_batches(handler, context, rows, args.batches)
+        results.put((index, initialize_s, spans, None))
+    except BaseException as error:  # noqa: BLE001 - reported by the parent
+        results.put((index, 0.0, [], repr(error)))
+        ready.abort()
+
+
+def collect_reports(processes, results) -> list[tuple]:
+    """One report per worker; a worker that died without one (a crash) is reported as failed."""
+    reports: dict[int, tuple] = {}
+    while len(reports) < len(processes):
+        try:
+            report = results.get(timeout=5)
+            reports[report[0]] = report
+        except queue.Empty:
+            for index, process in enumerate(processes):
+                if index not in reports and not process.is_alive() and results.empty():
+                    reports[index] = (index, 0.0, [], f"worker exited with code {process.exitcode}")
+    for process in processes:
+        process.join()
+    return list(reports.values())
+
+
+def run_workers(args) -> dict:
+    """`args.workers` handler processes on the same device, as TorchServe runs `min_worker` of
+    them: each batch is handled by one process while the others decode images or run theirs.
+    Images/s = all timed images / (last batch end - first batch start)."""
+    context = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
+    ready, results = context.Barrier(args.workers), context.Queue()
+    processes = [context.Process(target=worker_main, args=(args, i, ready, results)) for i in range(args.workers)]
+    for process in processes:
+        process.start()
+    reports = sorted(collect_reports(processes, results))
+    failures = [error for *_, error in reports if error]
+    if failures:
+        raise SystemExit(f"a worker failed: {failures}")
+    starts = [start for _, _, spans, _ in reports for start, _ in spans]
+    ends = [end for _, _, spans, _ in reports for _, end in spans]
+    wall = max(ends) - min(starts)
+    images = args.workers * args.batches * args.batch_size
+    result = {
+        "device": args.device, "workers": args.workers, "batch_size": args.batch_size,
+        "max_new_tokens": args.max_new_tokens, "compile": args.compile, "dynamic_rows": args.dynamic_rows,
+        "decode_threads": args.decode_threads, "decode_intra_op_threads": args.decode_intra_op_threads,
+        "batches_per_worker": args.batches, "initialize_s": [init for _, init, _, _ in reports],
+        "batch_seconds": [[end - start for start, end in spans] for _, _, spans, _ in reports],
+        "wall_seconds": wall, "images_per_s": images / wall,
+    }
+    print(f"handler path, {args.workers} workers on one device: batch {args.batch_size}, "
+          f"<= {args.max_new_tokens} tokens: {result['images_per_s']:.1f} images/s "
+          f"({images} images in {wall:.2f} s; target >= 300 on an H100/H200)")
+    return write_result(args, result)

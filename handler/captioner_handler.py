@@ -73,6 +73,9 @@ class CaptionHandler:
         self.normalize_on_device = self.device.type == "cuda"
         if settings.threads:
             torch.set_num_threads(settings.threads)
+        # Reading the count fixes this thread's own: a thread's first parallel op otherwise
+        # takes the process default, which the decode threads lower (`_limit_intra_op_threads`).
+        torch.get_num_threads()
         dtype = settings.dtype_for(self.device)
 
         from model.engine import CaptionEngine  # the heavy import, after sys.path is settled
@@ -96,7 +99,9 @@ class CaptionHandler:
         self.limits = replace(settings.limits,
                               max_new_tokens=min(settings.limits.max_new_tokens, config.max_text_tokens))
         self._decode_pool = ThreadPoolExecutor(max_workers=settings.decode_threads,
-                                               thread_name_prefix="caption-decode")
+                                               thread_name_prefix="caption-decode",
+                                               initializer=_limit_intra_op_threads,
+                                               initargs=(settings.decode_intra_op_threads,))
         loaded = time.perf_counter()
         if settings.warmup:
             # The batch sizes real traffic will use: one request, and a full dynamic batch; CUDA
@@ -212,6 +217,16 @@ class CaptionHandler:
     def _release_memory(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _limit_intra_op_threads(threads: int) -> None:
+    """Decode-thread initializer: this thread's PyTorch intra-op thread count (0: unchanged).
+
+    `torch.set_num_threads` also sets the default of threads that have not yet run a parallel
+    op; the worker's own thread fixed its count in `initialize`, so it is not affected.
+    """
+    if threads:
+        torch.set_num_threads(threads)
 
 
 def _message(exc: BaseException) -> str:

@@ -58,6 +58,10 @@ class HandlerSettings:
     threads: int = 0
     # Decoding/resizing the images of one batch runs in a thread pool (Pillow releases the GIL).
     decode_threads: int = 4
+    # PyTorch intra-op threads of each decode thread (its resize and normalisation); 0 keeps
+    # PyTorch's default (every core). With the default each of the decode_threads resizes
+    # opened its own team of one thread per core: decode_threads x cores threads at once.
+    decode_intra_op_threads: int = 1
     # Images above this many pixels are refused (decompression bombs); 40 MP is a 7300x5500
     # photo, far above what a 384 px model needs.
     max_pixels: int = 40_000_000
@@ -101,8 +105,10 @@ class HandlerSettings:
                 raise SettingsError(f"model-config.yaml handler: {name} must be one of {sorted(DTYPES)}")
         if settings.cpu_quantize not in (None, "int8"):
             raise SettingsError("model-config.yaml handler: cpu_quantize must be int8 or absent")
-        if settings.threads < 0 or settings.decode_threads < 1 or settings.max_pixels < 1:
-            raise SettingsError("model-config.yaml handler: threads >= 0, decode_threads >= 1, max_pixels >= 1")
+        if (settings.threads < 0 or settings.decode_threads < 1 or settings.decode_intra_op_threads < 0
+                or settings.max_pixels < 1):
+            raise SettingsError("model-config.yaml handler: threads >= 0, decode_threads >= 1, "
+                                "decode_intra_op_threads >= 0, max_pixels >= 1")
         return settings
 
 

@@ -216,6 +216,17 @@ def test_settings_threads_and_dtype_are_applied(tmp_path):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("per_thread", [1, 2])
+def test_decode_threads_have_their_own_intra_op_thread_count(tmp_path, per_thread):
+    """Each decode thread resizes with `decode_intra_op_threads` threads; the worker's thread
+    keeps its own count (the decode threads change PyTorch's default for new threads)."""
+    before = torch.get_num_threads()
+    service, handler = make_service(make_model_dir(tmp_path, {"decode_intra_op_threads": per_thread}))
+    assert predict(service, batch(json_row(IMAGES["rocket.jpg"], **GREEDY)))[0].json() == golden("rocket.jpg")
+    assert handler._decode_pool.submit(torch.get_num_threads).result() == per_thread
+    assert torch.get_num_threads() == before
+
+
 # ---------------------------------------------------------------------- on a CUDA device
 @pytest.fixture
 def cuda_device():

@@ -41,3 +41,22 @@ def test_handler_bench_runs_the_real_handler_and_reports_refusals(tmp_path, caps
     assert "images/s" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="must be between 1 and 40"):  # the tiny model's token limit
         main(["handler", *tiny, "--max-new-tokens", "64"])
+
+
+def test_handler_bench_times_several_worker_processes_together(tmp_path, capsys):
+    argv = ["handler", "--weights", str(SEED_TINY / "weights.pt"), "--config", str(SEED_TINY / "config.json"),
+            "--batch-size", "2", "--batches", "2", "--max-new-tokens", "4", "--workers", "2", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    result = json.loads((tmp_path / "handler-cpu-2workers.json").read_text())
+    assert result["workers"] == 2 and len(result["initialize_s"]) == 2
+    assert [len(seconds) for seconds in result["batch_seconds"]] == [2, 2]
+    assert result["images_per_s"] == pytest.approx(8 / result["wall_seconds"])
+    assert result["wall_seconds"] >= max(max(seconds) for seconds in result["batch_seconds"])
+    assert "2 workers on one device" in capsys.readouterr().out
+
+
+def test_handler_bench_reports_a_failed_worker(tmp_path):
+    argv = ["handler", "--weights", str(tmp_path / "missing.pt"), "--config", str(SEED_TINY / "config.json"),
+            "--batch-size", "2", "--batches", "1", "--workers", "2", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit, match="a worker failed"):
+        main(argv)
