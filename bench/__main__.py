@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--compile", action="store_true", help="torch.compile the encoder and the decode step")
     model.add_argument("--dynamic-rows", action="store_true",
                        help="with --compile: one decode-step compilation per span for all row buckets")
+    model.add_argument("--compile-prefill", action=argparse.BooleanOptionalAction, default=True,
+                       help="with --compile: the two prefill passes compiled too")
     model.add_argument("--quantize", choices=["int8"], help="int8 dynamic quantization of the decoder (CPU)")
     model.add_argument("--prepack", action=argparse.BooleanOptionalAction, default=None,
                        help="oneDNN-packed decoder Linears (default: on for float32 CPU, see model/packing.py)")
@@ -43,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     handler.add_argument("--device", default="cpu")
     handler.add_argument("--compile", action="store_true")
     handler.add_argument("--dynamic-rows", action="store_true", help="the handler's compile_dynamic_rows")
+    handler.add_argument("--compile-prefill", action=argparse.BooleanOptionalAction, default=True,
+                         help="with --compile: the handler's compile_prefill")
     handler.add_argument("--batch-size", type=int, default=8)
     handler.add_argument("--batches", type=int, default=3)
     handler.add_argument("--max-new-tokens", type=int, default=64)

@@ -9,6 +9,10 @@
 #   dynamic         the same with dynamic rows (one compilation per span)                ~3 min?
 #   warmup-dynamic  the handler's own warm-up, default settings, dynamic rows; batch 8     ?
 #   handler         images/s through the handler's batched path, 64 requests per batch    ~0.5 min
+#   handler-before  the same without this session's changes (decode threads with all cores'
+#                   intra-op threads, eager prefill): the A/B in one lease                  ~0.5 min
+#   workers         two handler processes on the GPU, 64 requests per batch, timed together ~1 min
+#   handler-128     one handler, 128 requests per batch                                     ~1 min
 #   profile         profile of a 64-image batch and of the 8-, 64- and 384-row steps      ~1 min
 #   warmup          the handler's own warm-up, default settings (> 190 s on an H100)       > 3 min
 #   eager           model benchmark, bf16, eager, with the seed's algorithm as baseline   ~0.5 min
@@ -19,7 +23,8 @@
 set -uo pipefail
 OUT=${1:?usage: bench/gpu_check.sh OUT_DIR [STEP ...]}
 shift
-STEPS=${*:-tests compiled dynamic warmup-dynamic handler profile warmup eager handler-tests}
+STEPS=${*:-tests compiled dynamic warmup-dynamic handler handler-before workers handler-128 profile warmup eager
+handler-tests}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -45,9 +50,22 @@ run_warmup-dynamic() {
   timeout 300 $PY -m bench handler "${WARMUP[@]}" --dynamic-rows --out "$OUT/warmup-dynamic" 2>&1 \
     | tee "$OUT/bench-handler-warmup-dynamic.log" | tail -4 | summary
 }
+HANDLER=(--weights "$CKPT" --device cuda --compile --batches 3 --decode-threads 16 --max-new-tokens 64)
 run_handler() {
-  timeout 90 $PY -m bench handler --weights "$CKPT" --device cuda --compile --batch-size 64 --batches 3 \
-    --decode-threads 16 --max-new-tokens 64 --out "$OUT" 2>&1 | tee "$OUT/bench-handler.log" | tail -3 | summary
+  timeout 90 $PY -m bench handler "${HANDLER[@]}" --batch-size 64 --out "$OUT" 2>&1 | tee "$OUT/bench-handler.log" \
+    | tail -3 | summary
+}
+run_handler-before() {
+  timeout 90 $PY -m bench handler "${HANDLER[@]}" --batch-size 64 --decode-intra-op-threads 0 --no-compile-prefill \
+    --out "$OUT/handler-before" 2>&1 | tee "$OUT/bench-handler-before.log" | tail -3 | summary
+}
+run_workers() {
+  timeout 150 $PY -m bench handler "${HANDLER[@]}" --batch-size 64 --workers 2 --out "$OUT" 2>&1 \
+    | tee "$OUT/bench-handler-workers.log" | tail -2 | summary
+}
+run_handler-128() {
+  timeout 120 $PY -m bench handler "${HANDLER[@]}" --batch-size 128 --out "$OUT/handler-128" 2>&1 \
+    | tee "$OUT/bench-handler-128.log" | tail -3 | summary
 }
 run_profile() {
   timeout 90 $PY -m bench.profile_gpu "$CKPT" 64 8,64,384 > "$OUT/profile.txt" 2>&1

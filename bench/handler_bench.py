@@ -77,6 +77,7 @@ def open_handler(args, model_dir: Path) -> tuple[CaptionHandler, StubContext, fl
     config = CaptionConfig.from_json(args.config) if args.config else PRESETS["seed-full"]
     gpu_id = 0 if args.device.startswith("cuda") else None
     overrides = {"compile_encoder": args.compile, "compile_decode": args.compile, "warmup": args.warmup,
+                 "compile_prefill": args.compile and args.compile_prefill,
                  "compile_dynamic_rows": args.dynamic_rows,
                  "decode_threads": args.decode_threads}
     if args.decode_intra_op_threads is not None:
@@ -124,6 +125,7 @@ def run(args) -> dict:
         "device": args.device, "device_name": torch.cuda.get_device_name(0) if gpu_id is not None else "cpu",
         "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "compile": args.compile,
         "dynamic_rows": args.dynamic_rows, "warmup": args.warmup, "initialize_s": initialize_s,
+        "compile_prefill": handler.engine.compile_prefill,
         "decode_threads": args.decode_threads, "decode_intra_op_threads": handler.settings.decode_intra_op_threads,
         "batch_seconds": timings, "images_per_s": args.batch_size / best,
         "captions_per_image": sum(len(v) for v in captions.values()),
@@ -200,6 +202,7 @@ def run_workers(args) -> dict:
     result = {
         "device": args.device, "workers": args.workers, "batch_size": args.batch_size,
         "max_new_tokens": args.max_new_tokens, "compile": args.compile, "dynamic_rows": args.dynamic_rows,
+        "compile_prefill": args.compile and args.compile_prefill,
         "decode_threads": args.decode_threads, "decode_intra_op_threads": args.decode_intra_op_threads,
         "batches_per_worker": args.batches, "initialize_s": [init for _, init, _, _ in reports],
         "batch_seconds": [[end - start for start, end in spans] for _, _, spans, _ in reports],

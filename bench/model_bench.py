@@ -190,13 +190,15 @@ def run(args) -> dict:
     engine = CaptionEngine.from_files(args.weights, config=args.config, device=device, dtype=dtype,
                                       quantize=args.quantize, prepack=args.prepack, fuse=args.fuse,
                                       compile_encoder=args.compile, compile_decode=args.compile,
+                                      compile_prefill=args.compile and args.compile_prefill,
                                       dynamic_rows=args.dynamic_rows)
     packed = is_packed(engine.model)
     options = {"seed": 0, "max_new_tokens": args.max_new_tokens}
     jpegs = synthetic_jpegs(max(args.batch_sizes))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     results = {"device": str(device), "device_name": name, "dtype": args.dtype, "quantize": args.quantize,
-               "prepack": packed, "fused": args.fuse, "dynamic_rows": engine.dynamic_rows, "compile": args.compile, "threads": torch.get_num_threads(),
+               "prepack": packed, "fused": args.fuse, "dynamic_rows": engine.dynamic_rows, "compile": args.compile,
+               "compile_prefill": engine.compile_prefill, "threads": torch.get_num_threads(),
                "max_new_tokens": args.max_new_tokens, "torch": torch.__version__, "engine": [], "decode_step_ms": {}}
     for batch in args.batch_sizes:
         time_batch(engine, jpegs[:batch], dict(options, max_new_tokens=4))  # warm-up (and compile)

@@ -49,7 +49,7 @@ def main() -> None:
     images = int(sys.argv[2]) if len(sys.argv) > 2 else 64
     step_rows = [int(r) for r in sys.argv[3].split(",")] if len(sys.argv) > 3 else [64]
     engine = CaptionEngine.from_files(weights, device="cuda", dtype=torch.bfloat16, compile_encoder=True,
-                                      compile_decode=True)
+                                      compile_decode=True, compile_prefill=True)
     pixels = torch.randn(images, 3, 384, 384, device="cuda")
     plans = [make_plan({"seed": i, "max_new_tokens": 16}) for i in range(images)]
     for _ in range(2):

@@ -49,6 +49,10 @@ class HandlerSettings:
     # compiling costs minutes of start-up on a few cores.
     compile_encoder: bool | str = ON_GPU
     compile_decode: bool | str = ON_GPU
+    # torch.compile of the two prefill passes (image prefix, then `[style] [CLS]` per group),
+    # image and group counts symbolic: one graph each for every batch. Eager, each pass launches
+    # about 30 kernels per layer.
+    compile_prefill: bool | str = ON_GPU
     # Compile the decode step once per attention span for all row buckets (the row count a
     # symbolic size), instead of once per bucket and span: a shorter warm-up. Not yet measured
     # on a GPU, hence off.
@@ -74,7 +78,8 @@ class HandlerSettings:
         return DTYPES[self.gpu_dtype if device.type == "cuda" else self.cpu_dtype]
 
     def compiles(self, name: str, device: torch.device) -> bool:
-        """Whether `compile_encoder` / `compile_decode` is on for this device."""
+        """Whether a compile setting (`compile_encoder`, `compile_decode`, `compile_prefill`) is on
+        for this device."""
         value = getattr(self, name)
         return device.type == "cuda" if value == ON_GPU else value
 

@@ -55,6 +55,10 @@ DEFAULT_ROWS_PER_IMAGE = 6  # three styles x two captions
 # the same tokens: a wider candidate set or n-gram loop changes no row's choice.
 STATIC_MIN_CANDIDATES = 64
 STATIC_MIN_NGRAM = 4
+# A compiled prefill treats the image and group counts as symbolic sizes, one graph for every
+# batch; torch.compile would specialise a count of 1 into a second graph, so smaller batches
+# are padded to this many (copies of the first image / group).
+PREFILL_MIN_BATCH = 2
 # A static step attends over the cache's first `span` positions: the prefix, `[style] [CLS]`
 # and the first half or all of max_text_tokens, the shorter when it holds the step's position.
 # The first half of the steps then skips the unwritten tail (H100, 384 rows, 12 layers: 1.51
@@ -97,6 +101,42 @@ def plan_rows(plans: list[CaptionPlan], max_text_tokens: int) -> tuple[list[Row]
     return rows, groups, settings
 
 
+def prefill_prefix_kv(model: CaptionModel, image_tokens: torch.Tensor) -> PrefixKV:
+    """Run the images' prefix positions through the decoder: (I, N, D) image tokens -> their
+    keys/values, per layer (I, H, prefix_len, hd)."""
+    prefix = model.prefix_embeddings(image_tokens)
+    cos, sin = model.rope(torch.arange(prefix.shape[1], device=prefix.device))
+    kv = PrefixKV()
+    model.text_transformer(prefix, cos, sin, mask=None, kv=kv)
+    return kv
+
+
+def prefill_group_kv(model: CaptionModel, prefix: PrefixKV, image_index: torch.Tensor, style_ids: torch.Tensor,
+                     cls_id: int) -> tuple[GroupKV, torch.Tensor]:
+    """`[style] [CLS]` of each (image, style) group over its image's prefix: image_index and
+    style_ids (G,) -> the groups' keys/values and their first-token logits (G, V) float32."""
+    start = model.config.prefix_len
+    x = model.token_embeddings(torch.stack((style_ids, torch.full_like(style_ids, cls_id)), dim=1))  # (G, 2, D)
+    cos, sin = model.rope(torch.arange(start, start + 2, device=style_ids.device))
+    mask = torch.ones(2, start + 2, dtype=torch.bool, device=style_ids.device)
+    mask[0, -1] = False  # the style token does not see `[CLS]`
+    kv = GroupKV(prefix, image_index)
+    hidden = model.text_transformer(x, cos, sin, mask=mask, kv=kv)
+    return kv, model.text_transformer.logits(hidden[:, -1]).float()
+
+
+def at_least(tensor: torch.Tensor, count: int) -> torch.Tensor:
+    """`tensor` padded along dim 0 to `count` with copies of its first entry."""
+    missing = count - len(tensor)
+    return tensor if missing <= 0 else torch.cat((tensor, tensor[:1].expand(missing, *tensor.shape[1:])))
+
+
+def symbolic_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor`, its dim 0 marked as a symbolic size for torch.compile (one graph for every count)."""
+    torch._dynamo.mark_dynamic(tensor, 0)
+    return tensor
+
+
 def decode_step(model: CaptionModel, cache: KVCache | SharedPrefixCache, tokens: torch.Tensor) -> torch.Tensor:
     """Feed one token per row at `cache.position`: tokens (R,) -> next-token logits (R, V) float32."""
     x = model.token_embeddings(tokens)[:, None]  # (R, 1, D)
@@ -124,12 +164,13 @@ def cut_at_end(ids: list[int]) -> list[int]:
 
 class CaptionEngine:
     def __init__(self, model: CaptionModel, vocab: Vocabulary, *, compile_encoder=False, compile_decode=False,
-                 static_shapes: bool | None = None, sync_every: int = 8, dynamic_rows: bool = False):
+                 compile_prefill=False, static_shapes: bool | None = None, sync_every: int = 8,
+                 dynamic_rows: bool = False):
         self.model, self.vocab, self.config = model, vocab, model.config
         self.device = model.token_embeddings.weight.device
         self.dtype = model.token_embeddings.weight.dtype
         self.sync_every = sync_every
-        if compile_decode and is_packed(model):
+        if (compile_decode or compile_prefill) and is_packed(model):
             raise ValueError("torch.compile cannot trace oneDNN-packed Linears: load with prepack=False to compile")
         # CUDA graphs need fixed shapes and addresses; the static path also runs (slower) in eager mode.
         self.static_shapes = compile_decode if static_shapes is None else static_shapes
@@ -138,6 +179,13 @@ class CaptionEngine:
         self.encoder_buckets = compile_encoder
         self.encoder = (torch.compile(model.encode_images, dynamic=False) if compile_encoder
                         else model.encode_images)
+        # compile_prefill: both prefill passes through inductor (fused elementwise kernels, far
+        # fewer launches than eager's ~30 per layer), image and group counts symbolic.
+        self.compile_prefill = compile_prefill
+        self._prefill_prefix, self._prefill_groups = prefill_prefix_kv, prefill_group_kv
+        if compile_prefill:
+            self._prefill_prefix = torch.compile(prefill_prefix_kv, dynamic=None)
+            self._prefill_groups = torch.compile(prefill_group_kv, dynamic=None)
         self._decode_select = decode_select_step
         # dynamic_rows: the row count is a symbolic size, so one compilation per span serves every
         # row bucket, and each bucket only records its CUDA graph (a faster warm-up; kernels
@@ -162,7 +210,7 @@ class CaptionEngine:
         `fuse`: merge each block's q/k/v and feature/gate Linears (`model/fusion.py`).
         `quantize="int8"`: int8 dynamic quantization of the decoder (CPU, opt-in).
         `prepack`: oneDNN-packed decoder Linears (`model/packing.py`); None picks them where they
-        apply (float32 on CPU, not quantized, decode step not compiled).
+        apply (float32 on CPU, not quantized, decoder not compiled).
         """
         if config is None:
             config = PRESETS["seed-full"]
@@ -175,7 +223,7 @@ class CaptionEngine:
             quantize_decoder(model, quantize)
         if prepack is None:
             prepack = (prepack_available(torch.device(device), dtype) and not quantize
-                       and not options.get("compile_decode"))
+                       and not options.get("compile_decode") and not options.get("compile_prefill"))
         if prepack:
             prepack_decoder(model)
         return cls(model, Vocabulary(Path(vocab) if vocab else VOCAB_PATH), **options)
@@ -206,27 +254,24 @@ class CaptionEngine:
             pixels = pixel_values.to(self.device)
             image_tokens = self.encode(normalize(pixels) if pixels.dtype == torch.uint8 else pixels)
         with self._timed("prefill_ms"):
-            prefix = self.model.prefix_embeddings(image_tokens)
-            cos, sin = self.model.rope(torch.arange(prefix.shape[1], device=self.device))
-            kv = PrefixKV()
-            self.model.text_transformer(prefix, cos, sin, mask=None, kv=kv)
-        return kv
+            if not self.compile_prefill:
+                return self._prefill_prefix(self.model, image_tokens)
+            padded = symbolic_rows(at_least(image_tokens, PREFILL_MIN_BATCH))
+            return self._prefill_prefix(self.model, padded).select(len(image_tokens))
 
     def prefill_groups(self, prefix: PrefixKV, groups: list[tuple[int, str]]) -> tuple[GroupKV, torch.Tensor]:
         """`[style] [CLS]` for each (image, style) group -> its keys/values and first-token logits (G, V)."""
         with self._timed("prefill_ms"):
             image_index = torch.tensor([image for image, _ in groups], device=self.device)
             style_ids = torch.tensor([STYLE_TOKEN_IDS[style] for _, style in groups], device=self.device)
-            cls_ids = torch.full_like(style_ids, self.vocab.ids["[CLS]"])
-            x = self.model.token_embeddings(torch.stack((style_ids, cls_ids), dim=1))  # (G, 2, D)
-            start = self.config.prefix_len
-            cos, sin = self.model.rope(torch.arange(start, start + 2, device=self.device))
-            mask = torch.ones(2, start + 2, dtype=torch.bool, device=self.device)
-            mask[0, -1] = False  # the style token does not see `[CLS]`
-            kv = GroupKV(prefix, image_index)
-            hidden = self.model.text_transformer(x, cos, sin, mask=mask, kv=kv)
-            logits = self.model.text_transformer.logits(hidden[:, -1]).float()
-        return kv, logits
+            cls_id = self.vocab.ids["[CLS]"]
+            if not self.compile_prefill:
+                return self._prefill_groups(self.model, prefix, image_index, style_ids, cls_id)
+            padded = [symbolic_rows(at_least(t, PREFILL_MIN_BATCH)) for t in (*prefix.keys, *prefix.values)]
+            prefix = PrefixKV(padded[: len(prefix.keys)], padded[len(prefix.keys):])
+            image_index, style_ids = (symbolic_rows(at_least(t, PREFILL_MIN_BATCH)) for t in (image_index, style_ids))
+            kv, logits = self._prefill_groups(self.model, prefix, image_index, style_ids, cls_id)
+            return kv.select(len(groups)), logits[: len(groups)]
 
     def _static_cache(self, rows: int) -> KVCache:
         """The static decode cache of a row bucket, allocated once and reused (CUDA graphs are

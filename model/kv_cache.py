@@ -29,21 +29,31 @@ class StoreThenAttend:
 
 
 class PrefixKV(StoreThenAttend):
-    def __init__(self):
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
+    def __init__(self, keys: list[torch.Tensor] | None = None, values: list[torch.Tensor] | None = None):
+        self.keys: list[torch.Tensor] = list(keys or [])
+        self.values: list[torch.Tensor] = list(values or [])
+
+    def select(self, count: int) -> "PrefixKV":
+        """The first `count` images' keys/values."""
+        return PrefixKV([k[:count] for k in self.keys], [v[:count] for v in self.values])
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        self.keys.append(k)
-        self.values.append(v)
+        # Contiguous: the same strides whether or not a compiled prefill padded the batch.
+        self.keys.append(k.contiguous())
+        self.values.append(v.contiguous())
         return k, v
 
 
 class GroupKV(StoreThenAttend):
-    def __init__(self, prefix: PrefixKV, image_index: torch.Tensor):
+    def __init__(self, prefix: PrefixKV, image_index: torch.Tensor, keys=None, values=None):
         self.prefix, self.image_index = prefix, image_index
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
+        self.keys: list[torch.Tensor] = list(keys or [])
+        self.values: list[torch.Tensor] = list(values or [])
+
+    def select(self, count: int) -> "GroupKV":
+        """The first `count` groups' keys/values."""
+        return GroupKV(self.prefix, self.image_index[:count], [k[:count] for k in self.keys],
+                       [v[:count] for v in self.values])
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         self.keys.append(k)

@@ -40,7 +40,8 @@ def test_greedy_golden_on_cuda(cuda_engine, golden, golden_pixels, compiled):
     names, pixels = golden_pixels
     engine = cuda_engine
     if compiled:
-        engine = CaptionEngine(cuda_engine.model, cuda_engine.vocab, compile_encoder=True, compile_decode=True)
+        engine = CaptionEngine(cuda_engine.model, cuda_engine.vocab, compile_encoder=True, compile_decode=True,
+                               compile_prefill=True)
     rows, ids = engine.generate(pixels.cuda(), [make_plan({"temperature": 0, "num_captions": 1})] * len(names))
     for row, row_ids in zip(rows, ids):
         assert [101] + row_ids + [102] == golden["images"][names[row.image]]["greedy"][row.style]["ids"]

@@ -206,3 +206,20 @@ def test_dynamic_rows_compile_once_per_span_for_every_row_bucket(plain_tiny_engi
     assert compiled.generate(pixels, plans)[1] == plain_tiny_engine.generate(pixels, plans)[1]
     assert compiled.last_stats["row_buckets"] == [24, 12, 8]
     assert counters["stats"]["unique_graphs"] - before == 2
+
+
+def test_compiled_prefill_compiles_once_for_every_batch_and_equals_eager(plain_tiny_engine, golden_pixels):
+    """`compile_prefill`: image and group counts are symbolic sizes, so batches of 1, 2 and 3
+    images with one or three styles share one graph per prefill pass (counts of 1 are padded),
+    with the tokens of eager prefill."""
+    from torch._dynamo.utils import counters
+
+    _, pixels = golden_pixels
+    compiled = CaptionEngine(plain_tiny_engine.model, plain_tiny_engine.vocab, compile_prefill=True)
+    first = [make_plan({"seed": 1, "max_new_tokens": 6})] * 3
+    assert compiled.generate(pixels, first)[1] == plain_tiny_engine.generate(pixels, first)[1]
+    graphs = counters["stats"]["unique_graphs"]
+    for count, options in ((1, {"styles": ["concise"]}), (2, {}), (1, {}), (3, {"styles": ["narrative"]})):
+        plans = [make_plan({"seed": 2, "max_new_tokens": 6, **options})] * count
+        assert compiled.generate(pixels[:count], plans)[1] == plain_tiny_engine.generate(pixels[:count], plans)[1]
+    assert counters["stats"]["unique_graphs"] == graphs

@@ -188,8 +188,9 @@ def test_compile_settings_per_device():
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     default = HandlerSettings.from_dict({})
-    assert [default.compiles(k, d) for k in ("compile_encoder", "compile_decode") for d in (cpu, cuda)] == [
-        False, True, False, True]  # "gpu": compiled on CUDA devices only
+    names = ("compile_encoder", "compile_decode", "compile_prefill")
+    assert [default.compiles(k, d) for k in names for d in (cpu, cuda)] == [
+        False, True, False, True, False, True]  # "gpu": compiled on CUDA devices only
     forced = HandlerSettings.from_dict({"compile_encoder": True, "compile_decode": False})
     assert forced.compiles("compile_encoder", cpu) and not forced.compiles("compile_decode", cuda)
 
@@ -199,6 +200,13 @@ def test_compile_dynamic_rows_setting_reaches_the_engine(tmp_path):
     assert handler.engine.static_shapes and handler.engine.dynamic_rows
     _, default = make_service(make_model_dir(tmp_path / "default", {"compile_decode": True}))
     assert default.engine.static_shapes and not default.engine.dynamic_rows
+
+
+def test_compiled_prefill_setting_gives_the_golden_captions(tmp_path):
+    service, handler = make_service(make_model_dir(tmp_path, {"compile_prefill": True}))
+    assert handler.engine.compile_prefill and not handler.engine.static_shapes
+    replies = predict(service, batch(*(json_row(IMAGES[n], **GREEDY) for n in IMAGES)))
+    assert [r.json() for r in replies] == [golden(n) for n in IMAGES]
 
 
 def test_default_settings_on_cpu_serve_the_packed_eager_engine(tmp_path):
