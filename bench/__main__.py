@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     handler.add_argument("--config", help="model config JSON (default: full size)")
     handler.add_argument("--device", default="cpu")
     handler.add_argument("--compile", action="store_true")
-    handler.add_argument("--dynamic-rows", action="store_true", help="the handler's compile_dynamic_rows")
+    handler.add_argument("--dynamic-rows", action=argparse.BooleanOptionalAction, default=None,
+                         help="the handler's compile_dynamic_rows (default: model-config.yaml's)")
     handler.add_argument("--compile-prefill", action=argparse.BooleanOptionalAction, default=True,
                          help="with --compile: the handler's compile_prefill")
     handler.add_argument("--batch-size", type=int, default=8)

@@ -6,15 +6,16 @@
 # afterwards, see docs/benchmarks.md: a cut-off run loses only the last steps):
 #   tests           CUDA tests (parity, compiled = eager, spans, dynamic rows, bf16)     ~1.5 min
 #   compiled        model benchmark, bf16, compiled (CUDA graphs), decode-step times      ~3 min
-#   dynamic         the same with dynamic rows (one compilation per span)                ~3 min?
-#   warmup-dynamic  the handler's own warm-up, default settings, dynamic rows; batch 8     ?
+#   dynamic         the same with dynamic rows (one compilation per span)                ~3 min
+#   rows-ab         model benchmark, batches of 8 and 64: dynamic rows, then static        ~3 min
+#   warmup-dynamic  the handler's own warm-up, default settings (dynamic rows); batch 8    ~2.5 min
 #   handler         images/s through the handler's batched path, 64 requests per batch    ~0.5 min
 #   handler-before  the same without this session's changes (decode threads with all cores'
 #                   intra-op threads, eager prefill): the A/B in one lease                  ~0.5 min
 #   workers         two handler processes on the GPU, 64 requests per batch, timed together ~1 min
 #   handler-128     one handler, 128 requests per batch                                     ~1 min
 #   profile         profile of a 64-image batch and of the 8-, 64- and 384-row steps      ~1 min
-#   warmup          the handler's own warm-up, default settings (> 190 s on an H100)       > 3 min
+#   warmup          the same with static rows (> 190 s on an H100)                        > 3 min
 #   eager           model benchmark, bf16, eager, with the seed's algorithm as baseline   ~0.5 min
 #   handler-tests   the handler's CUDA tests (golden captions, bf16, out of memory, ...)  ?
 # Each writes under OUT_DIR, with the figures in OUT_DIR/summary.txt. Needs python3 with torch
@@ -23,8 +24,8 @@
 set -uo pipefail
 OUT=${1:?usage: bench/gpu_check.sh OUT_DIR [STEP ...]}
 shift
-STEPS=${*:-tests compiled dynamic warmup-dynamic handler handler-before workers handler-128 profile warmup eager
-handler-tests}
+STEPS=${*:-tests compiled dynamic rows-ab warmup-dynamic handler handler-before workers handler-128 profile warmup
+eager handler-tests}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -44,6 +45,15 @@ run_compiled() {
 run_dynamic() {
   timeout 200 $PY -m bench model "${COMPILED[@]}" --dynamic-rows 2>&1 | tee "$OUT/bench-compiled-dynamic.log" \
     | tail -9 | summary
+}
+run_rows-ab() {
+  for rows in dynamic static; do
+    mkdir -p "$OUT/rows-$rows"
+    flag=$([ $rows = dynamic ] && echo --dynamic-rows)
+    timeout 150 $PY -m bench model --weights "$CKPT" --device cuda --dtype bfloat16 --compile --batch-sizes 8,64 \
+      --step-rows 8,64 --max-new-tokens 64 --no-baseline $flag --out "$OUT/rows-$rows" 2>&1 \
+      | tee "$OUT/bench-rows-$rows.log" | grep -E "^batch|^decode step" | sed "s/^/$rows: /" | summary
+  done
 }
 run_warmup-dynamic() {
   mkdir -p "$OUT/warmup-dynamic"
@@ -73,7 +83,8 @@ run_profile() {
 }
 run_warmup() {
   mkdir -p "$OUT/warmup"
-  timeout 300 $PY -m bench handler "${WARMUP[@]}" --out "$OUT/warmup" 2>&1 | tee "$OUT/bench-handler-warmup.log" \
+  timeout 300 $PY -m bench handler "${WARMUP[@]}" --no-dynamic-rows --out "$OUT/warmup" 2>&1 \
+    | tee "$OUT/bench-handler-warmup.log" \
     | tail -4 | summary
 }
 run_eager() {

@@ -78,8 +78,9 @@ def open_handler(args, model_dir: Path) -> tuple[CaptionHandler, StubContext, fl
     gpu_id = 0 if args.device.startswith("cuda") else None
     overrides = {"compile_encoder": args.compile, "compile_decode": args.compile, "warmup": args.warmup,
                  "compile_prefill": args.compile and args.compile_prefill,
-                 "compile_dynamic_rows": args.dynamic_rows,
                  "decode_threads": args.decode_threads}
+    if args.dynamic_rows is not None:
+        overrides["compile_dynamic_rows"] = args.dynamic_rows
     if args.decode_intra_op_threads is not None:
         overrides["decode_intra_op_threads"] = args.decode_intra_op_threads
     context = StubContext(model_dir, gpu_id, make_model_dir(model_dir, Path(args.weights), config, overrides),
@@ -124,7 +125,7 @@ def run(args) -> dict:
     result = {
         "device": args.device, "device_name": torch.cuda.get_device_name(0) if gpu_id is not None else "cpu",
         "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "compile": args.compile,
-        "dynamic_rows": args.dynamic_rows, "warmup": args.warmup, "initialize_s": initialize_s,
+        "dynamic_rows": handler.engine.dynamic_rows, "warmup": args.warmup, "initialize_s": initialize_s,
         "compile_prefill": handler.engine.compile_prefill,
         "decode_threads": args.decode_threads, "decode_intra_op_threads": handler.settings.decode_intra_op_threads,
         "batch_seconds": timings, "images_per_s": args.batch_size / best,

@@ -147,7 +147,7 @@ def decode_base64_image(text: str) -> bytes:
         if not data_url.group(1).lower().endswith(";base64"):
             raise RequestError(f"the {JSON_IMAGE_KEY!r} data URL must be base64-encoded (data:image/...;base64,...)")
         text = text[data_url.end() :]
-    compact = "".join(text.split())  # drop line breaks/spaces; 20x faster than re.sub on 100 kB
+    compact = "".join(text.split()) if has_whitespace(text) else text  # line breaks/spaces; 20x faster than re.sub
     if not compact:
         raise RequestError(f"{JSON_IMAGE_KEY!r} is empty")
     if "-" in compact or "_" in compact:
@@ -160,6 +160,17 @@ def decode_base64_image(text: str) -> bytes:
     if not image:
         raise RequestError(f"{JSON_IMAGE_KEY!r} is empty")
     return image
+
+
+# What str.split() splits ASCII text on. Looking for each (a fast scan) and splitting only when
+# one is there saves about 0.1 ms per 100 kB image, spent holding the GIL.
+ASCII_WHITESPACE = " \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f"
+
+
+def has_whitespace(text: str) -> bool:
+    if not text.isascii():
+        return True  # possibly Unicode whitespace: let split() decide
+    return any(char in text for char in ASCII_WHITESPACE)
 
 
 def option_from_text(name: str, value):

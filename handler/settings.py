@@ -54,9 +54,9 @@ class HandlerSettings:
     # about 30 kernels per layer.
     compile_prefill: bool | str = ON_GPU
     # Compile the decode step once per attention span for all row buckets (the row count a
-    # symbolic size), instead of once per bucket and span: a shorter warm-up. Not yet measured
-    # on a GPU, hence off.
-    compile_dynamic_rows: bool = False
+    # symbolic size), instead of once per bucket and span: a shorter warm-up (H100: 121 s
+    # instead of more than 190 s for the defaults), decode steps as fast.
+    compile_dynamic_rows: bool = True
     # Intra-op threads of this worker; 0 leaves PyTorch's default (all cores). With several
     # CPU workers on one host set it to cores / workers.
     threads: int = 0

@@ -193,6 +193,12 @@ class CaptionEngine:
         self.dynamic_rows = bool(compile_decode and dynamic_rows)
         if compile_decode:  # one CUDA graph per row bucket: the step and token selection together
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+            if self.dynamic_rows:  # one graph per row bucket is the design, not a warning sign
+                import torch._inductor.config as inductor_config
+
+                triton = inductor_config.triton
+                triton.cudagraph_dynamic_shape_warn_limit = max(triton.cudagraph_dynamic_shape_warn_limit or 0,
+                                                                 len(STATIC_ROW_BUCKETS) * len(STATIC_SPAN_DIVISORS))
             self._decode_select = torch.compile(decode_select_step, mode="reduce-overhead", fullgraph=True,
                                                 dynamic=None if self.dynamic_rows else False)
         self.last_stats: dict = {}

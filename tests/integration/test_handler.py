@@ -196,10 +196,10 @@ def test_compile_settings_per_device():
 
 
 def test_compile_dynamic_rows_setting_reaches_the_engine(tmp_path):
-    _, handler = make_service(make_model_dir(tmp_path, {"compile_decode": True, "compile_dynamic_rows": True}))
-    assert handler.engine.static_shapes and handler.engine.dynamic_rows
+    _, handler = make_service(make_model_dir(tmp_path, {"compile_decode": True, "compile_dynamic_rows": False}))
+    assert handler.engine.static_shapes and not handler.engine.dynamic_rows
     _, default = make_service(make_model_dir(tmp_path / "default", {"compile_decode": True}))
-    assert default.engine.static_shapes and not default.engine.dynamic_rows
+    assert default.engine.static_shapes and default.engine.dynamic_rows
 
 
 def test_compiled_prefill_setting_gives_the_golden_captions(tmp_path):

@@ -16,7 +16,7 @@ from bench.__main__ import build_parser
 pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parents[2]
-ALL_STEPS = ["tests", "compiled", "dynamic", "warmup-dynamic", "handler", "handler-before", "workers", "handler-128",
+ALL_STEPS = ["tests", "compiled", "dynamic", "rows-ab", "warmup-dynamic", "handler", "handler-before", "workers", "handler-128",
              "profile", "warmup", "eager", "handler-tests"]
 
 
@@ -42,7 +42,7 @@ def test_every_step_runs_in_order_with_valid_bench_flags(tmp_path):
     headers = [line.split()[1] for line in summary.splitlines() if line.startswith("=== ")]
     assert headers == ["versions", *ALL_STEPS, "done"]
     bench_calls = [argv[2:] for argv in argvs if argv[:2] == ["-m", "bench"]]
-    assert [call[0] for call in bench_calls] == ["model", "model", *["handler"] * 6, "model"]
+    assert [call[0] for call in bench_calls] == ["model", "model", "model", "model", *["handler"] * 6, "model"]
     parser = build_parser()
     for call in bench_calls:
         parser.parse_args(call)  # exits (SystemExit) on an unknown flag
