@@ -9,11 +9,12 @@
 #   dynamic         the same with dynamic rows (one compilation per span)                ~3 min
 #   rows-ab         model benchmark, batch 64 and the 64-row step: dynamic rows, then static ~2 min
 #   warmup-dynamic  the handler's own warm-up, default settings (dynamic rows); batch 8    ~2.5 min
-#   handler         images/s through the handler's batched path, 64 requests per batch    ~0.5 min
-#   handler-before  the same without this session's changes (decode threads with all cores'
-#                   intra-op threads, eager prefill): the A/B in one lease                  ~0.5 min
-#   workers         two handler processes on the GPU, 64 requests per batch, timed together ~1 min
-#   handler-128     one handler, 128 requests per batch                                     ~1 min
+#   handler         images/s through the handler's batched path, 64 requests per batch    ~2 min
+#                   (its first batch compiles: with dynamic rows more than 90 s, run 6)
+#   handler-before  the same with run 4's settings (decode threads with all cores' intra-op
+#                   threads, eager prefill, static rows): the A/B in one lease            ~1.5 min
+#   workers         two handler processes on the GPU, 64 requests per batch, timed together ~2 min
+#   handler-128     one handler, 128 requests per batch                                     ~2 min
 #   profile         profile of a 64-image batch and of the 8-, 64- and 384-row steps      ~1 min
 #   warmup          the same with static rows (> 190 s on an H100)                        > 3 min
 #   eager           model benchmark, bf16, eager, with the seed's algorithm as baseline   ~0.5 min
@@ -62,19 +63,20 @@ run_warmup-dynamic() {
 }
 HANDLER=(--weights "$CKPT" --device cuda --compile --batches 3 --decode-threads 16 --max-new-tokens 64)
 run_handler() {
-  timeout 90 $PY -m bench handler "${HANDLER[@]}" --batch-size 64 --out "$OUT" 2>&1 | tee "$OUT/bench-handler.log" \
+  timeout 240 $PY -m bench handler "${HANDLER[@]}" --batch-size 64 --out "$OUT" 2>&1 | tee "$OUT/bench-handler.log" \
     | tail -3 | summary
 }
 run_handler-before() {
-  timeout 90 $PY -m bench handler "${HANDLER[@]}" --batch-size 64 --decode-intra-op-threads 0 --no-compile-prefill \
+  timeout 240 $PY -m bench handler "${HANDLER[@]}" --batch-size 64 --decode-intra-op-threads 0 --no-compile-prefill \
+    --no-dynamic-rows \
     --out "$OUT/handler-before" 2>&1 | tee "$OUT/bench-handler-before.log" | tail -3 | summary
 }
 run_workers() {
-  timeout 150 $PY -m bench handler "${HANDLER[@]}" --batch-size 64 --workers 2 --out "$OUT" 2>&1 \
+  timeout 240 $PY -m bench handler "${HANDLER[@]}" --batch-size 64 --workers 2 --out "$OUT" 2>&1 \
     | tee "$OUT/bench-handler-workers.log" | tail -2 | summary
 }
 run_handler-128() {
-  timeout 120 $PY -m bench handler "${HANDLER[@]}" --batch-size 128 --out "$OUT/handler-128" 2>&1 \
+  timeout 240 $PY -m bench handler "${HANDLER[@]}" --batch-size 128 --out "$OUT/handler-128" 2>&1 \
     | tee "$OUT/bench-handler-128.log" | tail -3 | summary
 }
 run_profile() {

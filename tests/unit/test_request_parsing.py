@@ -406,3 +406,12 @@ def test_wire_text_body(monkeypatch):
 def test_wire_repeated_query_parameter_keeps_the_last(monkeypatch):
     row = torchserve_row([("styles", None, b"concise"), ("styles", None, b"narrative"), ("body", None, IMAGE)], monkeypatch)
     assert parse_request(row).options == {"styles": "narrative"}
+
+
+@pytest.mark.parametrize("separator", [" ", "\t", "\r\n", "\x0b", "\x0c", "\x1c", "\x1f", "\u00a0", "\u2028"])
+def test_base64_with_any_whitespace_str_split_removes(separator):
+    """Whitespace is looked for before splitting (a fast scan); what is removed stays exactly
+    what str.split() removes, ASCII or not."""
+    middle = len(IMAGE_B64) // 2
+    encoded = IMAGE_B64[:middle] + separator + IMAGE_B64[middle:]
+    assert parse_request({"body": {"image": encoded}}).image == IMAGE
