@@ -5,7 +5,8 @@ For a batch of images and caption plans:
 2. prefill each image's 146 prefix positions once: they never attend to the style token, so
    their keys/values are the same for every style and caption;
 3. prefill `[style] [CLS]` once per (image, style) group on top of that prefix; its logits
-   give the first token of every caption of the group;
+   give the first token of every caption of the group (both prefills optionally
+   `torch.compile`d with symbolic image and group counts, `compile_prefill`);
 4. decode all caption rows together, one step at a time, with per-row sampling parameters as
    tensors (`model/sampling.py`). Eager: a preallocated cache of each row's own positions,
    the image prefix shared by its rows (`SharedPrefixCache`). Static shapes (for CUDA graphs,
