@@ -13,6 +13,7 @@
 #                   (its first batch compiles: with dynamic rows more than 90 s, run 6)
 #   handler-before  the same with run 4's settings (decode threads with all cores' intra-op
 #                   threads, eager prefill, static rows): the A/B in one lease            ~1.5 min
+#   processes       the handler step with 15 decode processes instead of 16 threads         ~2 min
 #   workers         two handler processes on the GPU, 64 requests per batch, timed together ~2 min
 #   handler-128     one handler, 128 requests per batch                                     ~2 min
 #   profile         profile of a 64-image batch and of the 8-, 64- and 384-row steps      ~1 min
@@ -25,8 +26,8 @@
 set -uo pipefail
 OUT=${1:?usage: bench/gpu_check.sh OUT_DIR [STEP ...]}
 shift
-STEPS=${*:-tests compiled dynamic rows-ab warmup-dynamic handler handler-before workers handler-128 profile warmup
-eager handler-tests}
+STEPS=${*:-tests compiled dynamic rows-ab warmup-dynamic handler processes handler-before workers handler-128 profile
+warmup eager handler-tests}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -70,6 +71,10 @@ run_handler-before() {
   timeout 240 $PY -m bench handler "${HANDLER[@]}" --batch-size 64 --decode-intra-op-threads 0 --no-compile-prefill \
     --no-dynamic-rows \
     --out "$OUT/handler-before" 2>&1 | tee "$OUT/bench-handler-before.log" | tail -3 | summary
+}
+run_processes() {
+  timeout 240 $PY -m bench handler "${HANDLER[@]}" --batch-size 64 --decode-processes 15 --out "$OUT/processes" 2>&1 \
+    | tee "$OUT/bench-handler-processes.log" | tail -3 | summary
 }
 run_workers() {
   timeout 240 $PY -m bench handler "${HANDLER[@]}" --batch-size 64 --workers 2 --out "$OUT" 2>&1 \

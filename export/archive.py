@@ -157,7 +157,7 @@ def _verify(mar: Path, weights_name: str, config_name: str) -> None:
         names = set(archive.namelist())
     required = {"MAR-INF/MANIFEST.json", "captioner_handler.py", "model-config.yaml", weights_name, config_name,
                 "model/__init__.py", "model/engine.py", "model/assets/vocab.txt", "handler/__init__.py",
-                "handler/request_parsing.py", "handler/settings.py"}
+                "handler/request_parsing.py", "handler/preparation.py", "handler/settings.py"}
     missing = sorted(required - names)
     if missing:
         raise ExportError(f"archive {mar} lacks {missing}")

@@ -17,7 +17,7 @@ import json
 import logging
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import BrokenExecutor, Executor, Future
 from dataclasses import replace
 from pathlib import Path
 
@@ -31,10 +31,10 @@ import torch  # noqa: E402
 
 from handler import metrics as handler_metrics  # noqa: E402
 from handler.batching import PreparedBatch, is_out_of_memory, reason_phrase  # noqa: E402
-from handler.request_parsing import RequestError, error_body, parse_request  # noqa: E402
+from handler.preparation import Preparation, make_pool, prepare_request  # noqa: E402
+from handler.request_parsing import error_body  # noqa: E402
 from handler.settings import HandlerSettings  # noqa: E402
-from model.image import decode_image, to_pixel_values, to_uint8_pixels  # noqa: E402
-from model.styles import STYLES, make_plan  # noqa: E402
+from model.styles import STYLES  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class CaptionHandler:
         self.image_size = 0
         self.normalize_on_device = False  # decoded images travel as uint8, normalised by the engine
         self.context = None
-        self._decode_pool: ThreadPoolExecutor | None = None
+        self._decode_pool: Executor | None = None
 
     # ------------------------------------------------------------------ start-up
     def initialize(self, context) -> None:
@@ -74,7 +74,7 @@ class CaptionHandler:
         if settings.threads:
             torch.set_num_threads(settings.threads)
         # Reading the count fixes this thread's own: a thread's first parallel op otherwise
-        # takes the process default, which the decode threads lower (`_limit_intra_op_threads`).
+        # takes the process default, which the decode threads lower (`limit_intra_op_threads`).
         torch.get_num_threads()
         dtype = settings.dtype_for(self.device)
 
@@ -99,10 +99,7 @@ class CaptionHandler:
         # A request may not ask for more tokens than the model's position table holds.
         self.limits = replace(settings.limits,
                               max_new_tokens=min(settings.limits.max_new_tokens, config.max_text_tokens))
-        self._decode_pool = ThreadPoolExecutor(max_workers=settings.decode_threads,
-                                               thread_name_prefix="caption-decode",
-                                               initializer=_limit_intra_op_threads,
-                                               initargs=(settings.decode_intra_op_threads,))
+        self._decode_pool = self._new_decode_pool()
         loaded = time.perf_counter()
         if settings.warmup:
             # The batch sizes real traffic will use: one request, and a full dynamic batch; CUDA
@@ -147,50 +144,53 @@ class CaptionHandler:
         return responses
 
     def preprocess(self, data) -> PreparedBatch:
-        """Parse and validate every request; each image is decoded in the thread pool as soon as
-        its request is parsed, so decoding overlaps the (serial) parsing of the rest."""
+        """Parse, validate, decode and resize every request, each a task of the decode pool
+        (`handler/preparation.py`); a request that fails gets its own status and message."""
         batch = PreparedBatch(size=len(data))
-        plans, futures = {}, {}
         started = time.perf_counter()
-        for idx, row in enumerate(data):
-            try:
-                request = parse_request(row)
-                plan = make_plan(request.options, self.limits)
-            except RequestError as exc:
-                batch.fail(idx, int(getattr(exc, "status", 400)), _message(exc))
-            except ValueError as exc:  # OptionError and other validation errors
-                batch.fail(idx, 400, _message(exc))
-            except MemoryError:
-                batch.fail(idx, 507, "out of memory while reading the request")
-            else:
-                plans[idx] = plan
-                futures[idx] = self._decode_pool.submit(self._pixels, request.image)
-
-        for idx, future in futures.items():
-            try:
-                pixels = future.result()
-            except (ValueError, OSError) as exc:  # ImageError, or a Pillow error it did not wrap
-                batch.fail(idx, 400, _message(exc))
-            except MemoryError:
-                batch.fail(idx, 507, "out of memory while decoding the image")
-            except Exception as exc:  # noqa: BLE001
-                logger.error("image decoding failed unexpectedly", exc_info=True)
-                batch.fail(idx, 500, f"internal error while decoding the image ({type(exc).__name__})")
-            else:
-                batch.good.append(idx)
-                batch.plans.append(plans[idx])
-                batch.pixels.append(pixels)
+        preparation = Preparation(self.limits, self.image_size, self.settings.max_pixels,
+                                  uint8=self.normalize_on_device)
+        futures = {idx: self._submit(row, preparation) for idx, row in enumerate(data)}
+        orphaned = [idx for idx, future in futures.items() if not self._collect(batch, idx, future)]
+        for idx in orphaned:  # again, one at a time in a fresh pool: only a request that kills it fails
+            if not self._collect(batch, idx, self._submit(data[idx], preparation)):
+                logger.error("request %d of the batch killed its decode process", idx)
+                batch.fail(idx, 500, "internal error: the image decoding process died on this request")
         batch.decode_ms = (time.perf_counter() - started) * 1000
         return batch
 
-    def _pixels(self, image: bytes) -> torch.Tensor:
-        """uint8 for a GPU, which normalises the batch (a quarter of the bytes to stack and copy);
-        normalised float32 on CPU, here in the decode threads: one batched normalisation on
-        the CPU took longer than these in parallel (143 vs 102 ms for 64 images, 2 cores)."""
-        decoded = decode_image(image, self.settings.max_pixels)
-        if self.normalize_on_device:
-            return to_uint8_pixels(decoded, self.image_size)
-        return to_pixel_values(decoded, self.image_size)
+    def _collect(self, batch: PreparedBatch, idx: int, future: Future) -> bool:
+        """Record one request's preparation in `batch`; False if its decode process died (a
+        process pool then fails every task it held, and the request can be tried again)."""
+        try:
+            plan, pixels = future.result()
+        except BrokenExecutor:
+            return False
+        except (ValueError, OSError) as exc:  # Request/Option/ImageError, or an unwrapped Pillow error
+            batch.fail(idx, int(getattr(exc, "status", 400)), _message(exc))
+        except MemoryError as exc:  # says where: handler/preparation.py
+            batch.fail(idx, 507, f"out of memory {exc or 'while preparing the request'}")
+        except Exception as exc:  # noqa: BLE001
+            logger.error("request preparation failed unexpectedly", exc_info=True)
+            batch.fail(idx, 500, f"internal error while decoding the image ({type(exc).__name__})")
+        else:
+            batch.good.append(idx)
+            batch.plans.append(plan)
+            batch.pixels.append(torch.from_numpy(pixels))
+        return True
+
+    def _submit(self, row, preparation: Preparation) -> Future:
+        """One request to the decode pool; a broken pool (a process died) is replaced first."""
+        try:
+            return self._decode_pool.submit(prepare_request, row, preparation)
+        except BrokenExecutor:
+            self._decode_pool.shutdown(wait=False, cancel_futures=True)
+            self._decode_pool = self._new_decode_pool()
+            return self._decode_pool.submit(prepare_request, row, preparation)
+
+    def _new_decode_pool(self) -> Executor:
+        settings = self.settings
+        return make_pool(settings.decode_processes, settings.decode_threads, settings.decode_intra_op_threads)
 
     def inference(self, batch: PreparedBatch) -> list[dict]:
         """One engine call for every request of the batch that survived preprocessing."""
@@ -219,16 +219,6 @@ class CaptionHandler:
     def _release_memory(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-
-
-def _limit_intra_op_threads(threads: int) -> None:
-    """Decode-thread initializer: this thread's PyTorch intra-op thread count (0: unchanged).
-
-    `torch.set_num_threads` also sets the default of threads that have not yet run a parallel
-    op; the worker's own thread fixed its count in `initialize`, so it is not affected.
-    """
-    if threads:
-        torch.set_num_threads(threads)
 
 
 def _message(exc: BaseException) -> str:

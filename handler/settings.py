@@ -60,8 +60,11 @@ class HandlerSettings:
     # Intra-op threads of this worker; 0 leaves PyTorch's default (all cores). With several
     # CPU workers on one host set it to cores / workers.
     threads: int = 0
-    # Decoding/resizing the images of one batch runs in a thread pool (Pillow releases the GIL).
+    # Parsing, decoding and resizing the requests of one batch runs in a thread pool.
     decode_threads: int = 4
+    # > 0: a pool of this many processes instead (decode_threads is then unused). About 1 ms
+    # per photo-sized request holds the GIL, which threads take in turn (handler/preparation.py).
+    decode_processes: int = 0
     # PyTorch intra-op threads of each decode thread (its resize and normalisation); 0 keeps
     # PyTorch's default (every core). With the default each of the decode_threads resizes
     # opened its own team of one thread per core: decode_threads x cores threads at once.
@@ -110,9 +113,9 @@ class HandlerSettings:
                 raise SettingsError(f"model-config.yaml handler: {name} must be one of {sorted(DTYPES)}")
         if settings.cpu_quantize not in (None, "int8"):
             raise SettingsError("model-config.yaml handler: cpu_quantize must be int8 or absent")
-        if (settings.threads < 0 or settings.decode_threads < 1 or settings.decode_intra_op_threads < 0
-                or settings.max_pixels < 1):
-            raise SettingsError("model-config.yaml handler: threads >= 0, decode_threads >= 1, "
+        if (settings.threads < 0 or settings.decode_threads < 1 or settings.decode_processes < 0
+                or settings.decode_intra_op_threads < 0 or settings.max_pixels < 1):
+            raise SettingsError("model-config.yaml handler: threads >= 0, decode_threads >= 1, decode_processes >= 0, "
                                 "decode_intra_op_threads >= 0, max_pixels >= 1")
         return settings
 

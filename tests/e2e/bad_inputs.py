@@ -358,10 +358,12 @@ def valid_request(name: str = "chelsea.png") -> dict:
 ONE_THREAD_ARCHIVE = "captioner-1t"
 
 
-def one_thread_archive(model_store: Path, name: str = ONE_THREAD_ARCHIVE, **top_level) -> str:
+def one_thread_archive(model_store: Path, name: str = ONE_THREAD_ARCHIVE, handler_settings: dict | None = None,
+                       **top_level) -> str:
     """``<name>.mar`` in the model store: the seed-tiny archive with ``handler.threads: 1`` (the
-    test host is small and shared; the session archive uses every core) and any top-level
-    model-config.yaml keys given (e.g. ``responseTimeout=5``). Built once per store."""
+    test host is small and shared; the session archive uses every core), any other ``handler:``
+    settings given, and any top-level model-config.yaml keys given (e.g. ``responseTimeout=5``).
+    Built once per store."""
     target = Path(model_store) / f"{name}.mar"
     if not target.is_file():
         import yaml
@@ -371,7 +373,7 @@ def one_thread_archive(model_store: Path, name: str = ONE_THREAD_ARCHIVE, **top_
         from tests.e2e.torchserve import REPO
 
         config = yaml.safe_load((REPO / "handler" / "model-config.yaml").read_text())
-        config["handler"]["threads"] = 1
+        config["handler"].update(threads=1, **(handler_settings or {}))
         config.update(top_level)
         with tempfile.TemporaryDirectory() as folder:
             model_config = Path(folder) / "model-config.yaml"

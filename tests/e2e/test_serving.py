@@ -13,6 +13,7 @@ import json
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import requests
@@ -197,6 +198,49 @@ def test_scale_workers_up_and_down(server):
                                  params={"min_worker": 1, "max_worker": 1, "synchronous": "true"})
     assert response.status_code == 200, response.text
     assert len(server.describe(MODEL)[0]["workers"]) == 1
+
+
+def child_pids(pid: int) -> set[int]:
+    children = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        if int(fields[1]) == pid:  # fields: state, ppid, ...
+            children.add(int(stat.parent.name))
+    return children
+
+
+def test_decode_processes_serve_a_batch_and_end_with_their_worker(server, model_store):
+    """`handler.decode_processes: 2`: requests are prepared in spawned processes under the real
+    worker (which runs ts/model_service_worker.py as __main__); a bad request in the batch still
+    gets its 400, and the processes end when the model is unregistered."""
+    from tests.e2e.bad_inputs import one_thread_archive
+
+    name = "captioner-processes"
+    archive = one_thread_archive(model_store, name, handler_settings={"decode_processes": 2})
+    response = server.manage("POST", "/models", params={"url": archive, "model_name": name, "batch_size": 4,
+                                                        "max_batch_delay": 500, "initial_workers": 1,
+                                                        "synchronous": "true"})
+    assert response.status_code == 200, response.text
+    try:
+        names = ["chelsea.png", "coffee.png", "rocket.jpg"]
+        payloads = [{"json": {"image": image_b64(n), **GREEDY}} for n in names]
+        payloads.append({"data": b"garbage", "headers": {"Content-Type": "application/octet-stream"}})
+        with ThreadPoolExecutor(len(payloads)) as pool:
+            responses = list(pool.map(lambda p: server.infer(name, **p), payloads))
+        for image, response in zip(names, responses):
+            assert ok_json(response) == golden(image)
+        assert responses[-1].status_code == 400 and "error" in responses[-1].json()
+        decoders = child_pids(server.describe(name)[0]["workers"][0]["pid"])
+        assert len(decoders) >= 2, decoders  # decode processes (and multiprocessing's resource tracker)
+    finally:
+        server.manage("DELETE", f"/models/{name}")
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() for pid in decoders):
+        assert time.monotonic() < deadline, f"decode processes outlived their worker: {decoders}"
+        time.sleep(0.5)
 
 
 def test_unregister(server):

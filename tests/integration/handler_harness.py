@@ -153,3 +153,14 @@ def predict(service, rows: list[dict]) -> list[Reply]:
     assert code == 200, (code, text, replies)
     assert len(replies) == len(rows)
     return replies
+
+
+# ---------------------------------------------------------------------- decode-pool faults
+def prepare_or_exit(row, preparation):
+    """`handler.preparation.prepare_request`, except that a row with an ``exit`` field ends its
+    process at once, as a crash in an image decoder would (run in a decode process)."""
+    from handler.preparation import prepare_request
+
+    if "exit" in row:
+        os._exit(70)
+    return prepare_request(row, preparation)

@@ -10,6 +10,8 @@ import logging
 import pytest
 import torch
 
+from handler import captioner_handler
+from tests.integration import handler_harness
 from tests.integration.handler_harness import (
     IMAGES,
     batch,
@@ -29,10 +31,11 @@ GREEDY = {"temperature": 0, "num_captions": 1}
 PLAIN = {**GREEDY, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    model_dir = make_model_dir(tmp_path_factory.mktemp("model"))
-    return make_service(model_dir)
+@pytest.fixture(scope="module", params=["threads", "processes"])
+def served(request, tmp_path_factory):
+    """The handler with each kind of decode pool: threads (the default) or processes."""
+    overrides = {"decode_processes": 2} if request.param == "processes" else {}
+    return make_service(make_model_dir(tmp_path_factory.mktemp("model"), overrides))
 
 
 def test_initialize_picks_cpu_float32_and_caps_tokens(served):
@@ -151,6 +154,23 @@ def test_metrics_are_emitted_with_the_declared_dimensions(served, caplog):
     assert "#type:GAUGE" in emitted["CaptionBatchSize"]
     assert emitted["CaptionErrorsTotal"].startswith("[METRICS]CaptionErrorsTotal.Count:1|")
     assert "#type:COUNTER" in emitted["CaptionTokensTotal"]
+
+
+def test_a_request_that_kills_its_decode_process_fails_alone(tmp_path, monkeypatch):
+    """A decode process that dies (a crash in a decoder; here os._exit) fails every task its pool
+    held: those requests are tried again one at a time in a fresh pool, so only the request that
+    kills it gets a 500; the next batch is served by a new pool."""
+    service, handler = make_service(make_model_dir(tmp_path, {"decode_processes": 2}))
+    monkeypatch.setattr(captioner_handler, "prepare_request", handler_harness.prepare_or_exit)
+    replies = predict(service, batch(json_row(IMAGES["chelsea.png"], **GREEDY),
+                                     raw_row(IMAGES["rocket.jpg"], mime("rocket.jpg"), query={"exit": "1"}),
+                                     raw_row(b"not an image", "image/png"),
+                                     json_row(IMAGES["coffee.png"], **GREEDY)))
+    assert [r.status for r in replies] == [200, 500, 400, 200]
+    assert replies[0].json() == golden("chelsea.png") and replies[3].json() == golden("coffee.png")
+    assert "decoding process died" in replies[1].json()["error"]
+    replies = predict(service, batch(json_row(IMAGES["rocket.jpg"], **GREEDY)))
+    assert replies[0].status == 200 and replies[0].json() == golden("rocket.jpg")
 
 
 def test_gpu_id_without_cuda_falls_back_to_cpu(tmp_path):

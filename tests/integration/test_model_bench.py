@@ -36,7 +36,7 @@ def test_handler_bench_runs_the_real_handler_and_reports_refusals(tmp_path, caps
     result = json.loads((tmp_path / "handler-cpu.json").read_text())
     assert result["warmup"] is True and result["initialize_s"] > 0
     assert result["images_per_s"] > 0 and result["captions_per_image"] == 6
-    assert set(result["stage_ms_per_image"]) == {"preprocess", "inference", "postprocess"}
+    assert set(result["stage_ms_per_image"]) == {"preprocess", "inference", "postprocess", "preprocess_worker_cpu"}
     assert all(ms > 0 for ms in result["stage_ms_per_image"].values())
     assert "images/s" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="must be between 1 and 40"):  # the tiny model's token limit

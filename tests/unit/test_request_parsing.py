@@ -415,3 +415,26 @@ def test_base64_with_any_whitespace_str_split_removes(separator):
     middle = len(IMAGE_B64) // 2
     encoded = IMAGE_B64[:middle] + separator + IMAGE_B64[middle:]
     assert parse_request({"body": {"image": encoded}}).image == IMAGE
+
+
+def test_a_memory_error_says_where_it_happened(monkeypatch):
+    from handler import preparation
+    from model.styles import Limits
+    from tests.conftest import SEED_TINY
+
+    photo = (SEED_TINY / "images" / "rocket.jpg").read_bytes()
+    prepared = preparation.Preparation(Limits(), image_size=32, max_pixels=10**6, uint8=True)
+
+    def exhausted(*_args):
+        raise MemoryError()
+
+    with monkeypatch.context() as patch:
+        patch.setattr(preparation, "parse_request", exhausted)
+        with pytest.raises(MemoryError, match="^while reading the request$"):
+            preparation.prepare_request({"body": photo}, prepared)
+    with monkeypatch.context() as patch:
+        patch.setattr(preparation, "decode_image", exhausted)
+        with pytest.raises(MemoryError, match="^while decoding the image$"):
+            preparation.prepare_request({"body": photo}, prepared)
+    plan, pixels = preparation.prepare_request({"body": photo}, prepared)
+    assert pixels.shape == (3, 32, 32) and str(pixels.dtype) == "uint8" and plan.styles

@@ -1,0 +1,99 @@
+"""The per-request work of a batch: one TorchServe row -> (caption plan, pixels).
+
+Parsing the row (base64 included), validating its options, decoding the image and resizing
+it run in the handler's decode pool, one task per request, so that they overlap. The pool is
+threads (`handler.decode_threads`) or, with `handler.decode_processes`, processes: about 1 ms
+per photo-sized request holds Python's GIL (base64 in binascii, Pillow's pixel copy, Python
+overhead), which threads take in turn however many cores the host has. Everything a task
+needs is a module-level function of picklable arguments, so both pools run the same code.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+import time
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from handler.request_parsing import parse_request
+from model.image import decode_image, to_pixel_values, to_uint8_pixels
+from model.styles import CaptionPlan, Limits, make_plan
+
+
+PARENT_POLL_SECONDS = 1.0  # how often a decode process checks that its worker still exists
+
+# What a MemoryError says about where it happened (the handler's 507 message ends with it).
+READING = "while reading the request"
+DECODING = "while decoding the image"
+
+
+@dataclass(frozen=True)
+class Preparation:
+    """What a task needs besides the row: the request limits and the image settings."""
+
+    limits: Limits
+    image_size: int
+    max_pixels: int
+    # uint8 pixels for a GPU worker, whose engine normalises the batch on the device; else
+    # normalised float32, here in the pool (faster than one batched normalisation on a CPU).
+    uint8: bool
+
+
+def prepare_request(row, preparation: Preparation) -> tuple[CaptionPlan, np.ndarray]:
+    """Parse, validate, decode and resize one request: its plan and pixels (3, S, S), as a
+    numpy array (`torch.from_numpy` shares it): from a process it pickles as plain bytes, where
+    a tensor would go through a shared-memory file and a socket per image (5x the worker's CPU
+    time per image, measured). Raises RequestError, OptionError or ImageError (all ValueError:
+    HTTP 400), MemoryError (507), anything else (500)."""
+    try:
+        request = parse_request(row)
+    except MemoryError as error:  # a large JSON or base64 body under memory pressure
+        raise MemoryError(READING) from error
+    plan = make_plan(request.options, preparation.limits)
+    try:
+        image = decode_image(request.image, preparation.max_pixels)
+        if preparation.uint8:
+            return plan, to_uint8_pixels(image, preparation.image_size).numpy()
+        return plan, to_pixel_values(image, preparation.image_size).numpy()
+    except MemoryError as error:
+        raise MemoryError(DECODING) from error
+
+
+def limit_intra_op_threads(threads: int) -> None:
+    """Pool initializer: this thread's (or process's) PyTorch intra-op thread count (0: unchanged).
+
+    In a thread, `torch.set_num_threads` also sets the default of threads that have not yet
+    run a parallel op; the worker's own thread fixes its count first (the handler's
+    `initialize`), so it is not affected.
+    """
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def start_decode_process(intra_op_threads: int, parent: int) -> None:
+    """Process-pool initializer: the intra-op thread count, and a watchdog that ends this
+    process once `parent` (the TorchServe worker) is gone. A worker is stopped with a signal
+    (unregistering, scaling down, a crash), which leaves no chance to shut its pool down."""
+    limit_intra_op_threads(intra_op_threads)
+    threading.Thread(target=exit_when_orphaned, args=(parent,), name="parent-watchdog", daemon=True).start()
+
+
+def exit_when_orphaned(parent: int, interval: float = PARENT_POLL_SECONDS) -> None:
+    while os.getppid() == parent:
+        time.sleep(interval)
+    os._exit(0)
+
+
+def make_pool(processes: int, threads: int, intra_op_threads: int) -> Executor:
+    """`processes` > 0: a process pool (spawned: a forked child of a CUDA process is unsafe);
+    else `threads` threads. Each runs torch with `intra_op_threads` (a process: at least 1)."""
+    if processes:
+        return ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=start_decode_process, initargs=(intra_op_threads or 1, os.getpid()))
+    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="caption-decode",
+                              initializer=limit_intra_op_threads, initargs=(intra_op_threads,))
