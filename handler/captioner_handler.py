@@ -31,7 +31,7 @@ import torch  # noqa: E402
 
 from handler import metrics as handler_metrics  # noqa: E402
 from handler.batching import PreparedBatch, is_out_of_memory, reason_phrase  # noqa: E402
-from handler.preparation import Preparation, make_pool, prepare_request  # noqa: E402
+from handler.preparation import Preparation, make_pool, prepare_request, start_processes  # noqa: E402
 from handler.request_parsing import error_body  # noqa: E402
 from handler.settings import HandlerSettings  # noqa: E402
 from model.styles import STYLES  # noqa: E402
@@ -190,7 +190,11 @@ class CaptionHandler:
 
     def _new_decode_pool(self) -> Executor:
         settings = self.settings
-        return make_pool(settings.decode_processes, settings.decode_threads, settings.decode_intra_op_threads)
+        pool = make_pool(settings.decode_processes, settings.decode_threads, settings.decode_intra_op_threads)
+        if settings.decode_processes:
+            start_processes(pool, settings.decode_processes)
+            logger.info("decode pool of %d processes started", settings.decode_processes)
+        return pool
 
     def inference(self, batch: PreparedBatch) -> list[dict]:
         """One engine call for every request of the batch that survived preprocessing."""

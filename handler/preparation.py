@@ -89,6 +89,16 @@ def exit_when_orphaned(parent: int, interval: float = PARENT_POLL_SECONDS) -> No
     os._exit(0)
 
 
+def process_id(_task: int) -> int:
+    return os.getpid()
+
+
+def start_processes(pool: Executor, processes: int) -> None:
+    """Start a process pool's processes now (each spawn takes about a second) rather than on
+    a first batch: a process pool spawns one per task submitted while none is idle."""
+    list(pool.map(process_id, range(processes)))
+
+
 def make_pool(processes: int, threads: int, intra_op_threads: int) -> Executor:
     """`processes` > 0: a process pool (spawned: a forked child of a CUDA process is unsafe);
     else `threads` threads. Each runs torch with `intra_op_threads` (a process: at least 1)."""

@@ -161,6 +161,7 @@ def test_a_request_that_kills_its_decode_process_fails_alone(tmp_path, monkeypat
     held: those requests are tried again one at a time in a fresh pool, so only the request that
     kills it gets a 500; the next batch is served by a new pool."""
     service, handler = make_service(make_model_dir(tmp_path, {"decode_processes": 2}))
+    assert len(handler._decode_pool._processes) == 2  # spawned at start, not on a first batch
     monkeypatch.setattr(captioner_handler, "prepare_request", handler_harness.prepare_or_exit)
     replies = predict(service, batch(json_row(IMAGES["chelsea.png"], **GREEDY),
                                      raw_row(IMAGES["rocket.jpg"], mime("rocket.jpg"), query={"exit": "1"}),
