@@ -58,6 +58,7 @@ ENV DEBIAN_FRONTEND=noninteractive \
     CAPTION_MODEL_NAME=${MODEL_NAME} \
     CAPTION_MODEL_VERSION=${MODEL_VERSION} \
     HF_HOME=/tmp/hf-home \
+    TORCHINDUCTOR_CACHE_DIR=/home/model-server/.cache/torchinductor \
     PATH=/opt/venv/bin:${PATH}
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]

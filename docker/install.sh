@@ -55,9 +55,11 @@ step_system() {
     run groupadd --gid "$USER_ID" "$USER_NAME"
     run useradd --uid "$USER_ID" --gid "$USER_ID" --create-home --shell /bin/bash "$USER_NAME"
   fi
-  # Writable at run time: TorchServe's working directory (key_file.json), its logs, and a
-  # model store for archives built at start. Everything else stays root-owned, read-only.
-  run install -d -o "$USER_ID" -g "$USER_ID" /home/$USER_NAME/run /home/$USER_NAME/logs /home/$USER_NAME/model-store
+  # Writable at run time: TorchServe's working directory (key_file.json), its logs, a model
+  # store for archives built at start, and torch.compile's cache (TORCHINDUCTOR_CACHE_DIR:
+  # mount a volume there to keep it across containers). Everything else stays root-owned.
+  run install -d -o "$USER_ID" -g "$USER_ID" /home/$USER_NAME/run /home/$USER_NAME/logs /home/$USER_NAME/model-store \
+    /home/$USER_NAME/.cache /home/$USER_NAME/.cache/torchinductor
   run install -d "$MODEL_STORE"
 }
 

@@ -378,3 +378,13 @@ def test_healthcheck_unreachable_port_is_unhealthy(tmp_path):
     _key_file(tmp_path, "k")
     result = _check(_Closed, tmp_path)
     assert result.returncode == 1 and "unreachable" in result.stdout
+
+
+def test_compile_cache_lives_in_a_writable_folder_that_can_be_a_volume():
+    """torch.compile's cache (a cold GPU warm-up compiles for minutes) goes to a folder the
+    server's user owns, under /home/model-server/.cache, where a volume keeps it."""
+    env = " ".join(_args("ENV"))
+    assert "TORCHINDUCTOR_CACHE_DIR=/home/model-server/.cache/torchinductor" in env
+    install = (REPO / "docker" / "install.sh").read_text()
+    assert re.search(r'install -d -o "\$USER_ID" -g "\$USER_ID" [^\n]*\\\n\s+[^\n]*/home/\$USER_NAME/\.cache/torchinductor',
+                     install)
