@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     handler.add_argument("--batches", type=int, default=3)
     handler.add_argument("--max-new-tokens", type=int, default=64)
     handler.add_argument("--decode-threads", type=int, default=8)
+    handler.add_argument("--request-form", choices=["json", "raw"], default="json",
+                         help="JSON bodies with base64 images, or the image bytes as the body")
     handler.add_argument("--decode-processes", type=int, default=0,
                          help="the handler's decode_processes (a process pool instead of the threads)")
     handler.add_argument("--decode-intra-op-threads", type=int,

@@ -14,6 +14,7 @@
 #   handler-before  the same with run 4's settings (decode threads with all cores' intra-op
 #                   threads, eager prefill, static rows): the A/B in one lease            ~1.5 min
 #   processes       the handler step with 15 decode processes instead of 16 threads         ~2 min
+#   raw             the handler step with raw-body requests (no base64), as `curl -T` sends ~2 min
 #   workers         two handler processes on the GPU, 64 requests per batch, timed together ~2 min
 #   handler-128     one handler, 128 requests per batch                                     ~2 min
 #   profile         profile of a 64-image batch and of the 8-, 64- and 384-row steps      ~1 min
@@ -26,8 +27,8 @@
 set -uo pipefail
 OUT=${1:?usage: bench/gpu_check.sh OUT_DIR [STEP ...]}
 shift
-STEPS=${*:-tests compiled dynamic rows-ab warmup-dynamic handler processes handler-before workers handler-128 profile
-warmup eager handler-tests}
+STEPS=${*:-tests compiled dynamic rows-ab warmup-dynamic handler processes raw handler-before workers handler-128
+profile warmup eager handler-tests}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -75,6 +76,10 @@ run_handler-before() {
 run_processes() {
   timeout 240 $PY -m bench handler "${HANDLER[@]}" --batch-size 64 --decode-processes 15 --out "$OUT/processes" 2>&1 \
     | tee "$OUT/bench-handler-processes.log" | tail -3 | summary
+}
+run_raw() {
+  timeout 240 $PY -m bench handler "${HANDLER[@]}" --batch-size 64 --request-form raw --out "$OUT/raw" 2>&1 \
+    | tee "$OUT/bench-handler-raw.log" | tail -3 | summary
 }
 run_workers() {
   timeout 240 $PY -m bench handler "${HANDLER[@]}" --batch-size 64 --workers 2 --out "$OUT" 2>&1 \

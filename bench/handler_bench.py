@@ -97,8 +97,15 @@ def open_handler(args, model_dir: Path) -> tuple[CaptionHandler, StubContext, fl
 
 
 def request_rows(args) -> list[dict]:
-    images = [base64.b64encode(b).decode() for b in synthetic_jpegs(args.batch_size)]
-    return [{"body": {"image": image, "max_new_tokens": args.max_new_tokens, "seed": i}} for i, image in enumerate(images)]
+    """The batch's rows as TorchServe's worker hands them over: JSON bodies with base64 images,
+    or (`--request-form raw`) the JPEG bytes as the body with the options as query parameters
+    (what `curl -T img.jpg '.../models/captioner/invoke?max_new_tokens=64'` sends)."""
+    jpegs = synthetic_jpegs(args.batch_size)
+    if args.request_form == "raw":
+        return [{"body": bytearray(jpeg), "max_new_tokens": bytearray(str(args.max_new_tokens).encode()),
+                 "seed": bytearray(str(i).encode())} for i, jpeg in enumerate(jpegs)]
+    return [{"body": {"image": base64.b64encode(jpeg).decode(), "max_new_tokens": args.max_new_tokens, "seed": i}}
+            for i, jpeg in enumerate(jpegs)]
 
 
 def timed_batches(handler: CaptionHandler, context: StubContext, rows: list[dict], batches: int):
@@ -133,7 +140,7 @@ def run(args) -> dict:
         "dynamic_rows": handler.engine.dynamic_rows, "warmup": args.warmup, "initialize_s": initialize_s,
         "compile_prefill": handler.engine.compile_prefill,
         "decode_threads": args.decode_threads, "decode_processes": args.decode_processes,
-        "decode_intra_op_threads": handler.settings.decode_intra_op_threads,
+        "decode_intra_op_threads": handler.settings.decode_intra_op_threads, "request_form": args.request_form,
         "batch_seconds": timings, "images_per_s": args.batch_size / best,
         "captions_per_image": sum(len(v) for v in captions.values()),
         "stage_ms_per_image": stages,

@@ -55,6 +55,15 @@ def test_handler_bench_times_several_worker_processes_together(tmp_path, capsys)
     assert "2 workers on one device" in capsys.readouterr().out
 
 
+def test_handler_bench_sends_raw_bodies_with_query_options(tmp_path):
+    argv = ["handler", "--weights", str(SEED_TINY / "weights.pt"), "--config", str(SEED_TINY / "config.json"),
+            "--batch-size", "2", "--batches", "1", "--max-new-tokens", "4", "--request-form", "raw",
+            "--out", str(tmp_path)]
+    assert main(argv) == 0
+    result = json.loads((tmp_path / "handler-cpu.json").read_text())
+    assert result["request_form"] == "raw" and result["captions_per_image"] == 6
+
+
 def test_handler_bench_reports_a_failed_worker(tmp_path):
     argv = ["handler", "--weights", str(tmp_path / "missing.pt"), "--config", str(SEED_TINY / "config.json"),
             "--batch-size", "2", "--batches", "1", "--workers", "2", "--out", str(tmp_path)]
