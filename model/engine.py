@@ -249,9 +249,8 @@ class CaptionEngine:
         """(N, 3, S, S) -> image tokens; with encoder buckets the batch is padded with copies of
         its first image up to a power of two (images are encoded independently)."""
         count = len(pixel_values)
-        padded = encoder_batch(count) if self.encoder_buckets else count
-        if padded > count:
-            pixel_values = torch.cat((pixel_values, pixel_values[:1].expand(padded - count, -1, -1, -1)))
+        if self.encoder_buckets:
+            pixel_values = at_least(pixel_values, encoder_batch(count))
         return self.encoder(pixel_values)[:count]
 
     def prefill_prefix(self, pixel_values: torch.Tensor) -> PrefixKV:
@@ -294,7 +293,7 @@ class CaptionEngine:
         """With `dynamic_rows`: dimension 0 (rows) of these step inputs is a symbolic size."""
         if self.dynamic_rows:
             for tensor in tensors:
-                torch._dynamo.mark_dynamic(tensor, 0)
+                symbolic_rows(tensor)
 
     def _token_state(self, rows: int, max_new: int) -> TokenState:
         """Generation state; with static shapes one per row bucket, reset in place."""
@@ -415,7 +414,7 @@ class CaptionEngine:
             cache.select_rows(active)
             state.select(active)
             return cache, state, params.select(active)
-        rows = torch.cat((active, active[:1].expand(target - len(active))))
+        rows = at_least(active, target)
         smaller_cache, smaller_state = self._static_cache(target), self._static_state(target)
         smaller_cache.load_rows(cache, rows)
         smaller_state.load_rows(state, rows, len(active))
