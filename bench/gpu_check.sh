@@ -4,7 +4,10 @@
 # Steps, most important first (all of them by default; together more than one device call's
 # 10 minutes, so run a selection, or run it under an outer `timeout` and pack OUT_DIR
 # afterwards, see docs/benchmarks.md: a cut-off run loses only the last steps):
-#   tests           CUDA tests (parity, compiled = eager, spans, dynamic rows, bf16)     ~1.5 min
+#   tests           CUDA tests (parity, compiled = eager, spans, dynamic rows, image-major, bf16) ~2 min
+#   layout-ab       model benchmark, batch 64, 64- and 384-row steps (dynamic rows): static
+#                   layout rows, then images (each image's prefix stored once)           ~3 min
+#   handler-images  the handler step with static_layout images                           ~2.5 min
 #   compiled        model benchmark, bf16, compiled (CUDA graphs), decode-step times      ~3 min
 #   dynamic         the same with dynamic rows (one compilation per span)                ~3 min
 #   rows-ab         model benchmark, batch 64 and the 64-row step: dynamic rows, then static ~2 min
@@ -27,8 +30,8 @@
 set -uo pipefail
 OUT=${1:?usage: bench/gpu_check.sh OUT_DIR [STEP ...]}
 shift
-STEPS=${*:-tests compiled dynamic rows-ab warmup-dynamic handler processes raw handler-before workers handler-128
-profile warmup eager handler-tests}
+STEPS=${*:-tests layout-ab handler handler-images processes raw compiled dynamic rows-ab warmup-dynamic handler-before
+workers handler-128 profile warmup eager handler-tests}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -58,6 +61,15 @@ run_rows-ab() {
       | tee "$OUT/bench-rows-$rows.log" | grep -E "^batch|^decode step" | sed "s/^/$rows: /" | summary
   done
 }
+run_layout-ab() {
+  for layout in rows images; do
+    mkdir -p "$OUT/layout-$layout"
+    timeout 150 $PY -m bench model --weights "$CKPT" --device cuda --dtype bfloat16 --compile --dynamic-rows \
+      --static-layout $layout --batch-sizes 64 --step-rows 64,384 --max-new-tokens 64 --no-baseline \
+      --out "$OUT/layout-$layout" 2>&1 | tee "$OUT/bench-layout-$layout.log" \
+      | grep -E "^batch|^decode step|^peak" | sed "s/^/$layout: /" | summary
+  done
+}
 run_warmup-dynamic() {
   mkdir -p "$OUT/warmup-dynamic"
   timeout 300 $PY -m bench handler "${WARMUP[@]}" --dynamic-rows --out "$OUT/warmup-dynamic" 2>&1 \
@@ -67,6 +79,10 @@ HANDLER=(--weights "$CKPT" --device cuda --compile --batches 3 --decode-threads 
 run_handler() {
   timeout 240 $PY -m bench handler "${HANDLER[@]}" --batch-size 64 --out "$OUT" 2>&1 | tee "$OUT/bench-handler.log" \
     | tail -3 | summary
+}
+run_handler-images() {
+  timeout 240 $PY -m bench handler "${HANDLER[@]}" --batch-size 64 --static-layout images --out "$OUT/handler-images" \
+    2>&1 | tee "$OUT/bench-handler-images.log" | tail -3 | summary
 }
 run_handler-before() {
   timeout 240 $PY -m bench handler "${HANDLER[@]}" --batch-size 64 --decode-intra-op-threads 0 --no-compile-prefill \

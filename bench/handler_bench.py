@@ -86,6 +86,8 @@ def open_handler(args, model_dir: Path) -> tuple[CaptionHandler, StubContext, fl
                  "decode_threads": args.decode_threads, "decode_processes": args.decode_processes}
     if args.dynamic_rows is not None:
         overrides["compile_dynamic_rows"] = args.dynamic_rows
+    if args.static_layout is not None:
+        overrides["static_layout"] = args.static_layout
     if args.decode_intra_op_threads is not None:
         overrides["decode_intra_op_threads"] = args.decode_intra_op_threads
     context = StubContext(model_dir, gpu_id, make_model_dir(model_dir, Path(args.weights), config, overrides),
@@ -137,7 +139,8 @@ def run(args) -> dict:
     result = {
         "device": args.device, "device_name": torch.cuda.get_device_name(0) if gpu_id is not None else "cpu",
         "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "compile": args.compile,
-        "dynamic_rows": handler.engine.dynamic_rows, "warmup": args.warmup, "initialize_s": initialize_s,
+        "dynamic_rows": handler.engine.dynamic_rows, "static_layout": handler.engine.static_layout,
+        "warmup": args.warmup, "initialize_s": initialize_s,
         "compile_prefill": handler.engine.compile_prefill,
         "decode_threads": args.decode_threads, "decode_processes": args.decode_processes,
         "decode_intra_op_threads": handler.settings.decode_intra_op_threads, "request_form": args.request_form,
@@ -216,6 +219,7 @@ def run_workers(args) -> dict:
     result = {
         "device": args.device, "workers": args.workers, "batch_size": args.batch_size,
         "max_new_tokens": args.max_new_tokens, "compile": args.compile, "dynamic_rows": args.dynamic_rows,
+        "static_layout": args.static_layout,
         "compile_prefill": args.compile and args.compile_prefill,
         "decode_threads": args.decode_threads, "decode_processes": args.decode_processes,
         "decode_intra_op_threads": args.decode_intra_op_threads,

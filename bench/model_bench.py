@@ -191,14 +191,15 @@ def run(args) -> dict:
                                       quantize=args.quantize, prepack=args.prepack, fuse=args.fuse,
                                       compile_encoder=args.compile, compile_decode=args.compile,
                                       compile_prefill=args.compile and args.compile_prefill,
-                                      dynamic_rows=args.dynamic_rows)
+                                      dynamic_rows=args.dynamic_rows, static_layout=args.static_layout)
     packed = is_packed(engine.model)
     options = {"seed": 0, "max_new_tokens": args.max_new_tokens}
     jpegs = synthetic_jpegs(max(args.batch_sizes))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     results = {"device": str(device), "device_name": name, "dtype": args.dtype, "quantize": args.quantize,
                "prepack": packed, "fused": args.fuse, "dynamic_rows": engine.dynamic_rows, "compile": args.compile,
-               "compile_prefill": engine.compile_prefill, "threads": torch.get_num_threads(),
+               "compile_prefill": engine.compile_prefill, "static_layout": engine.static_layout,
+               "threads": torch.get_num_threads(),
                "max_new_tokens": args.max_new_tokens, "torch": torch.__version__, "engine": [], "decode_step_ms": {}}
     for batch in args.batch_sizes:
         time_batch(engine, jpegs[:batch], dict(options, max_new_tokens=4))  # warm-up (and compile)
@@ -211,8 +212,11 @@ def run(args) -> dict:
               f" steps {best['decode_steps_ms']:.0f} ms; engine only {best['engine_images_per_s']:.1f} images/s)", flush=True)
     for rows in args.step_rows:
         results["decode_step_ms"][rows] = time_decode_step(engine, rows, args.max_new_tokens)
-        print(f"decode step, {rows} rows: {results['decode_step_ms'][rows]:.3f} ms "
-              f"(mean over a {args.max_new_tokens}-token caption's positions)", flush=True)
+        slots = engine.static_placement(rows).rows if engine.static_shapes else rows
+        results.setdefault("decode_step_slots", {})[rows] = slots  # image-major: whole image buckets
+        print(f"decode step, {rows} rows{f' ({slots} slots)' if slots != rows else ''}: "
+              f"{results['decode_step_ms'][rows]:.3f} ms (mean over a {args.max_new_tokens}-token caption's positions)",
+              flush=True)
     if args.baseline:
         # The seed's algorithm on the seed's layers: plain nn.Linear, never fused, quantized or packed.
         plain = engine if not (packed or args.quantize or args.fuse) else CaptionEngine.from_files(
@@ -243,7 +247,8 @@ def run(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     stem = (f"model-{kind}-{args.dtype}{'-' + args.quantize if args.quantize else ''}"
             f"{'-unpacked' if args.prepack is False else ''}{'' if args.fuse else '-unfused'}"
-            f"{'-compiled' if args.compile else ''}{'-dynamic' if engine.dynamic_rows else ''}")
+            f"{'-compiled' if args.compile else ''}{'-dynamic' if engine.dynamic_rows else ''}"
+            f"{'-images' if engine.static_layout == 'images' else ''}")
     (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results, out / f"{stem}.png")
     print(f"wrote {out / (stem + '.json')} and {out / (stem + '.png')}")

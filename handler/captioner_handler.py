@@ -91,6 +91,7 @@ class CaptionHandler:
             compile_decode=settings.compiles("compile_decode", self.device),
             compile_prefill=settings.compiles("compile_prefill", self.device),
             dynamic_rows=settings.compile_dynamic_rows,
+            static_layout=settings.static_layout,
             quantize=settings.cpu_quantize if self.device.type == "cpu" else None,
             prepack=None if settings.cpu_prepack else False,
         )
@@ -109,10 +110,11 @@ class CaptionHandler:
                                max_rows=batch_size * len(STYLES) * self.limits.max_num_captions)
         logger.info(
             "caption handler ready: model=%s device=%s dtype=%s threads=%d compile_encoder=%s "
-            "compile_decode=%s compile_prefill=%s dynamic_rows=%s image_size=%d code=%s load=%.1fs warmup=%.1fs",
+            "compile_decode=%s compile_prefill=%s dynamic_rows=%s static_layout=%s image_size=%d code=%s "
+            "load=%.1fs warmup=%.1fs",
             context.model_name, self.device, str(dtype).removeprefix("torch."), torch.get_num_threads(),
             self.engine.encoder_buckets, self.engine.static_shapes, self.engine.compile_prefill,
-            self.engine.dynamic_rows, self.image_size,
+            self.engine.dynamic_rows, self.engine.static_layout, self.image_size,
             code_dir, loaded - started, time.perf_counter() - loaded,
         )
         self.initialized = True

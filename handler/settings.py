@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from model.slots import STATIC_LAYOUTS
 from model.styles import Limits
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -57,6 +58,10 @@ class HandlerSettings:
     # symbolic size), instead of once per bucket and span: a shorter warm-up (H100: 121 s
     # instead of more than 190 s for the defaults), decode steps as fast.
     compile_dynamic_rows: bool = True
+    # Static (CUDA-graph) decode cache layout: "rows", each caption row with its own copy of its
+    # image's prefix; "images", each image's prefix stored once and read once per step for all
+    # its rows (model/kv_cache.py ImageMajorCache; needs compile_dynamic_rows when compiled).
+    static_layout: str = "rows"
     # Intra-op threads of this worker; 0 leaves PyTorch's default (all cores). With several
     # CPU workers on one host set it to cores / workers.
     threads: int = 0
@@ -111,6 +116,10 @@ class HandlerSettings:
         for name in ("gpu_dtype", "cpu_dtype"):
             if getattr(settings, name) not in DTYPES:
                 raise SettingsError(f"model-config.yaml handler: {name} must be one of {sorted(DTYPES)}")
+        if settings.static_layout not in STATIC_LAYOUTS:
+            raise SettingsError(f"model-config.yaml handler: static_layout must be one of {list(STATIC_LAYOUTS)}")
+        if settings.static_layout == "images" and not settings.compile_dynamic_rows:
+            raise SettingsError("model-config.yaml handler: static_layout images needs compile_dynamic_rows: true")
         if settings.cpu_quantize not in (None, "int8"):
             raise SettingsError("model-config.yaml handler: cpu_quantize must be int8 or absent")
         if (settings.threads < 0 or settings.decode_threads < 1 or settings.decode_processes < 0

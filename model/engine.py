@@ -10,13 +10,16 @@ For a batch of images and caption plans:
 4. decode all caption rows together, one step at a time, with per-row sampling parameters as
    tensors (`model/sampling.py`). Eager: a preallocated cache of each row's own positions,
    the image prefix shared by its rows (`SharedPrefixCache`). Static shapes (for CUDA graphs,
-   `compile_decode`): per-bucket caches with fixed addresses, each row with a prefix copy, and
-   every step after the first one captured call of the decoder and token selection together
-   (`decode_select_step`), attending over the shortest span of the cache that holds it.
+   `compile_decode`): per-bucket caches with fixed addresses (`model/slots.py` places the rows),
+   each row with a prefix copy (`static_layout="rows"`) or each image's prefix stored once and
+   read once per step for all its rows (`"images"`), and every step after the first one
+   captured call of the decoder and token selection together (`decode_select_step`),
+   attending over the shortest span of the cache that holds it.
 The host synchronises only every `sync_every` steps to see whether every row has ended;
 then finished rows are dropped from the batch (compaction): in eager mode when that halves
 its size, with static shapes by moving the live rows into the smallest row bucket that holds
-them (that bucket's own cache, state and CUDA graph), so finished rows stop costing work.
+them (that bucket's own cache, state and CUDA graph; image-major: the images with live rows,
+as many slots each as the busiest needs), so finished rows stop costing work.
 """
 
 from __future__ import annotations
@@ -35,10 +38,11 @@ from .checkpoint import load_model
 from .config import PRESETS, SEP_ID, STYLE_TOKEN_IDS, CaptionConfig
 from .fusion import fuse_projections
 from .image import normalize
-from .kv_cache import GroupKV, KVCache, PrefixKV, SharedPrefixCache
+from .kv_cache import GroupKV, ImageMajorCache, KVCache, PrefixKV, SharedPrefixCache
 from .packing import is_packed, prepack_available, prepack_decoder
 from .quantize import quantize_decoder
 from .sampling import RowParams, TokenState, make_row_params, select_next, select_step
+from .slots import STATIC_LAYOUTS, Placement, bucket, image_major, row_major
 from .styles import STYLES, CaptionPlan, make_plan, response_key
 from .text import tidy_caption
 from .tokenizer import VOCAB_PATH, Vocabulary
@@ -50,6 +54,11 @@ ROW_KEY_STRIDE = 64  # row key = style index * stride + caption index (captions 
 # whole default requests (six captions per image, 2**k images) fill a bucket exactly.
 STATIC_ROW_BUCKETS = (8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768)
 DEFAULT_ROWS_PER_IMAGE = 6  # three styles x two captions
+# Image-major static caches (`static_layout="images"`): image counts and slots per image, the
+# same scheme from 2 (a symbolic size of 1 would be specialised into a graph of its own).
+# Slots reach 24: three styles x `Limits.max_num_captions`.
+STATIC_IMAGE_BUCKETS = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+STATIC_PER_IMAGE_BUCKETS = (2, 3, 4, 6, 8, 12, 16, 24)
 # The static step's graph also depends on two sizes of the sampling settings: the top-k
 # candidate count and the longest no-repeat n-gram. Raising them to these floors gives every
 # batch of default-like requests (any styles; top_k <= 64, n-grams <= 4) the same graph, with
@@ -159,6 +168,12 @@ def encoder_batch(images: int) -> int:
     return 1 << (images - 1).bit_length()
 
 
+def keep_histories(final_history: torch.Tensor, origin: torch.Tensor, history: torch.Tensor) -> None:
+    """Write each slot's history into its original row of `final_history` (padding: origin -1)."""
+    real = origin >= 0
+    final_history[origin[real]] = history[real]
+
+
 def cut_at_end(ids: list[int]) -> list[int]:
     return ids[: ids.index(SEP_ID)] if SEP_ID in ids else ids
 
@@ -166,7 +181,7 @@ def cut_at_end(ids: list[int]) -> list[int]:
 class CaptionEngine:
     def __init__(self, model: CaptionModel, vocab: Vocabulary, *, compile_encoder=False, compile_decode=False,
                  compile_prefill=False, static_shapes: bool | None = None, sync_every: int = 8,
-                 dynamic_rows: bool = False):
+                 dynamic_rows: bool = False, static_layout: str = "rows"):
         self.model, self.vocab, self.config = model, vocab, model.config
         self.device = model.token_embeddings.weight.device
         self.dtype = model.token_embeddings.weight.dtype
@@ -175,6 +190,13 @@ class CaptionEngine:
             raise ValueError("torch.compile cannot trace oneDNN-packed Linears: load with prepack=False to compile")
         # CUDA graphs need fixed shapes and addresses; the static path also runs (slower) in eager mode.
         self.static_shapes = compile_decode if static_shapes is None else static_shapes
+        if static_layout not in STATIC_LAYOUTS:
+            raise ValueError(f"static_layout must be one of {STATIC_LAYOUTS}, not {static_layout!r}")
+        # An image-major cache's shape has two sizes (images, slots per image), too many pairs to
+        # compile one by one: compiled, it needs symbolic sizes.
+        if static_layout == "images" and compile_decode and not dynamic_rows:
+            raise ValueError('static_layout="images" compiles with symbolic sizes: pass dynamic_rows=True')
+        self.static_layout = static_layout
         # Compiled, the encoder sees only power-of-two batch sizes (padded), each its own static
         # graph: a batch of any size after warm-up never triggers a compilation.
         self.encoder_buckets = compile_encoder
@@ -198,14 +220,16 @@ class CaptionEngine:
                 import torch._inductor.config as inductor_config
 
                 triton = inductor_config.triton
+                shapes = (len(STATIC_IMAGE_BUCKETS) * len(STATIC_PER_IMAGE_BUCKETS) if static_layout == "images"
+                          else len(STATIC_ROW_BUCKETS))
                 triton.cudagraph_dynamic_shape_warn_limit = max(triton.cudagraph_dynamic_shape_warn_limit or 0,
-                                                                 len(STATIC_ROW_BUCKETS) * len(STATIC_SPAN_DIVISORS))
+                                                                 shapes * len(STATIC_SPAN_DIVISORS))
             self._decode_select = torch.compile(decode_select_step, mode="reduce-overhead", fullgraph=True,
                                                 dynamic=None if self.dynamic_rows else False)
         self.last_stats: dict = {}
         cfg = self.config
         self._spans = tuple(cfg.prefix_len + 2 + cfg.max_text_tokens // divisor for divisor in STATIC_SPAN_DIVISORS)
-        self._static_caches: dict[int, KVCache] = {}
+        self._static_caches: dict[int | tuple[int, int], KVCache | ImageMajorCache] = {}
         self._static_states: dict[int, TokenState] = {}
         self._static_params: dict[int, RowParams] = {}
 
@@ -279,15 +303,22 @@ class CaptionEngine:
             kv, logits = self._prefill_groups(self.model, prefix, image_index, style_ids, cls_id)
             return kv.select(len(groups)), logits[: len(groups)]
 
-    def _static_cache(self, rows: int) -> KVCache:
-        """The static decode cache of a row bucket, allocated once and reused (CUDA graphs are
-        recorded against its addresses)."""
+    def _static_cache(self, key: int | tuple[int, int]) -> KVCache | ImageMajorCache:
+        """The static decode cache of a bucket (`Placement.key`: rows, or images and slots per
+        image), allocated once and reused (CUDA graphs are recorded against its addresses)."""
         cfg = self.config
-        if rows not in self._static_caches:
-            self._static_caches[rows] = cache = KVCache(cfg.depth, rows, cfg.num_heads, cfg.max_seq_len,
-                                                        cfg.head_dim, self.dtype, self.device, self._spans)
-            self._mark_rows_dynamic(*cache.keys, *cache.values)
-        return self._static_caches[rows]
+        if key not in self._static_caches:
+            if self.static_layout == "images":
+                images, per_image = key
+                cache = ImageMajorCache(cfg.depth, images, per_image, cfg.num_heads, cfg.prefix_len,
+                                        cfg.max_seq_len - cfg.prefix_len, cfg.head_dim, self.dtype, self.device,
+                                        self._spans)
+            else:
+                cache = KVCache(cfg.depth, key, cfg.num_heads, cfg.max_seq_len, cfg.head_dim, self.dtype,
+                                self.device, self._spans)
+            self._mark_rows_dynamic(*cache.buffers_by_rows())
+            self._static_caches[key] = cache
+        return self._static_caches[key]
 
     def _mark_rows_dynamic(self, *tensors: torch.Tensor) -> None:
         """With `dynamic_rows`: dimension 0 (rows) of these step inputs is a symbolic size."""
@@ -323,41 +354,47 @@ class CaptionEngine:
         held.max_ngram = max(held.max_ngram, STATIC_MIN_NGRAM)
         return held
 
-    def _rows_for_cache(self, count: int) -> int:
+    def _place(self, row_image: list[int]) -> Placement:
+        """Slots for rows of these images: every row in order without static shapes, else a bucket."""
         if not self.static_shapes:
-            return count
-        return next((b for b in STATIC_ROW_BUCKETS if b >= count), count)
+            return Placement(list(range(len(row_image))), [False] * len(row_image))
+        if self.static_layout == "images":
+            return image_major(row_image, STATIC_IMAGE_BUCKETS, STATIC_PER_IMAGE_BUCKETS)
+        return row_major(len(row_image), STATIC_ROW_BUCKETS)
 
     @torch.inference_mode()
     def generate(self, pixel_values: torch.Tensor, plans: list[CaptionPlan]) -> tuple[list[Row], list[list[int]]]:
         """Token ids (without `[CLS]`, cut at `[SEP]`) for every caption row of the batch."""
         rows, groups, settings = plan_rows(plans, self.config.max_text_tokens)
-        padded = self._rows_for_cache(len(rows))
-        self.last_stats = {"images": len(plans), "row_buckets": [padded]}
-        # Padding rows (static shapes only) copy row 0 but end after one token.
-        settings = settings + [dict(settings[0], max_new_tokens=1)] * (padded - len(rows))
-        row_group = torch.tensor([r.group for r in rows] + [0] * (padded - len(rows)), device=self.device)
-        row_image = [r.image for r in rows] + [0] * (padded - len(rows))
+        placement = self._place([r.image for r in rows])
+        self.last_stats = {"images": len(plans), "row_buckets": [placement.rows]}
+        # Padding slots (static shapes only) copy a real row but end after one token.
+        settings = [dict(settings[s], max_new_tokens=1) if pad else settings[s]
+                    for s, pad in zip(placement.source, placement.padding)]
+        slot_rows = [rows[s] for s in placement.source]
+        row_group = torch.tensor([r.group for r in slot_rows], device=self.device)
         params = make_row_params(settings, self.config.output_size, self.device)
         max_new = max(row["max_new_tokens"] for row in settings)
 
         prefix = self.prefill_prefix(pixel_values)
         group_kv, group_logits = self.prefill_groups(prefix, groups)
         with self._timed("generate_ms"):
-            history = self._decode(prefix, group_kv, group_logits, row_image, row_group, params, max_new)
-        ids = [cut_at_end(h[1:]) for h in history[: len(rows)].tolist()]
+            history = self._decode(prefix, group_kv, group_logits, placement, [r.image for r in slot_rows],
+                                   row_group, params, max_new)
+        ids = [cut_at_end(h[1:]) for h in history.tolist()]
         self.last_stats.update(rows=len(rows), new_tokens=sum(min(len(i) + 1, max_new) for i in ids))
         return rows, ids
 
-    def _decode(self, prefix, group_kv, group_logits, row_image: list[int], row_group, params: RowParams,
-                max_new: int):
-        """Every row's token history (R, max_new + 1), in the original row order. The first token
-        comes from the group logits; step s feeds each row's token s - 1 and selects token s."""
+    def _decode(self, prefix, group_kv, group_logits, placement: Placement, row_image: list[int], row_group,
+                params: RowParams, max_new: int):
+        """Every placed row's token history (rows, max_new + 1), in the original row order; row_image,
+        row_group and params are per slot. The first token comes from the group logits; step s
+        feeds each row's token s - 1 and selects token s."""
         first_position = self.config.prefix_len + 2
-        state = self._token_state(len(row_group), max_new)
+        state = self._token_state(placement.rows, max_new)
         first_logits = group_logits.index_select(0, row_group)
         if self.static_shapes:
-            cache = self._static_cache(len(row_group))
+            cache = self._static_cache(placement.key)
             cache.fill(prefix, group_kv, torch.tensor(row_image, device=self.device), row_group)
             params = self._static_row_params(params)
             select_step(first_logits, params, state)
@@ -366,22 +403,22 @@ class CaptionEngine:
             cache = SharedPrefixCache(prefix, group_kv, row_image, row_group, 2 + max_new - 1)
             self._eager_step(cache, params, state, first_logits)
             step_once = self._eager_step
-        final_history = state.history.clone()
-        live = torch.arange(len(row_group), device=self.device)  # original row of each cache row
+        final_history = state.history.new_empty((placement.rows - sum(placement.padding), state.history.shape[1]))
+        origin = torch.tensor([-1 if pad else s for s, pad in zip(placement.source, placement.padding)],
+                              device=self.device)  # the original row of each slot, -1 for padding
         for step in range(1, max_new):
             if step % self.sync_every == 0:
-                active = (~state.done).nonzero()[:, 0]  # the one host synchronisation
-                if len(active) == 0:
+                active = (~state.done).nonzero()[:, 0].tolist()  # the one host synchronisation
+                if not active:
                     break
-                target = self._compacted_rows(len(active), cache.rows)
-                if target is not None:
-                    final_history[live] = state.history[: len(live)]
-                    live = live[active]
-                    cache, state, params = self._compact(cache, state, params, active, target)
-                    self.last_stats["row_buckets"].append(target)
+                moved = self._compaction(active, cache)
+                if moved is not None:
+                    keep_histories(final_history, origin, state.history)
+                    cache, state, params, origin = self._compact(cache, state, params, origin, moved)
+                    self.last_stats["row_buckets"].append(moved.rows)
             cache.advance(first_position + step - 1)
             step_once(cache, params, state)
-        final_history[live] = state.history[: len(live)]
+        keep_histories(final_history, origin, state.history)
         return final_history
 
     def _eager_step(self, cache: SharedPrefixCache, params: RowParams, state: TokenState, logits=None) -> None:
@@ -395,30 +432,37 @@ class CaptionEngine:
         torch.compiler.cudagraph_mark_step_begin()  # the previous replay's buffers may be reused
         self._decode_select(self.model, cache, params, state)
 
-    def _compacted_rows(self, active: int, rows: int) -> int | None:
-        """Rows to continue with once only `active` of `rows` are unfinished, or None to go on.
+    def _compaction(self, active: list[int], cache) -> Placement | None:
+        """Where the `active` (unfinished) rows of `cache` move, or None to go on as they are.
 
-        Eager: shrink when that at least halves the batch. Static: move to the smallest row
-        bucket that holds the active rows, when one is smaller than the current one.
+        Eager: shrink when that at least halves the batch. Static: move to the smallest bucket
+        that holds the active rows (image-major: the images with any, as many slots each as the
+        busiest needs), when it has fewer rows than the current one.
         """
         if not self.static_shapes:
-            return active if active <= rows // 2 else None
-        bucket = self._rows_for_cache(active)
-        return bucket if bucket < rows else None
+            return Placement(active, [False] * len(active)) if len(active) <= cache.rows // 2 else None
+        if self.static_layout == "images":
+            moved = image_major([row // cache.per_image for row in active], STATIC_IMAGE_BUCKETS,
+                                STATIC_PER_IMAGE_BUCKETS)
+        else:
+            moved = row_major(len(active), STATIC_ROW_BUCKETS)
+        return moved.through(active) if moved.rows < cache.rows else None
 
-    def _compact(self, cache, state: TokenState, params: RowParams, active: torch.Tensor, target: int):
-        """Keep only the `active` rows. Eager: shrink the tensors. Static shapes: move them, padded
-        to `target` rows with copies of a live row marked finished, into that bucket's own
-        fixed-address cache, state and params (its own CUDA graph)."""
+    def _compact(self, cache, state: TokenState, params: RowParams, origin: torch.Tensor, moved: Placement):
+        """Move rows as `moved` says. Eager: shrink the tensors. Static shapes: copy them (padding
+        marked finished) into that bucket's own fixed-address cache, state and params (its own
+        CUDA graph). Returns those and each new slot's original row (-1: padding)."""
+        source = torch.tensor(moved.source, device=self.device)
+        padding = torch.tensor(moved.padding, device=self.device)
+        origin = origin.index_select(0, source).masked_fill(padding, -1)
         if not self.static_shapes:
-            cache.select_rows(active)
-            state.select(active)
-            return cache, state, params.select(active)
-        rows = at_least(active, target)
-        smaller_cache, smaller_state = self._static_cache(target), self._static_state(target)
-        smaller_cache.load_rows(cache, rows)
-        smaller_state.load_rows(state, rows, len(active))
-        return smaller_cache, smaller_state, self._static_row_params(params.select(rows))
+            cache.select_rows(source)
+            state.select(source)
+            return cache, state, params.select(source), origin
+        smaller_cache, smaller_state = self._static_cache(moved.key), self._static_state(moved.rows)
+        smaller_cache.load_rows(cache, source)
+        smaller_state.load_rows(state, source, padding)
+        return smaller_cache, smaller_state, self._static_row_params(params.select(source)), origin
 
     # -- public API -------------------------------------------------------------------------
 
@@ -430,18 +474,27 @@ class CaptionEngine:
             results[row.image][response_key(row.style)].append(tidy_caption(self.vocab.decode(row_ids)))
         return results
 
-    def static_step_inputs(self, rows: int) -> tuple[KVCache, RowParams, TokenState]:
-        """A row bucket's cache, row params (default requests) and reset token state: what
-        `static_step` takes. The cache keeps whatever it held; a batch refills it."""
+    def static_placement(self, rows: int) -> Placement:
+        """The slots of `rows` rows of default requests: row-major exactly `rows` (a bucket's size
+        for a bucket), image-major the image bucket holding them."""
+        if self.static_layout == "images":
+            return self._place([row // DEFAULT_ROWS_PER_IMAGE for row in range(rows)])
+        return Placement(list(range(rows)), [False] * rows)
+
+    def static_step_inputs(self, rows: int) -> tuple[KVCache | ImageMajorCache, RowParams, TokenState]:
+        """The cache, row params and reset token state of `static_placement(rows)`, default
+        requests: what `static_step` takes. The cache keeps whatever it held; a batch refills it."""
+        placement = self.static_placement(rows)
         plans = [make_plan({"seed": 0})] * -(-rows // DEFAULT_ROWS_PER_IMAGE)
-        settings = plan_rows(plans, self.config.max_text_tokens)[2][:rows]
-        params = self._static_row_params(make_row_params(settings, self.config.output_size, self.device))
-        return self._static_cache(rows), params, self._token_state(rows, self.config.max_text_tokens)
+        settings = plan_rows(plans, self.config.max_text_tokens)[2]
+        params = make_row_params([settings[s] for s in placement.source], self.config.output_size, self.device)
+        return (self._static_cache(placement.key), self._static_row_params(params),
+                self._token_state(placement.rows, self.config.max_text_tokens))
 
     @torch.inference_mode()
     def run_static_steps(self, rows: int, positions: list[int]) -> None:
-        """Static steps of the `rows` bucket on dummy inputs (warm-up, profiling, benchmarks), one
-        at each cache position of `positions`, the token state reset first."""
+        """Static steps of `static_placement(rows)` on dummy inputs (warm-up, profiling,
+        benchmarks), one at each cache position of `positions`, the token state reset first."""
         cache, params, state = self.static_step_inputs(rows)
         for position in positions:
             cache.advance(position)
@@ -455,7 +508,8 @@ class CaptionEngine:
         shapes also every row bucket up to the one holding `max_rows` caption rows (default: the
         largest batch of default requests), at every attention span: each step is compiled, run
         once and recorded (three calls), so no batch of up to `max_rows` rows records a graph
-        while serving."""
+        while serving. Image-major (`static_layout="images"`): the image buckets up to the
+        largest batch, of default requests (`_warmup_rows`)."""
         size, started = self.config.image_size, time.perf_counter()
         for batch in batch_sizes:
             pixels = torch.zeros(batch, 3, size, size)
@@ -466,10 +520,21 @@ class CaptionEngine:
         logger.info("warm-up: batches of %s images done (%.1f s)", list(batch_sizes), time.perf_counter() - started)
         if not self.static_shapes:
             return
-        largest = self._rows_for_cache(max_rows or DEFAULT_ROWS_PER_IMAGE * max(batch_sizes))
-        buckets = [b for b in STATIC_ROW_BUCKETS if b <= largest]
+        buckets = self._warmup_rows(max_rows or DEFAULT_ROWS_PER_IMAGE * max(batch_sizes), max(batch_sizes))
         for done, rows in enumerate(buckets, 1):  # compiling each can take many seconds: say how far it got
-            for span in self._static_cache(rows).spans:
+            placement = self.static_placement(rows)
+            for span in self._static_cache(placement.key).spans:
                 self.run_static_steps(rows, [span - 1] * 3)
-            logger.info("warm-up: decode step of the %d-row bucket recorded (%d of %d, %.1f s)", rows, done,
-                        len(buckets), time.perf_counter() - started)
+            logger.info("warm-up: decode step of the %d-row bucket recorded (%d of %d, %.1f s)", placement.rows,
+                        done, len(buckets), time.perf_counter() - started)
+
+    def _warmup_rows(self, max_rows: int, max_images: int) -> list[int]:
+        """Row counts whose static steps warm-up records: every row bucket up to the one holding
+        `max_rows`; image-major, default requests on every image bucket up to the one holding
+        `max_images` (other shapes, from other requests or compaction, are no new compilation
+        with symbolic sizes: they record their CUDA graph on first use)."""
+        if self.static_layout == "images":
+            images = bucket(max_images, STATIC_IMAGE_BUCKETS)
+            return [DEFAULT_ROWS_PER_IMAGE * b for b in STATIC_IMAGE_BUCKETS if b <= images]
+        largest = bucket(max_rows, STATIC_ROW_BUCKETS)
+        return [b for b in STATIC_ROW_BUCKETS if b <= largest]

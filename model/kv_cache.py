@@ -6,6 +6,9 @@
 - `KVCache`: the static decode cache (CUDA graphs), one row per caption, preallocated for the
   whole generation and written in place at an explicit position. Rows are filled with a copy
   of their image's prefix and their group's keys/values; a step attends over a span of it.
+- `ImageMajorCache`: the other static decode cache (`static_layout="images"`): each image's
+  prefix stored once, its rows in consecutive slots (`model/slots.py`) keeping only `[style]
+  [CLS]` and their own tokens; a step reads each prefix once for all the image's rows.
 - `SharedPrefixCache`: the eager decode cache. Rows keep only `[style] [CLS]` and their own
   tokens; the rows of an image share its prefix, read once per image per step.
 
@@ -93,6 +96,10 @@ class KVCache(StoreThenAttend, nn.Module):
     def max_len(self) -> int:
         return self.keys[0].shape[2]
 
+    def buffers_by_rows(self) -> list[torch.Tensor]:
+        """Every buffer whose dim 0 is the row count (symbolic with dynamic rows)."""
+        return [*self.keys, *self.values]
+
     def fill(self, prefix: PrefixKV, groups: GroupKV, row_image: torch.Tensor, row_group: torch.Tensor):
         """Copy each row's image prefix and its group's `[style] [CLS]` keys/values."""
         prefix_len = prefix.keys[0].shape[2]
@@ -159,22 +166,90 @@ def _to_rows(x: torch.Tensor, row_slot: torch.Tensor | None) -> torch.Tensor:
     return x if row_slot is None else x[row_slot]
 
 
-def shared_prefix_attention(q, prefix_k, prefix_v, own_k, own_v, slots, row_slot) -> torch.Tensor:
+def shared_prefix_attention(q, prefix_k, prefix_v, own_k, own_v, slots, row_slot, own_mask=None) -> torch.Tensor:
     """One decode query per row over its image's prefix and its own positions, one softmax.
 
     q (R, H, 1, hd); prefix_k/v (I, H, P, hd); own_k/v (R, H, T, hd); slots (I, S), row_slot
-    (R,) from `image_slots` -> context (R, H, 1, hd). The prefix products run per image on the
-    (S rows x P positions) block, so each prefix is read once, not once per row.
+    (R,) from `image_slots`; own_mask (1, T) bool, the own positions a row may see (None: all)
+    -> context (R, H, 1, hd). The prefix products run per image on the (S rows x P positions)
+    block, so each prefix is read once, not once per row.
     """
     images, prefix_len = prefix_k.shape[0], prefix_k.shape[2]
     q = q * q.shape[-1] ** -0.5
     prefix_scores = _to_rows(_to_images(q[:, :, 0], slots, images) @ prefix_k.transpose(-1, -2), row_slot)  # (R, H, P)
     own_scores = (q @ own_k.transpose(-1, -2))[:, :, 0]  # (R, H, T)
+    if own_mask is not None:
+        own_scores = own_scores.masked_fill(~own_mask, float("-inf"))
     softmax_dtype = torch.promote_types(q.dtype, torch.float32)  # bf16 scores are summed in float32
     probs = torch.cat((prefix_scores, own_scores), dim=-1).to(softmax_dtype).softmax(dim=-1).to(q.dtype)
     prefix_probs, own_probs = probs[..., :prefix_len], probs[..., prefix_len:]
     prefix_context = _to_rows(_to_images(prefix_probs, slots, images) @ prefix_v, row_slot)  # (R, H, hd)
     return own_probs[:, :, None] @ own_v + prefix_context[:, :, None]
+
+
+class ImageMajorCache(nn.Module):
+    """Static decode cache, image-major: per layer (images, H, P, hd) prefix keys/values, one
+    copy per image, and (images * per_image, H, 2 + max_text_tokens, hd) own keys/values per row
+    for `[style] [CLS]` and its tokens, written at `position`. Row r belongs to image r //
+    per_image, so `shared_prefix_attention` groups rows by reshape. Fixed addresses and spans as
+    in `KVCache` (a span counts the prefix too); the own positions past `position` are masked.
+    """
+
+    def __init__(self, layers, images, per_image, heads, prefix_len, own_len, head_dim, dtype, device,
+                 spans: tuple[int, ...] = ()):
+        super().__init__()
+        prefix_shape, own_shape = (images, heads, prefix_len, head_dim), (images * per_image, heads, own_len, head_dim)
+        self.prefix_keys = [torch.zeros(prefix_shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.prefix_values = [torch.zeros(prefix_shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.keys = [torch.zeros(own_shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.zeros(own_shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.register_buffer("position", torch.zeros(1, dtype=torch.long, device=device), persistent=False)
+        for buffer in (*self.prefix_keys, *self.prefix_values, *self.keys, *self.values, self.position):
+            torch._dynamo.mark_static_address(buffer)
+        self.prefix_len, self.per_image = prefix_len, per_image
+        max_len = prefix_len + own_len
+        self.spans = tuple(sorted({*(s for s in spans if prefix_len < s < max_len), max_len}))
+        self.span = max_len
+
+    @property
+    def rows(self) -> int:
+        return self.keys[0].shape[0]
+
+    def buffers_by_rows(self) -> list[torch.Tensor]:
+        """Every buffer whose dim 0 is a row or image count (symbolic with dynamic rows)."""
+        return [*self.prefix_keys, *self.prefix_values, *self.keys, *self.values]
+
+    def fill(self, prefix: PrefixKV, groups: GroupKV, row_image: torch.Tensor, row_group: torch.Tensor):
+        """Copy each image slot's prefix (the image of its first row) and each row's `[style] [CLS]`."""
+        image_of_slot = row_image[:: self.per_image]
+        filled = groups.keys[0].shape[2]
+        for layer in range(len(self.keys)):
+            self.prefix_keys[layer].copy_(prefix.keys[layer].index_select(0, image_of_slot))
+            self.prefix_values[layer].copy_(prefix.values[layer].index_select(0, image_of_slot))
+            self.keys[layer][:, :, :filled] = groups.keys[layer].index_select(0, row_group)
+            self.values[layer][:, :, :filled] = groups.values[layer].index_select(0, row_group)
+
+    advance = KVCache.advance  # the same position and span rule
+
+    def decode_mask(self) -> torch.Tensor:
+        own = torch.arange(self.span - self.prefix_len, device=self.position.device)
+        return (own <= self.position - self.prefix_len)[None]  # (1, own span)
+
+    def attend(self, layer: int, q, k, v, mask=None) -> torch.Tensor:
+        keys, values, own_span = self.keys[layer], self.values[layer], self.span - self.prefix_len
+        own_position = self.position - self.prefix_len
+        keys.index_copy_(2, own_position, k)
+        values.index_copy_(2, own_position, v)
+        return shared_prefix_attention(q, self.prefix_keys[layer], self.prefix_values[layer], keys[:, :, :own_span],
+                                       values[:, :, :own_span], None, None, own_mask=mask)
+
+    def load_rows(self, other: "ImageMajorCache", rows: torch.Tensor) -> None:
+        """Copy `other`'s `rows` (image-major, `per_image` per image) in place, with their images' prefixes."""
+        images = rows[:: self.per_image] // other.per_image
+        for mine, theirs in zip((*self.prefix_keys, *self.prefix_values), (*other.prefix_keys, *other.prefix_values)):
+            mine.copy_(theirs.index_select(0, images))
+        for mine, theirs in zip((*self.keys, *self.values), (*other.keys, *other.values)):
+            mine.copy_(theirs.index_select(0, rows))
 
 
 class SharedPrefixCache:

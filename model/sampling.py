@@ -224,12 +224,11 @@ class TokenState:
         self.length_t.add_(1)
         return tokens
 
-    def load_rows(self, other: "TokenState", rows: torch.Tensor, active: int) -> None:
-        """Copy `other`'s `rows` in place; rows past the first `active` are padding, marked done."""
+    def load_rows(self, other: "TokenState", rows: torch.Tensor, padding: torch.Tensor) -> None:
+        """Copy `other`'s `rows` in place; rows where `padding` (bool, per row) is set are marked done."""
         self.history.copy_(other.history.index_select(0, rows))
         self.seen.copy_(other.seen.index_select(0, rows))
-        self.done.copy_(other.done.index_select(0, rows))
-        self.done[active:] = True
+        self.done.copy_(other.done.index_select(0, rows) | padding)
         self.length_t.copy_(other.length_t)
         self.length = other.length
 

@@ -104,3 +104,26 @@ def test_dynamic_rows_compile_once_per_span_on_cuda(cuda_engine, golden_pixels):
     assert compiled.generate(pixels.cuda(), plans)[1] == cuda_engine.generate(pixels.cuda(), plans)[1]
     assert counters["stats"]["unique_graphs"] - before == 2
     assert counters["inductor"]["cudagraph_skips"] == 0
+
+
+def test_image_major_layout_on_cuda(cuda_engine, golden, golden_pixels):
+    """`static_layout="images"` compiled on CUDA: the greedy golden ids, eager's sampled tokens
+    through compaction and a mixed batch, one compilation per span, no CUDA-graph skips."""
+    from torch._dynamo.utils import counters
+
+    names, pixels = golden_pixels
+    compiled = CaptionEngine(cuda_engine.model, cuda_engine.vocab, compile_decode=True, compile_prefill=True,
+                             dynamic_rows=True, static_layout="images", sync_every=3)
+    before = counters["stats"]["unique_graphs"]
+    compiled.warmup(batch_sizes=(1, 3), max_new_tokens=2)
+    rows, ids = compiled.generate(pixels.cuda(), [make_plan({"temperature": 0, "num_captions": 1})] * len(names))
+    for row, row_ids in zip(rows, ids):
+        assert [101] + row_ids + [102] == golden["images"][names[row.image]]["greedy"][row.style]["ids"]
+    plans = [make_plan({"seed": s, "max_new_tokens": m}) for s, m in ((1, 30), (2, 3), (3, 6))]
+    assert compiled.generate(pixels.cuda(), plans)[1] == cuda_engine.generate(pixels.cuda(), plans)[1]
+    assert len(compiled.last_stats["row_buckets"]) > 1
+    mixed = [make_plan({"seed": 4, "num_captions": 3, "max_new_tokens": 5}), make_plan({"seed": 5, "max_new_tokens": 5})]
+    assert compiled.generate(pixels[:2].cuda(), mixed)[1] == cuda_engine.generate(pixels[:2].cuda(), mixed)[1]
+    step_graphs = counters["stats"]["unique_graphs"] - before
+    assert step_graphs <= 4  # two spans of the step, and the two prefill passes
+    assert counters["inductor"]["cudagraph_skips"] == 0

@@ -223,3 +223,49 @@ def test_compiled_prefill_compiles_once_for_every_batch_and_equals_eager(plain_t
         plans = [make_plan({"seed": 2, "max_new_tokens": 6, **options})] * count
         assert compiled.generate(pixels[:count], plans)[1] == plain_tiny_engine.generate(pixels[:count], plans)[1]
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_image_major_static_path_equals_eager_for_mixed_requests_and_compaction(tiny_engine, golden_pixels):
+    """`static_layout="images"` (each image's prefix stored once, its rows in consecutive slots):
+    requests of different sizes and lengths give the eager tokens, and finished rows leave."""
+    _, pixels = golden_pixels
+    plans = [make_plan({"seed": 1, "max_new_tokens": 40}),
+             make_plan({"seed": 2, "max_new_tokens": 5, "styles": ["concise"], "num_captions": 1}),
+             make_plan({"seed": 3, "max_new_tokens": 17, "num_captions": 3})]
+    static = CaptionEngine(tiny_engine.model, tiny_engine.vocab, static_shapes=True, static_layout="images",
+                           sync_every=3)
+    assert static.generate(pixels, plans)[1] == tiny_engine.generate(pixels, plans)[1]
+    buckets = static.last_stats["row_buckets"]  # 3 images x 12 slots (9 rows for image 3), then fewer
+    assert buckets[0] == 36 and buckets[-1] < 36 and buckets == sorted(set(buckets), reverse=True)
+    assert (3, 12) in static._static_caches and len(static._static_caches) == len(buckets)
+
+
+def test_image_major_warmup_records_default_requests_on_every_image_bucket(tiny_engine, caplog):
+    static = CaptionEngine(tiny_engine.model, tiny_engine.vocab, static_shapes=True, static_layout="images")
+    with caplog.at_level("INFO", logger="model.engine"):
+        static.warmup(batch_sizes=(1, 4), max_new_tokens=2)
+    assert set(static._static_caches) == {(2, 6), (3, 6), (4, 6)}
+    progress = [r.getMessage() for r in caplog.records if "row bucket recorded" in r.getMessage()]
+    assert [m.split(" bucket")[0].split()[-1] for m in progress] == ["12-row", "18-row", "24-row"]
+
+
+def test_compiled_image_major_decode_compiles_once_per_span_and_equals_eager(plain_tiny_engine, golden_pixels):
+    """Compiled on CPU with symbolic image and slot counts: warm-up compiles one graph per span,
+    and batches of other shapes (compaction included) add none, with the tokens of eager decoding."""
+    from torch._dynamo.utils import counters
+
+    _, pixels = golden_pixels
+    with pytest.raises(ValueError, match="dynamic_rows"):
+        CaptionEngine(plain_tiny_engine.model, plain_tiny_engine.vocab, compile_decode=True, static_layout="images")
+    compiled = CaptionEngine(plain_tiny_engine.model, plain_tiny_engine.vocab, compile_decode=True,
+                             dynamic_rows=True, static_layout="images", sync_every=3)
+    before = counters["stats"]["unique_graphs"]
+    compiled.warmup(batch_sizes=(1, 3), max_new_tokens=2)  # (2, 6) and (3, 6) at both spans
+    assert counters["stats"]["unique_graphs"] - before == 2
+    plans = [make_plan({"seed": s, "max_new_tokens": m}) for s, m in ((1, 30), (2, 3), (3, 6))]
+    assert compiled.generate(pixels, plans)[1] == plain_tiny_engine.generate(pixels, plans)[1]
+    buckets = compiled.last_stats["row_buckets"]  # 3 images x 6 slots, then fewer images or slots
+    assert buckets[0] == 18 and len(buckets) >= 3 and buckets == sorted(set(buckets), reverse=True)
+    mixed = [make_plan({"seed": 4, "num_captions": 3, "max_new_tokens": 5}), make_plan({"seed": 5, "max_new_tokens": 5})]
+    assert compiled.generate(pixels[:2], mixed)[1] == plain_tiny_engine.generate(pixels[:2], mixed)[1]
+    assert counters["stats"]["unique_graphs"] - before == 2

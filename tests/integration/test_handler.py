@@ -223,6 +223,21 @@ def test_compile_dynamic_rows_setting_reaches_the_engine(tmp_path):
     assert default.engine.static_shapes and default.engine.dynamic_rows
 
 
+def test_image_major_static_layout_gives_the_golden_captions(tmp_path):
+    """`static_layout: images` with the compiled static decode path (symbolic sizes), on CPU."""
+    from handler.settings import SettingsError
+
+    with pytest.raises(SettingsError, match="compile_dynamic_rows"):
+        make_service(make_model_dir(tmp_path / "static", {"static_layout": "images", "compile_dynamic_rows": False}))
+    with pytest.raises(SettingsError, match="static_layout must be one of"):
+        make_service(make_model_dir(tmp_path / "typo", {"static_layout": "image"}))
+    service, handler = make_service(make_model_dir(tmp_path, {"compile_decode": True, "static_layout": "images"}))
+    assert handler.engine.static_shapes and handler.engine.static_layout == "images"
+    replies = predict(service, batch(*(json_row(IMAGES[n], **GREEDY) for n in IMAGES)))
+    assert [r.json() for r in replies] == [golden(n) for n in IMAGES]
+    assert all(isinstance(key, tuple) for key in handler.engine._static_caches)
+
+
 def test_compiled_prefill_setting_gives_the_golden_captions(tmp_path):
     service, handler = make_service(make_model_dir(tmp_path, {"compile_prefill": True}))
     assert handler.engine.compile_prefill and not handler.engine.static_shapes

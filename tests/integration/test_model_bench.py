@@ -69,3 +69,16 @@ def test_handler_bench_reports_a_failed_worker(tmp_path):
             "--batch-size", "2", "--batches", "1", "--workers", "2", "--out", str(tmp_path)]
     with pytest.raises(SystemExit, match="a worker failed"):
         main(argv)
+
+
+def test_model_bench_compiled_image_major_reports_the_slots_it_stepped(tmp_path, capsys):
+    """`--compile --dynamic-rows --static-layout images` on CPU: 6 rows of default requests are
+    stepped as a whole image bucket (2 images x 6 slots), and the file says so."""
+    argv = ["model", "--weights", str(SEED_TINY / "weights.pt"), "--config", str(SEED_TINY / "config.json"),
+            "--compile", "--no-compile-prefill", "--dynamic-rows", "--static-layout", "images", "--batch-sizes", "2",
+            "--step-rows", "6", "--max-new-tokens", "4", "--no-baseline", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    results = json.loads((tmp_path / "model-cpu-float32-compiled-dynamic-images.json").read_text())
+    assert results["static_layout"] == "images" and results["decode_step_slots"] == {"6": 12}
+    assert results["decode_step_ms"]["6"] > 0 and results["engine"][0]["images_per_s"] > 0
+    assert "decode step, 6 rows (12 slots)" in capsys.readouterr().out

@@ -16,8 +16,9 @@ from bench.__main__ import build_parser
 pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parents[2]
-ALL_STEPS = ["tests", "compiled", "dynamic", "rows-ab", "warmup-dynamic", "handler", "processes", "raw",
-             "handler-before", "workers", "handler-128", "profile", "warmup", "eager", "handler-tests"]
+ALL_STEPS = ["tests", "layout-ab", "handler", "handler-images", "processes", "raw", "compiled", "dynamic", "rows-ab",
+             "warmup-dynamic", "handler-before", "workers", "handler-128", "profile", "warmup", "eager",
+             "handler-tests"]
 
 
 def run_gpu_check(tmp_path: Path, *steps: str) -> tuple[str, list[list[str]]]:
@@ -42,7 +43,8 @@ def test_every_step_runs_in_order_with_valid_bench_flags(tmp_path):
     headers = [line.split()[1] for line in summary.splitlines() if line.startswith("=== ")]
     assert headers == ["versions", *ALL_STEPS, "done"]
     bench_calls = [argv[2:] for argv in argvs if argv[:2] == ["-m", "bench"]]
-    assert [call[0] for call in bench_calls] == ["model", "model", "model", "model", *["handler"] * 8, "model"]
+    assert [call[0] for call in bench_calls] == [*["model"] * 2, *["handler"] * 4, *["model"] * 4, *["handler"] * 5,
+                                                 "model"]
     parser = build_parser()
     for call in bench_calls:
         parser.parse_args(call)  # exits (SystemExit) on an unknown flag
@@ -50,6 +52,8 @@ def test_every_step_runs_in_order_with_valid_bench_flags(tmp_path):
     assert any("--no-compile-prefill" in call and "--decode-intra-op-threads" in call for call in bench_calls)
     assert any(call[call.index("--workers") + 1] == "2" for call in bench_calls if "--workers" in call)
     assert any("--decode-processes" in call for call in bench_calls)
+    layouts = [call[call.index("--static-layout") + 1] for call in bench_calls if "--static-layout" in call]
+    assert layouts == ["rows", "images", "images"]  # layout-ab (model), handler-images
     assert any(call[call.index("--request-form") + 1] == "raw" for call in bench_calls if "--request-form" in call)
     assert ["-m", "bench.profile_gpu", str(tmp_path / "w.pt"), "64", "8,64,384"] in argvs
     assert sum(argv[:2] == ["-m", "pytest"] for argv in argvs) == 2

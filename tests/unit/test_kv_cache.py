@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.kv_cache import GroupKV, KVCache, PrefixKV, SharedPrefixCache, image_slots, shared_prefix_attention
+from model.kv_cache import (GroupKV, ImageMajorCache, KVCache, PrefixKV, SharedPrefixCache, image_slots,
+                            shared_prefix_attention)
 
 pytestmark = pytest.mark.unit
 
@@ -87,3 +88,43 @@ def test_static_cache_attends_over_the_shortest_span_holding_its_position():
         visible = torch.arange(12) <= position  # the full buffer, masked: the same context
         expected = F.scaled_dot_product_attention(q, cache.keys[0], cache.values[0], attn_mask=visible[None])
         torch.testing.assert_close(context, expected)
+
+
+def image_major_cache_and_inputs(per_image=2, images=2, own_len=6):
+    torch.manual_seed(2)
+    prefix = PrefixKV([torch.randn(3, HEADS, PREFIX, HEAD_DIM)], [torch.randn(3, HEADS, PREFIX, HEAD_DIM)])
+    groups = GroupKV(prefix, torch.tensor([0, 1, 2]), [torch.randn(3, HEADS, 2, HEAD_DIM)],
+                     [torch.randn(3, HEADS, 2, HEAD_DIM)])
+    cache = ImageMajorCache(1, images, per_image, HEADS, PREFIX, own_len, HEAD_DIM, torch.float32, "cpu",
+                            spans=(PREFIX + 4,))
+    return prefix, groups, cache
+
+
+def test_image_major_cache_equals_a_per_row_static_cache_at_every_position_and_span():
+    """Rows of images 2 and 0 (two slots each): the prefix stored once per image, attention the
+    same as `KVCache` with per-row copies, across both spans."""
+    prefix, groups, cache = image_major_cache_and_inputs()
+    row_image, row_group = torch.tensor([2, 2, 0, 0]), torch.tensor([2, 2, 0, 0])
+    per_row = KVCache(1, 4, HEADS, PREFIX + 6, HEAD_DIM, torch.float32, "cpu", spans=(PREFIX + 4,))
+    per_row.fill(prefix, groups, row_image, row_group)
+    cache.fill(prefix, groups, row_image, row_group)
+    assert cache.spans == per_row.spans == (PREFIX + 4, PREFIX + 6)
+    torch.testing.assert_close(cache.prefix_keys[0], prefix.keys[0][[2, 0]])
+    for position in range(PREFIX + 2, PREFIX + 6):
+        q, k, v = (torch.randn(4, HEADS, 1, HEAD_DIM) for _ in range(3))
+        per_row.advance(position)
+        cache.advance(position)
+        assert cache.span == per_row.span
+        expected = per_row.attend(0, q, k, v, per_row.decode_mask())
+        torch.testing.assert_close(cache.attend(0, q, k, v, cache.decode_mask()), expected)
+
+
+def test_image_major_cache_moves_rows_with_their_images_prefixes():
+    prefix, groups, cache = image_major_cache_and_inputs(per_image=3, images=2)
+    cache.fill(prefix, groups, torch.tensor([1, 1, 1, 2, 2, 2]), torch.tensor([1, 1, 1, 2, 2, 2]))
+    for buffer in cache.keys:
+        buffer.normal_()
+    smaller = ImageMajorCache(1, 2, 2, HEADS, PREFIX, 6, HEAD_DIM, torch.float32, "cpu")
+    smaller.load_rows(cache, torch.tensor([4, 5, 1, 1]))  # image slot 1's rows 4, 5; image slot 0's row 1 (+ a copy)
+    torch.testing.assert_close(smaller.prefix_keys[0], prefix.keys[0][[2, 1]])
+    torch.testing.assert_close(smaller.keys[0], cache.keys[0][[4, 5, 1, 1]])
