@@ -18,8 +18,8 @@ For a batch of images and caption plans:
 The host synchronises only every `sync_every` steps to see whether every row has ended;
 then finished rows are dropped from the batch (compaction): in eager mode when that halves
 its size, with static shapes by moving the live rows into the smallest row bucket that holds
-them (that bucket's own cache, state and CUDA graph; image-major: the images with live rows,
-as many slots each as the busiest needs), so finished rows stop costing work.
+them (that bucket's own cache, state and CUDA graph; image-major: the images with live rows),
+so finished rows stop costing work.
 """
 
 from __future__ import annotations
@@ -436,14 +436,14 @@ class CaptionEngine:
         """Where the `active` (unfinished) rows of `cache` move, or None to go on as they are.
 
         Eager: shrink when that at least halves the batch. Static: move to the smallest bucket
-        that holds the active rows (image-major: the images with any, as many slots each as the
-        busiest needs), when it has fewer rows than the current one.
+        that holds the active rows, when it has fewer rows than the current one. Image-major: the
+        images with any active row, each keeping its slots (warm-up has then recorded every shape
+        that batches of default requests reach; fewer slots per image would be new shapes).
         """
         if not self.static_shapes:
             return Placement(active, [False] * len(active)) if len(active) <= cache.rows // 2 else None
         if self.static_layout == "images":
-            moved = image_major([row // cache.per_image for row in active], STATIC_IMAGE_BUCKETS,
-                                STATIC_PER_IMAGE_BUCKETS)
+            moved = image_major([row // cache.per_image for row in active], STATIC_IMAGE_BUCKETS, (cache.per_image,))
         else:
             moved = row_major(len(active), STATIC_ROW_BUCKETS)
         return moved.through(active) if moved.rows < cache.rows else None
