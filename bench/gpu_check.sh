@@ -21,6 +21,7 @@
 #   workers         two handler processes on the GPU, 64 requests per batch, timed together ~2 min
 #   handler-128     one handler, 128 requests per batch                                     ~2 min
 #   profile         profile of a 64-image batch and of the 8-, 64- and 384-row steps      ~1 min
+#   profile-images  the same with static_layout images                                  ~1.5 min
 #   warmup          the same with static rows (> 190 s on an H100)                        > 3 min
 #   eager           model benchmark, bf16, eager, with the seed's algorithm as baseline   ~0.5 min
 #   handler-tests   the handler's CUDA tests (golden captions, bf16, out of memory, ...)  ?
@@ -31,7 +32,7 @@ set -uo pipefail
 OUT=${1:?usage: bench/gpu_check.sh OUT_DIR [STEP ...]}
 shift
 STEPS=${*:-tests layout-ab handler handler-images processes raw compiled dynamic rows-ab warmup-dynamic handler-before
-workers handler-128 profile warmup eager handler-tests}
+workers handler-128 profile profile-images warmup eager handler-tests}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -108,6 +109,10 @@ run_handler-128() {
 run_profile() {
   timeout 90 $PY -m bench.profile_gpu "$CKPT" 64 8,64,384 > "$OUT/profile.txt" 2>&1
   grep -A12 "row decode step" "$OUT/profile.txt" | cut -c1-160 | summary
+}
+run_profile-images() {
+  timeout 120 $PY -m bench.profile_gpu "$CKPT" 64 8,64,384 images > "$OUT/profile-images.txt" 2>&1
+  grep -A12 "row decode step" "$OUT/profile-images.txt" | cut -c1-160 | summary
 }
 run_warmup() {
   mkdir -p "$OUT/warmup"

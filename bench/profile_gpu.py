@@ -1,9 +1,11 @@
 """Profile the compiled engine on CUDA: where a batch's and a decode step's time goes.
 
-`python -m bench.profile_gpu CHECKPOINT [IMAGES] [STEP_ROWS,...]` prints the top kernels/ops by
-device time for one warmed-up generate call (images x 6 captions x 16 tokens), then for each
-STEP_ROWS bucket the decode step (one CUDA graph) at a mid-sequence position: wall time per
-step, kernels launched per step, their summed device time, and the costliest kernels.
+`python -m bench.profile_gpu CHECKPOINT [IMAGES] [STEP_ROWS,...] [LAYOUT]` prints the top
+kernels/ops by device time for one warmed-up generate call (images x 6 captions x 16 tokens),
+then for each STEP_ROWS bucket the decode step (one CUDA graph) at a mid-sequence position:
+wall time per step, kernels launched per step, their summed device time, and the costliest
+kernels. LAYOUT: the static cache's, `rows` (default; static row count) or `images` (dynamic
+sizes, as the engine requires for it).
 """
 
 from __future__ import annotations
@@ -48,8 +50,10 @@ def main() -> None:
     weights = sys.argv[1]
     images = int(sys.argv[2]) if len(sys.argv) > 2 else 64
     step_rows = [int(r) for r in sys.argv[3].split(",")] if len(sys.argv) > 3 else [64]
+    layout = sys.argv[4] if len(sys.argv) > 4 else "rows"
     engine = CaptionEngine.from_files(weights, device="cuda", dtype=torch.bfloat16, compile_encoder=True,
-                                      compile_decode=True, compile_prefill=True)
+                                      compile_decode=True, compile_prefill=True, static_layout=layout,
+                                      dynamic_rows=layout == "images")
     pixels = torch.randn(images, 3, 384, 384, device="cuda")
     plans = [make_plan({"seed": i, "max_new_tokens": 16}) for i in range(images)]
     for _ in range(2):
@@ -66,7 +70,8 @@ def main() -> None:
         engine.run_static_steps(rows, [middle] * TIMED_STEPS)
         torch.cuda.synchronize()
         wall_ms = (time.perf_counter() - started) / TIMED_STEPS * 1e3
-        print(f"\n{rows}-row decode step, mid-sequence: {wall_ms:.3f} ms per step (wall)")
+        print(f"\n{rows}-row decode step ({engine.static_placement(rows).rows} slots, {layout}), mid-sequence: "
+              f"{wall_ms:.3f} ms per step (wall)")
         profile_steps = profiled(lambda: engine.run_static_steps(rows, [middle] * PROFILED_STEPS))
         print("\n".join(kernel_summary(profile_steps, PROFILED_STEPS)))
     print("CUDA graph skips:", counters["inductor"]["cudagraph_skips"])

@@ -17,8 +17,8 @@ pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parents[2]
 ALL_STEPS = ["tests", "layout-ab", "handler", "handler-images", "processes", "raw", "compiled", "dynamic", "rows-ab",
-             "warmup-dynamic", "handler-before", "workers", "handler-128", "profile", "warmup", "eager",
-             "handler-tests"]
+             "warmup-dynamic", "handler-before", "workers", "handler-128", "profile", "profile-images", "warmup",
+             "eager", "handler-tests"]
 
 
 def run_gpu_check(tmp_path: Path, *steps: str) -> tuple[str, list[list[str]]]:
@@ -56,6 +56,7 @@ def test_every_step_runs_in_order_with_valid_bench_flags(tmp_path):
     assert layouts == ["rows", "images", "images"]  # layout-ab (model), handler-images
     assert any(call[call.index("--request-form") + 1] == "raw" for call in bench_calls if "--request-form" in call)
     assert ["-m", "bench.profile_gpu", str(tmp_path / "w.pt"), "64", "8,64,384"] in argvs
+    assert ["-m", "bench.profile_gpu", str(tmp_path / "w.pt"), "64", "8,64,384", "images"] in argvs
     assert sum(argv[:2] == ["-m", "pytest"] for argv in argvs) == 2
 
 
