@@ -31,7 +31,8 @@ import torch  # noqa: E402
 
 from handler import metrics as handler_metrics  # noqa: E402
 from handler.batching import PreparedBatch, is_out_of_memory, reason_phrase  # noqa: E402
-from handler.preparation import Preparation, make_pool, prepare_request, start_processes  # noqa: E402
+from handler.preparation import (Preparation, make_pool, prepare_request, prepare_requests,  # noqa: E402
+                                 split_into_tasks, start_processes)
 from handler.request_parsing import error_body  # noqa: E402
 from handler.settings import HandlerSettings  # noqa: E402
 from model.styles import STYLES  # noqa: E402
@@ -152,22 +153,35 @@ class CaptionHandler:
         started = time.perf_counter()
         preparation = Preparation(self.limits, self.image_size, self.settings.max_pixels,
                                   uint8=self.normalize_on_device)
-        futures = {idx: self._submit(row, preparation) for idx, row in enumerate(data)}
-        orphaned = [idx for idx, future in futures.items() if not self._collect(batch, idx, future)]
+        tasks = [(task, self._submit([data[idx] for idx in task], preparation))
+                 for task in split_into_tasks(len(data), self.settings.decode_processes)]
+        orphaned = [idx for task, future in tasks if not self._collect(batch, task, future) for idx in task]
         for idx in orphaned:  # again, one at a time in a fresh pool: only a request that kills it fails
-            if not self._collect(batch, idx, self._submit(data[idx], preparation)):
+            if not self._collect(batch, [idx], self._submit([data[idx]], preparation)):
                 logger.error("request %d of the batch killed its decode process", idx)
                 batch.fail(idx, 500, "internal error: the image decoding process died on this request")
         batch.decode_ms = (time.perf_counter() - started) * 1000
         return batch
 
-    def _collect(self, batch: PreparedBatch, idx: int, future: Future) -> bool:
-        """Record one request's preparation in `batch`; False if its decode process died (a
-        process pool then fails every task it held, and the request can be tried again)."""
+    def _collect(self, batch: PreparedBatch, indices, future: Future) -> bool:
+        """Record the preparation of one task's requests in `batch`; False if its decode process
+        died (a process pool then fails every task it held, and they can be tried again)."""
         try:
-            plan, pixels = future.result()
+            outcomes = future.result()
         except BrokenExecutor:
             return False
+        except Exception as exc:  # noqa: BLE001 - e.g. a result that could not be sent back
+            outcomes = [exc] * len(indices)
+        for idx, outcome in zip(indices, outcomes):
+            self._record(batch, idx, outcome)
+        return True
+
+    def _record(self, batch: PreparedBatch, idx: int, outcome) -> None:
+        """One request's (plan, pixels), or the exception its preparation raised, into `batch`."""
+        try:
+            if isinstance(outcome, BaseException):
+                raise outcome
+            plan, pixels = outcome
         except (ValueError, OSError) as exc:  # Request/Option/ImageError, or an unwrapped Pillow error
             batch.fail(idx, int(getattr(exc, "status", 400)), _message(exc))
         except MemoryError as exc:  # says where: handler/preparation.py
@@ -179,16 +193,15 @@ class CaptionHandler:
             batch.good.append(idx)
             batch.plans.append(plan)
             batch.pixels.append(torch.from_numpy(pixels))
-        return True
 
-    def _submit(self, row, preparation: Preparation) -> Future:
-        """One request to the decode pool; a broken pool (a process died) is replaced first."""
+    def _submit(self, rows: list, preparation: Preparation) -> Future:
+        """One task (`rows`) to the decode pool; a broken pool (a process died) is replaced first."""
         try:
-            return self._decode_pool.submit(prepare_request, row, preparation)
+            return self._decode_pool.submit(prepare_requests, rows, preparation, prepare_request)
         except BrokenExecutor:
             self._decode_pool.shutdown(wait=False, cancel_futures=True)
             self._decode_pool = self._new_decode_pool()
-            return self._decode_pool.submit(prepare_request, row, preparation)
+            return self._decode_pool.submit(prepare_requests, rows, preparation, prepare_request)
 
     def _new_decode_pool(self) -> Executor:
         settings = self.settings

@@ -438,3 +438,29 @@ def test_a_memory_error_says_where_it_happened(monkeypatch):
             preparation.prepare_request({"body": photo}, prepared)
     plan, pixels = preparation.prepare_request({"body": photo}, prepared)
     assert pixels.shape == (3, 32, 32) and str(pixels.dtype) == "uint8" and plan.styles
+
+
+def test_a_task_of_several_requests_returns_each_outcome_and_errors_as_values():
+    import pickle
+
+    from handler import preparation
+    from model.image import ImageError
+    from model.styles import Limits
+    from tests.conftest import SEED_TINY
+
+    photo = (SEED_TINY / "images" / "rocket.jpg").read_bytes()
+    prepared = preparation.Preparation(Limits(), image_size=32, max_pixels=10**6, uint8=True)
+    outcomes = preparation.prepare_requests([{"body": photo}, {"body": b"not an image"}, {"body": photo}], prepared)
+    assert outcomes[0][1].shape == (3, 32, 32) and isinstance(outcomes[1], ImageError)
+    assert (outcomes[2][1] == outcomes[0][1]).all()
+    assert str(pickle.loads(pickle.dumps(outcomes))[1]) == str(outcomes[1])  # as a process sends it back
+
+
+@pytest.mark.parametrize("count, processes, sizes", [(5, 0, [1] * 5), (64, 15, [4] * 11 + [5] * 4), (3, 8, [1] * 3),
+                                                     (4, 2, [2, 2]), (0, 4, [])])
+def test_requests_are_split_into_one_task_each_for_threads_and_one_run_per_process(count, processes, sizes):
+    from handler.preparation import split_into_tasks
+
+    tasks = split_into_tasks(count, processes)
+    assert sorted(len(task) for task in tasks) == sorted(sizes)
+    assert [idx for task in tasks for idx in task] == list(range(count))
