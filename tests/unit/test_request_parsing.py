@@ -441,8 +441,7 @@ def test_a_memory_error_says_where_it_happened(monkeypatch):
 
 
 def test_a_task_of_several_requests_returns_each_outcome_and_errors_as_values():
-    import pickle
-
+    """(A process sends them back pickled: the handler's tests with decode processes cover that.)"""
     from handler import preparation
     from model.image import ImageError
     from model.styles import Limits
@@ -453,7 +452,6 @@ def test_a_task_of_several_requests_returns_each_outcome_and_errors_as_values():
     outcomes = preparation.prepare_requests([{"body": photo}, {"body": b"not an image"}, {"body": photo}], prepared)
     assert outcomes[0][1].shape == (3, 32, 32) and isinstance(outcomes[1], ImageError)
     assert (outcomes[2][1] == outcomes[0][1]).all()
-    assert str(pickle.loads(pickle.dumps(outcomes))[1]) == str(outcomes[1])  # as a process sends it back
 
 
 @pytest.mark.parametrize("count, processes, sizes", [(5, 0, [1] * 5), (64, 15, [4] * 11 + [5] * 4), (3, 8, [1] * 3),
