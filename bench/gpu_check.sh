@@ -4,7 +4,7 @@
 # Steps, most important first (all of them by default; together more than one device call's
 # 10 minutes, so run a selection, or run it under an outer `timeout` and pack OUT_DIR
 # afterwards, see docs/benchmarks.md: a cut-off run loses only the last steps):
-#   tests           CUDA tests (parity, compiled = eager, spans, dynamic rows, image-major, bf16) ~2 min
+#   tests           CUDA tests (parity, compiled = eager, spans, dynamic rows, image-major, bf16) ~2.5 min
 #   layout-ab       model benchmark, batch 64, 64- and 384-row steps (dynamic rows): static
 #                   layout rows, then images (each image's prefix stored once)           ~3 min
 #   handler-images  the handler step with static_layout images                           ~2.5 min
@@ -44,7 +44,7 @@ COMPILED=(--weights "$CKPT" --device cuda --dtype bfloat16 --compile --batch-siz
 WARMUP=(--weights "$CKPT" --device cuda --compile --warmup --batch-size 8 --batches 3 --max-new-tokens 128)
 
 run_tests() {
-  timeout 150 $PY -m pytest -q -m gpu tests/gpu -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.log" | tail -5 | summary
+  timeout 240 $PY -m pytest -q -m gpu tests/gpu -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.log" | tail -5 | summary
 }
 run_compiled() {
   timeout 200 $PY -m bench model "${COMPILED[@]}" 2>&1 | tee "$OUT/bench-compiled.log" | tail -14 | summary
