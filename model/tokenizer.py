@@ -38,22 +38,23 @@ class Vocabulary:
         self.tokens = tokens + list(SPECIAL_TOKENS)
         self.ids = {token: i for i, token in enumerate(self.tokens)}
         self.unk_id = self.ids["[UNK]"]
+        # What each token adds to text after a previous word: None (special, skipped), the piece
+        # glued on ("##ing" -> "ing"), or a space and the word.
+        self._after_word = [None if t in _CONTROL_TOKENS else t[2:] if t.startswith("##") else " " + t
+                            for t in self.tokens]
 
     def __len__(self) -> int:
         return len(self.tokens)
 
     def decode(self, ids) -> str:
-        """Join WordPiece tokens into text, skipping special tokens (BERT's decode rule)."""
-        words: list[str] = []
-        for i in ids:
-            token = self.tokens[int(i)]
-            if token in _CONTROL_TOKENS:
-                continue
-            if token.startswith("##") and words:
-                words[-1] += token[2:]
-            else:
-                words.append(token)
-        return " ".join(words)
+        """Join WordPiece tokens into text, skipping special tokens (BERT's decode rule: a "##"
+        piece joins the previous word; one that comes first stays as it is). A served batch
+        decodes hundreds of captions on the worker's thread, so per token this is one lookup."""
+        after_word = self._after_word
+        kept = [i for i in map(int, ids) if after_word[i] is not None]
+        if not kept:
+            return ""
+        return self.tokens[kept[0]] + "".join([after_word[i] for i in kept[1:]])
 
     def encode(self, text: str) -> list[int]:
         """Lower-case, split on whitespace and punctuation, then greedy longest-match WordPiece."""
