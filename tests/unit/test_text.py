@@ -24,3 +24,18 @@ pytestmark = pytest.mark.unit
 )
 def test_tidy_caption(raw, tidy):
     assert tidy_caption(raw) == tidy
+
+
+def test_space_before_punctuation_rule_equals_its_template_form_on_random_text():
+    """The lookahead rule removes exactly what `\\s+([.,!?;:%)\\]])` -> `\\1` removed."""
+    import random
+    import re
+
+    from model.text import _SPACE_BEFORE_PUNCT
+
+    template = re.compile(r"\s+([.,!?;:%)\]])")
+    generator = random.Random(0)
+    alphabet = "ab1 .,!?;:%)(][-'\"\t\n\u00a0"
+    for _ in range(20_000):
+        text = "".join(generator.choice(alphabet) for _ in range(generator.randrange(0, 14)))
+        assert _SPACE_BEFORE_PUNCT.sub("", text) == template.sub(r"\1", text), repr(text)
