@@ -6,7 +6,7 @@
 # afterwards, see docs/benchmarks.md: a cut-off run loses only the last steps):
 #   tests           CUDA tests (parity, compiled = eager, spans, dynamic rows, image-major, bf16) ~2.5 min
 #   layout-ab       model benchmark, batch 64, 64- and 384-row steps (dynamic rows): static
-#                   layout rows, then images (each image's prefix stored once)           ~3 min
+#                   layout rows, then images (each image's prefix stored once)      ~4 min
 #   handler-images  the handler step with static_layout images                           ~2.5 min
 #   compiled        model benchmark, bf16, compiled (CUDA graphs), decode-step times      ~3 min
 #   dynamic         the same with dynamic rows (one compilation per span)                ~3 min
@@ -65,7 +65,7 @@ run_rows-ab() {
 run_layout-ab() {
   for layout in rows images; do
     mkdir -p "$OUT/layout-$layout"
-    timeout 150 $PY -m bench model --weights "$CKPT" --device cuda --dtype bfloat16 --compile --dynamic-rows \
+    timeout 180 $PY -m bench model --weights "$CKPT" --device cuda --dtype bfloat16 --compile --dynamic-rows \
       --static-layout $layout --batch-sizes 64 --step-rows 64,384 --max-new-tokens 64 --no-baseline \
       --out "$OUT/layout-$layout" 2>&1 | tee "$OUT/bench-layout-$layout.log" \
       | grep -E "^batch|^decode step|^peak" | sed "s/^/$layout: /" | summary
