@@ -178,21 +178,13 @@ class CaptionHandler:
 
     def _record(self, batch: PreparedBatch, idx: int, outcome) -> None:
         """One request's (plan, pixels), or the exception its preparation raised, into `batch`."""
-        try:
-            if isinstance(outcome, BaseException):
-                raise outcome
-            plan, pixels = outcome
-        except (ValueError, OSError) as exc:  # Request/Option/ImageError, or an unwrapped Pillow error
-            batch.fail(idx, int(getattr(exc, "status", 400)), _message(exc))
-        except MemoryError as exc:  # says where: handler/preparation.py
-            batch.fail(idx, 507, f"out of memory {exc or 'while preparing the request'}")
-        except Exception as exc:  # noqa: BLE001
-            logger.error("request preparation failed unexpectedly", exc_info=True)
-            batch.fail(idx, 500, f"internal error while decoding the image ({type(exc).__name__})")
-        else:
-            batch.good.append(idx)
-            batch.plans.append(plan)
-            batch.pixels.append(torch.from_numpy(pixels))
+        if isinstance(outcome, BaseException):
+            batch.fail(idx, *_preparation_failure(outcome))
+            return
+        plan, pixels = outcome
+        batch.good.append(idx)
+        batch.plans.append(plan)
+        batch.pixels.append(torch.from_numpy(pixels))
 
     def _submit(self, rows: list, preparation: Preparation) -> Future:
         """One task (`rows`) to the decode pool; a broken pool (a process died) is replaced first."""
@@ -238,6 +230,16 @@ class CaptionHandler:
     def _release_memory(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _preparation_failure(exc: BaseException) -> tuple[int, str]:
+    """The status and message of a request whose preparation raised `exc`."""
+    if isinstance(exc, (ValueError, OSError)):  # Request/Option/ImageError, or an unwrapped Pillow error
+        return int(getattr(exc, "status", 400)), _message(exc)
+    if isinstance(exc, MemoryError):  # says where: handler/preparation.py
+        return 507, f"out of memory {exc or 'while preparing the request'}"
+    logger.error("request preparation failed unexpectedly", exc_info=exc)
+    return 500, f"internal error while decoding the image ({type(exc).__name__})"
 
 
 def _message(exc: BaseException) -> str:

@@ -42,7 +42,7 @@ from .kv_cache import GroupKV, ImageMajorCache, KVCache, PrefixKV, SharedPrefixC
 from .packing import is_packed, prepack_available, prepack_decoder
 from .quantize import quantize_decoder
 from .sampling import RowParams, TokenState, make_row_params, select_next, select_step
-from .slots import STATIC_LAYOUTS, Placement, bucket, image_major, row_major
+from .slots import STATIC_LAYOUTS, Placement, bucket, image_major, in_order, row_major
 from .styles import STYLES, CaptionPlan, make_plan, response_key
 from .text import tidy_caption
 from .tokenizer import VOCAB_PATH, Vocabulary
@@ -357,7 +357,7 @@ class CaptionEngine:
     def _place(self, row_image: list[int]) -> Placement:
         """Slots for rows of these images: every row in order without static shapes, else a bucket."""
         if not self.static_shapes:
-            return Placement(list(range(len(row_image))), [False] * len(row_image))
+            return in_order(range(len(row_image)))
         if self.static_layout == "images":
             return image_major(row_image, STATIC_IMAGE_BUCKETS, STATIC_PER_IMAGE_BUCKETS)
         return row_major(len(row_image), STATIC_ROW_BUCKETS)
@@ -441,7 +441,7 @@ class CaptionEngine:
         that batches of default requests reach; fewer slots per image would be new shapes).
         """
         if not self.static_shapes:
-            return Placement(active, [False] * len(active)) if len(active) <= cache.rows // 2 else None
+            return in_order(active) if len(active) <= cache.rows // 2 else None
         if self.static_layout == "images":
             moved = image_major([row // cache.per_image for row in active], STATIC_IMAGE_BUCKETS, (cache.per_image,))
         else:
@@ -479,7 +479,7 @@ class CaptionEngine:
         for a bucket), image-major the image bucket holding them."""
         if self.static_layout == "images":
             return self._place([row // DEFAULT_ROWS_PER_IMAGE for row in range(rows)])
-        return Placement(list(range(rows)), [False] * rows)
+        return in_order(range(rows))
 
     def static_step_inputs(self, rows: int) -> tuple[KVCache | ImageMajorCache, RowParams, TokenState]:
         """The cache, row params and reset token state of `static_placement(rows)`, default

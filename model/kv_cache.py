@@ -66,7 +66,38 @@ class GroupKV(StoreThenAttend):
         return torch.cat((prefix_k, k), dim=2), torch.cat((prefix_v, v), dim=2)
 
 
-class KVCache(StoreThenAttend, nn.Module):
+class FixedAddressCache(nn.Module):
+    """What the static decode caches share: buffers at fixed addresses (CUDA graphs read and
+    write them in place), the explicit `position` the next step writes at, and the spans."""
+
+    def __init__(self, device, max_len: int, spans: tuple[int, ...], shortest: int = 0):
+        super().__init__()
+        self.register_buffer("position", torch.zeros(1, dtype=torch.long, device=device), persistent=False)
+        torch._dynamo.mark_static_address(self.position)
+        self.spans = tuple(sorted({*(s for s in spans if shortest < s < max_len), max_len}))
+        self.span = max_len
+
+    @staticmethod
+    def zeros(layers: int, shape: tuple[int, ...], dtype, device) -> list[torch.Tensor]:
+        """One zeroed fixed-address buffer per layer."""
+        buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        for buffer in buffers:
+            torch._dynamo.mark_static_address(buffer)
+        return buffers
+
+    def advance(self, position: int) -> None:
+        """Set the position the next decode step writes at, and the span it attends over."""
+        self.position.fill_(position)
+        self.span = next(span for span in self.spans if span > position)
+
+
+def copy_rows(mine: list[torch.Tensor], theirs: list[torch.Tensor], rows: torch.Tensor) -> None:
+    """`theirs`' `rows` (dim 0) into `mine`, in place: addresses stay fixed."""
+    for into, source in zip(mine, theirs):
+        into.copy_(source.index_select(0, rows))
+
+
+class KVCache(StoreThenAttend, FixedAddressCache):
     """Per layer, (rows, heads, max_len, head_dim) keys and values, written at `position`.
 
     One buffer per layer and kind (as gpt-fast does): an in-place write into a whole graph
@@ -78,15 +109,10 @@ class KVCache(StoreThenAttend, nn.Module):
     """
 
     def __init__(self, layers, rows, heads, max_len, head_dim, dtype, device, spans: tuple[int, ...] = ()):
-        super().__init__()
+        super().__init__(device, max_len, spans)
         shape = (rows, heads, max_len, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.register_buffer("position", torch.zeros(1, dtype=torch.long, device=device), persistent=False)
-        for buffer in (*self.keys, *self.values, self.position):
-            torch._dynamo.mark_static_address(buffer)
-        self.spans = tuple(sorted({*(s for s in spans if s < max_len), max_len}))
-        self.span = max_len
+        self.keys = self.zeros(layers, shape, dtype, device)
+        self.values = self.zeros(layers, shape, dtype, device)
 
     @property
     def rows(self) -> int:
@@ -110,11 +136,6 @@ class KVCache(StoreThenAttend, nn.Module):
             keys[:, :, prefix_len:end] = groups.keys[layer].index_select(0, row_group)
             values[:, :, prefix_len:end] = groups.values[layer].index_select(0, row_group)
 
-    def advance(self, position: int) -> None:
-        """Set the position the next decode step writes at, and the span it attends over."""
-        self.position.fill_(position)
-        self.span = next(span for span in self.spans if span > position)
-
     def decode_mask(self) -> torch.Tensor:
         return (torch.arange(self.span, device=self.position.device) <= self.position)[None]  # (1, span)
 
@@ -125,9 +146,8 @@ class KVCache(StoreThenAttend, nn.Module):
         return keys[:, :, : self.span], values[:, :, : self.span]
 
     def load_rows(self, other: "KVCache", rows: torch.Tensor) -> None:
-        """Copy `other`'s `rows` into this cache's own buffers (in place: addresses stay fixed)."""
-        for mine, theirs in zip((*self.keys, *self.values), (*other.keys, *other.values)):
-            mine.copy_(theirs.index_select(0, rows))
+        """Copy `other`'s `rows` into this cache's own buffers."""
+        copy_rows(self.buffers_by_rows(), other.buffers_by_rows(), rows)
 
 
 def image_slots(row_image: list[int], images: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -187,7 +207,7 @@ def shared_prefix_attention(q, prefix_k, prefix_v, own_k, own_v, slots, row_slot
     return own_probs[:, :, None] @ own_v + prefix_context[:, :, None]
 
 
-class ImageMajorCache(nn.Module):
+class ImageMajorCache(FixedAddressCache):
     """Static decode cache, image-major: per layer (images, H, P, hd) prefix keys/values, one
     copy per image, and (images * per_image, H, 2 + max_text_tokens, hd) own keys/values per row
     for `[style] [CLS]` and its tokens, written at `position`. Row r belongs to image r //
@@ -197,19 +217,13 @@ class ImageMajorCache(nn.Module):
 
     def __init__(self, layers, images, per_image, heads, prefix_len, own_len, head_dim, dtype, device,
                  spans: tuple[int, ...] = ()):
-        super().__init__()
+        super().__init__(device, prefix_len + own_len, spans, shortest=prefix_len)
         prefix_shape, own_shape = (images, heads, prefix_len, head_dim), (images * per_image, heads, own_len, head_dim)
-        self.prefix_keys = [torch.zeros(prefix_shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.prefix_values = [torch.zeros(prefix_shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.keys = [torch.zeros(own_shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.values = [torch.zeros(own_shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.register_buffer("position", torch.zeros(1, dtype=torch.long, device=device), persistent=False)
-        for buffer in (*self.prefix_keys, *self.prefix_values, *self.keys, *self.values, self.position):
-            torch._dynamo.mark_static_address(buffer)
+        self.prefix_keys = self.zeros(layers, prefix_shape, dtype, device)
+        self.prefix_values = self.zeros(layers, prefix_shape, dtype, device)
+        self.keys = self.zeros(layers, own_shape, dtype, device)
+        self.values = self.zeros(layers, own_shape, dtype, device)
         self.prefix_len, self.per_image = prefix_len, per_image
-        max_len = prefix_len + own_len
-        self.spans = tuple(sorted({*(s for s in spans if prefix_len < s < max_len), max_len}))
-        self.span = max_len
 
     @property
     def rows(self) -> int:
@@ -229,8 +243,6 @@ class ImageMajorCache(nn.Module):
             self.keys[layer][:, :, :filled] = groups.keys[layer].index_select(0, row_group)
             self.values[layer][:, :, :filled] = groups.values[layer].index_select(0, row_group)
 
-    advance = KVCache.advance  # the same position and span rule
-
     def decode_mask(self) -> torch.Tensor:
         own = torch.arange(self.span - self.prefix_len, device=self.position.device)
         return (own <= self.position - self.prefix_len)[None]  # (1, own span)
@@ -246,10 +258,8 @@ class ImageMajorCache(nn.Module):
     def load_rows(self, other: "ImageMajorCache", rows: torch.Tensor) -> None:
         """Copy `other`'s `rows` (image-major, `per_image` per image) in place, with their images' prefixes."""
         images = rows[:: self.per_image] // other.per_image
-        for mine, theirs in zip((*self.prefix_keys, *self.prefix_values), (*other.prefix_keys, *other.prefix_values)):
-            mine.copy_(theirs.index_select(0, images))
-        for mine, theirs in zip((*self.keys, *self.values), (*other.keys, *other.values)):
-            mine.copy_(theirs.index_select(0, rows))
+        copy_rows([*self.prefix_keys, *self.prefix_values], [*other.prefix_keys, *other.prefix_values], images)
+        copy_rows([*self.keys, *self.values], [*other.keys, *other.values], rows)
 
 
 class SharedPrefixCache:

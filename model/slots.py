@@ -40,6 +40,11 @@ class Placement:
         return Placement([rows[s] for s in self.source], self.padding, self.per_image)
 
 
+def in_order(rows) -> Placement:
+    """`rows`, one per slot, no padding (eager decoding, or an exact static size)."""
+    return Placement(list(rows), [False] * len(rows))
+
+
 def bucket(count: int, buckets: tuple[int, ...]) -> int:
     """The smallest bucket that holds `count`, or `count` itself beyond the largest."""
     return next((b for b in buckets if b >= count), count)
