@@ -56,6 +56,19 @@ class Vocabulary:
             return ""
         return self.tokens[kept[0]] + "".join([after_word[i] for i in kept[1:]])
 
+    def decode_word_by_word(self, ids) -> str:
+        """`decode`'s slow, obviously correct form (the reference its test compares against)."""
+        words: list[str] = []
+        for i in ids:
+            token = self.tokens[int(i)]
+            if token in _CONTROL_TOKENS:
+                continue
+            if token.startswith("##") and words:
+                words[-1] += token[2:]
+            else:
+                words.append(token)
+        return " ".join(words)
+
     def encode(self, text: str) -> list[int]:
         """Lower-case, split on whitespace and punctuation, then greedy longest-match WordPiece."""
         return [i for word in _basic_split(text) for i in self._wordpiece(word)]

@@ -82,3 +82,18 @@ def test_model_bench_compiled_image_major_reports_the_slots_it_stepped(tmp_path,
     assert results["static_layout"] == "images" and results["decode_step_slots"] == {"6": 12}
     assert results["decode_step_ms"]["6"] > 0 and results["engine"][0]["images_per_s"] > 0
     assert "decode step, 6 rows (12 slots)" in capsys.readouterr().out
+
+
+def test_host_probe_prints_each_variant_next_to_its_baseline(capsys):
+    """`python -m bench.host_probe` on the tiny checkpoint, small: caption text (the template-form
+    tidy is checked to give the same captions) and the three decode pools, one round."""
+    from bench import host_probe
+
+    lines = host_probe.caption_text_lines()
+    assert lines[0].startswith("decode 384 rows x 64 random ids: word by word ") and "lookup" in lines[0]
+    assert lines[1].startswith("tidy 384 dataset captions: template rule ") and "lookahead" in lines[1]
+    pools = host_probe.preprocess_lines(str(SEED_TINY / "weights.pt"), str(SEED_TINY / "config.json"), requests=4,
+                                        processes=2, rounds=1)
+    assert [line.split(": ")[1].split("  ")[0] for line in pools] == [
+        "threads", "processes, one task per request", "processes, one task per process"]
+    assert all("preprocess" in line and "worker CPU" in line for line in pools)
