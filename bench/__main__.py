@@ -21,7 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--weights", required=True, help="checkpoint (e.g. `python -m weights random` output)")
     model.add_argument("--config", help="model config JSON (default: full size)")
     model.add_argument("--device", default="cpu")
-    model.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    model.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                       help="auto (default): bfloat16 on GPUs and on CPUs with native bf16 products, else float32")
     model.add_argument("--compile", action="store_true", help="torch.compile the encoder and the decode step")
     model.add_argument("--dynamic-rows", action="store_true",
                        help="with --compile: one decode-step compilation per span for all row buckets")

@@ -25,6 +25,7 @@ from model.engine import CaptionEngine, decode_step
 from model.image import decode_image, to_pixel_values, to_uint8_pixels
 from model.kv_cache import GroupKV, PrefixKV, SharedPrefixCache
 from model.packing import is_packed
+from model.precision import resolve_dtype
 from model.styles import make_plan
 
 from .baseline import baseline_caption_ids
@@ -186,7 +187,8 @@ def plot(results: dict, path: Path) -> None:
 
 def run(args) -> dict:
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype)
+    dtype = resolve_dtype(args.dtype, device, quantized=args.quantize is not None)
+    dtype_name = str(dtype).removeprefix("torch.")
     engine = CaptionEngine.from_files(args.weights, config=args.config, device=device, dtype=dtype,
                                       quantize=args.quantize, prepack=args.prepack, fuse=args.fuse,
                                       compile_encoder=args.compile, compile_decode=args.compile,
@@ -196,7 +198,7 @@ def run(args) -> dict:
     options = {"seed": 0, "max_new_tokens": args.max_new_tokens}
     jpegs = synthetic_jpegs(max(args.batch_sizes))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    results = {"device": str(device), "device_name": name, "dtype": args.dtype, "quantize": args.quantize,
+    results = {"device": str(device), "device_name": name, "dtype": dtype_name, "quantize": args.quantize,
                "prepack": packed, "fused": args.fuse, "dynamic_rows": engine.dynamic_rows, "compile": args.compile,
                "compile_prefill": engine.compile_prefill, "static_layout": engine.static_layout,
                "threads": torch.get_num_threads(),
@@ -245,7 +247,7 @@ def run(args) -> dict:
     print("\n".join(results["targets"]))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = (f"model-{kind}-{args.dtype}{'-' + args.quantize if args.quantize else ''}"
+    stem = (f"model-{kind}-{dtype_name}{'-' + args.quantize if args.quantize else ''}"
             f"{'-unpacked' if args.prepack is False else ''}{'' if args.fuse else '-unfused'}"
             f"{'-compiled' if args.compile else ''}{'-dynamic' if engine.dynamic_rows else ''}"
             f"{'-images' if engine.static_layout == 'images' else ''}")

@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
+from model.precision import AUTO, DTYPE_CHOICES, resolve_dtype
 from model.slots import STATIC_LAYOUTS
 from model.styles import Limits
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ON_GPU = "gpu"  # a compile setting that applies on CUDA devices only
 
 
@@ -33,10 +33,11 @@ class HandlerSettings:
     weights: str | None = None
     model_config: str = "caption_config.json"
     vocab: str = "model/assets/vocab.txt"
-    # Precision per device kind: bfloat16 halves the memory traffic on GPUs (tensor cores);
-    # on CPU float32 is both faster (no native bf16 matmul on most CPUs) and exact.
+    # Precision per device kind: bfloat16 halves the memory traffic on GPUs (tensor cores).
+    # "auto" on CPU: bfloat16 where the CPU multiplies it in hardware (AVX-512 BF16, AMX),
+    # else float32, which is then both faster and exact (model/precision.py).
     gpu_dtype: str = "bfloat16"
-    cpu_dtype: str = "float32"
+    cpu_dtype: str = AUTO
     # Opt-in int8 dynamic quantization of the decoder on CPU ("int8"): a quarter of the float32
     # weight bytes per decode step, slightly different numbers (see model/quantize.py).
     cpu_quantize: str | None = None
@@ -83,7 +84,9 @@ class HandlerSettings:
     limits: Limits = field(default_factory=Limits)
 
     def dtype_for(self, device: torch.device) -> torch.dtype:
-        return DTYPES[self.gpu_dtype if device.type == "cuda" else self.cpu_dtype]
+        if device.type == "cuda":
+            return resolve_dtype(self.gpu_dtype, device)
+        return resolve_dtype(self.cpu_dtype, device, quantized=self.cpu_quantize is not None)
 
     def compiles(self, name: str, device: torch.device) -> bool:
         """Whether a compile setting (`compile_encoder`, `compile_decode`, `compile_prefill`) is on
@@ -114,8 +117,8 @@ class HandlerSettings:
             values[name] = _check(name, value, default)
         settings = cls(**values)
         for name in ("gpu_dtype", "cpu_dtype"):
-            if getattr(settings, name) not in DTYPES:
-                raise SettingsError(f"model-config.yaml handler: {name} must be one of {sorted(DTYPES)}")
+            if getattr(settings, name) not in DTYPE_CHOICES:
+                raise SettingsError(f"model-config.yaml handler: {name} must be one of {list(DTYPE_CHOICES)}")
         if settings.static_layout not in STATIC_LAYOUTS:
             raise SettingsError(f"model-config.yaml handler: static_layout must be one of {list(STATIC_LAYOUTS)}")
         if settings.static_layout == "images" and not settings.compile_dynamic_rows:

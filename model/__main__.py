@@ -15,6 +15,7 @@ import torch
 
 from .checkpoint import CheckpointError
 from .engine import CaptionEngine
+from .precision import AUTO, resolve_dtype
 from .image import ImageError, load_pixel_values
 from .styles import STYLES, OptionError, make_plan
 from .tokenizer import VOCAB_PATH
@@ -37,7 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name, kind in OPTION_FLAGS.items():
         parser.add_argument("--" + name.replace("_", "-"), type=kind)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--dtype", default=AUTO, choices=[AUTO, "float32", "bfloat16"],
+                        help="auto (default): bfloat16 on GPUs and on CPUs with native bf16 products, else float32")
     return parser.parse_args(argv)
 
 
@@ -54,7 +56,7 @@ def main(argv=None) -> int:
     try:
         plan = make_plan(request_options(args))
         engine = CaptionEngine.from_files(args.weights, config=args.config, vocab=args.tokenizer,
-                                          device=args.device, dtype=getattr(torch, args.dtype))
+                                          device=args.device, dtype=resolve_dtype(args.dtype, args.device))
         size = engine.config.image_size
         pixels = torch.stack([load_pixel_values(path, size) for path in args.images])
     except (OptionError, CheckpointError, ImageError, ValueError, OSError) as exc:

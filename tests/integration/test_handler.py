@@ -260,6 +260,22 @@ def test_settings_threads_and_dtype_are_applied(tmp_path):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("native_bf16, expected", [(False, torch.float32), (True, torch.bfloat16)])
+def test_cpu_dtype_auto_loads_bfloat16_only_where_the_cpu_has_it(tmp_path, monkeypatch, native_bf16, expected):
+    """The shipped `cpu_dtype: auto`, with the CPU's capability faked both ways: the worker
+    loads the weights in the chosen type, and the engine serves a request in it."""
+    from model import precision
+
+    monkeypatch.setattr(precision, "cpu_has_native_bfloat16", lambda: native_bf16)
+    service, handler = make_service(make_model_dir(tmp_path, {"cpu_dtype": "auto"}))
+    assert handler.engine.dtype == expected
+    assert handler.engine.model.token_embeddings.weight.dtype == expected
+    reply = predict(service, batch(json_row(IMAGES["rocket.jpg"], **GREEDY)))[0]
+    assert reply.status == 200 and len(reply.json()) == 3
+    if expected == torch.float32:
+        assert reply.json() == golden("rocket.jpg")
+
+
 @pytest.mark.parametrize("per_thread", [1, 2])
 def test_decode_threads_have_their_own_intra_op_thread_count(tmp_path, per_thread):
     """Each decode thread resizes with `decode_intra_op_threads` threads; the worker's thread

@@ -57,7 +57,8 @@ def test_greedy_token_sequences_in_one_batch(tiny_engine, golden, golden_pixels,
 def test_greedy_captions_through_the_cli(expected_captions):
     images = sorted(str(p) for p in (SEED_TINY / "images").iterdir())
     command = [sys.executable, "-m", "model", *images, "--weights", str(SEED_TINY / "weights.pt"),
-               "--config", str(SEED_TINY / "config.json"), "--temperature", "0", "--num-captions", "1"]
+               "--config", str(SEED_TINY / "config.json"), "--temperature", "0", "--num-captions", "1",
+               "--dtype", "float32"]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, check=True)
     captions = json.loads(result.stdout)
     for path, by_style in captions.items():

@@ -44,7 +44,14 @@ def test_refuses_unknown_scheme_and_non_float32_models(tiny_engine):
         quantize_decoder(bf16.model, "int8")
 
 
-def test_handler_setting():
+def test_handler_setting(monkeypatch):
     assert HandlerSettings.from_dict({"cpu_quantize": "int8"}).cpu_quantize == "int8"
+    # cpu_dtype auto on a CPU with native bf16 would pick bfloat16; int8 starts from float32.
+    from model import precision
+
+    monkeypatch.setattr(precision, "cpu_has_native_bfloat16", lambda: True)
+    cpu = torch.device("cpu")
+    assert HandlerSettings.from_dict({"cpu_quantize": "int8"}).dtype_for(cpu) == torch.float32
+    assert HandlerSettings.from_dict({}).dtype_for(cpu) == torch.bfloat16
     with pytest.raises(SettingsError, match="cpu_quantize"):
         HandlerSettings.from_dict({"cpu_quantize": "int4"})
