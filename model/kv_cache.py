@@ -23,6 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 
 
+# SDPA's fused CUDA kernels want an attention mask's strides (all but the last) to be multiples of
+# 8 elements; inductor copies a mask that is not into an aligned buffer before every call.
+MASK_ROW_ALIGNMENT = 8
+
+
 class StoreThenAttend:
     """`attend` for stores with `update(layer, k, v) -> (keys, values)`: store, then attend."""
 
@@ -91,6 +96,12 @@ class FixedAddressCache(nn.Module):
         self.span = next(span for span in self.spans if span > position)
 
 
+def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean attention mask as the float mask `scaled_dot_product_attention` adds to the
+    scores: 0 where visible, -inf elsewhere (what it makes of a boolean mask itself)."""
+    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(~visible, float("-inf"))
+
+
 def copy_rows(mine: list[torch.Tensor], theirs: list[torch.Tensor], rows: torch.Tensor) -> None:
     """`theirs`' `rows` (dim 0) into `mine`, in place: addresses stay fixed."""
     for into, source in zip(mine, theirs):
@@ -137,7 +148,16 @@ class KVCache(StoreThenAttend, FixedAddressCache):
             values[:, :, prefix_len:end] = groups.values[layer].index_select(0, row_group)
 
     def decode_mask(self) -> torch.Tensor:
-        return (torch.arange(self.span, device=self.position.device) <= self.position)[None]  # (1, span)
+        """(1, 1, 1, span) additive mask in the cache's dtype: 0 up to `position`, -inf past it.
+
+        Made once per step for all layers. A boolean mask is converted by each layer's attention
+        call, which compiled to two extra kernels per layer (H100 profile, run 4); and a mask
+        whose row stride is not a multiple of 8 elements is copied by inductor before each fused
+        CUDA attention kernel. So the mask is a view into a row padded to that alignment.
+        """
+        padded = -(-self.span // MASK_ROW_ALIGNMENT) * MASK_ROW_ALIGNMENT
+        visible = torch.arange(padded, device=self.position.device) <= self.position
+        return additive_mask(visible, self.keys[0].dtype)[None, None, None, : self.span]  # (padded,) -> (1, 1, 1, span)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         keys, values = self.keys[layer], self.values[layer]

@@ -82,12 +82,29 @@ def test_static_cache_attends_over_the_shortest_span_holding_its_position():
         cache.advance(position)
         q, k, v = (torch.randn(2, HEADS, 1, HEAD_DIM) for _ in range(3))
         keys, values = cache.update(0, k, v)
-        assert cache.span == span and keys.shape[2] == span and cache.decode_mask().shape == (1, span)
+        assert cache.span == span and keys.shape[2] == span and cache.decode_mask().shape == (1, 1, 1, span)
         assert torch.equal(cache.keys[0][:, :, position], k[:, :, 0])  # written in the whole buffer
         context = cache.attend(0, q, k, v, cache.decode_mask())
         visible = torch.arange(12) <= position  # the full buffer, masked: the same context
         expected = F.scaled_dot_product_attention(q, cache.keys[0], cache.values[0], attn_mask=visible[None])
         torch.testing.assert_close(context, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_static_cache_mask_is_additive_once_per_step_and_equals_the_boolean_one(dtype):
+    """decode_mask is the float mask SDPA would make of the boolean one, in the cache's dtype,
+    so the layers share it instead of each converting a boolean mask (two kernels per layer)."""
+    cache = KVCache(1, 2, HEADS, 11, HEAD_DIM, dtype, "cpu")  # a span that is not a multiple of 8
+    cache.advance(5)
+    mask = cache.decode_mask()
+    assert mask.dtype == dtype and mask.shape == (1, 1, 1, 11) and mask.stride()[:-1] == (16, 16, 16)
+    assert mask[..., :6].eq(0).all() and mask[..., 6:].eq(float("-inf")).all()
+    torch.manual_seed(1)
+    q, keys, values = torch.randn(2, HEADS, 1, HEAD_DIM, dtype=dtype), *(torch.randn(2, HEADS, 11, HEAD_DIM, dtype=dtype)
+                                                                          for _ in range(2))
+    boolean = (torch.arange(11) <= 5)[None]
+    assert torch.equal(F.scaled_dot_product_attention(q, keys, values, attn_mask=mask),
+                       F.scaled_dot_product_attention(q, keys, values, attn_mask=boolean))
 
 
 def image_major_cache_and_inputs(per_image=2, images=2, own_len=6):
