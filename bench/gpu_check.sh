@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # One prepared run for a GPU machine (H100/H200):
-#   bash bench/gpu_check.sh OUT_DIR [STEP ...]
-# Steps, most important first (all of them by default; together more than one device call's
-# 10 minutes, so run a selection, or run it under an outer `timeout` and pack OUT_DIR
-# afterwards, see docs/benchmarks.md: a cut-off run loses only the last steps):
+#   bash bench/gpu_check.sh OUT_DIR [STEP ... | all]
+# By default the speed issue's check, in under 8 minutes: tests, compiled, eager (CUDA parity
+# tests; the bf16 model benchmark compiled and eager, with the seed's algorithm as baseline;
+# decode-step times; peak GPU memory). `all` runs every step below, most important first
+# (together far more than one device call's 10 minutes: give a selection, or a larger budget).
+# BUDGET_S (default 470) bounds the whole run: each step's time limit is cut to what is left of
+# it, and a step that would get under 20 s is skipped (the summary says so).
 #   tests           CUDA tests (parity, compiled = eager, spans, dynamic rows, image-major, bf16) ~2.5 min
 #   layout-ab       model benchmark, batch 64, 64- and 384-row steps (dynamic rows): static
 #                   layout rows, then images (each image's prefix stored once)      ~4 min
@@ -31,8 +34,14 @@
 set -uo pipefail
 OUT=${1:?usage: bench/gpu_check.sh OUT_DIR [STEP ...]}
 shift
-STEPS=${*:-tests layout-ab handler handler-images processes raw compiled dynamic rows-ab warmup-dynamic handler-before
-workers handler-128 profile profile-images warmup eager handler-tests}
+ALL_STEPS="tests layout-ab handler handler-images processes raw compiled dynamic rows-ab warmup-dynamic handler-before
+workers handler-128 profile profile-images warmup eager handler-tests"
+STEPS=${*:-tests compiled eager}
+[ "$STEPS" = all ] && STEPS=$ALL_STEPS
+BUDGET_S=${BUDGET_S:-470}
+# A step's time limit: its own, or what is left of the budget if that is less (at least 1 s:
+# `timeout 0` would mean no limit at all).
+limit() { local left=$((BUDGET_S - SECONDS)); left=$(( left < 1 ? 1 : left )); echo $(( left < $1 ? left : $1 )); }
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -44,20 +53,20 @@ COMPILED=(--weights "$CKPT" --device cuda --dtype bfloat16 --compile --batch-siz
 WARMUP=(--weights "$CKPT" --device cuda --compile --warmup --batch-size 8 --batches 3 --max-new-tokens 128)
 
 run_tests() {
-  timeout 240 $PY -m pytest -q -m gpu tests/gpu -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.log" | tail -5 | summary
+  timeout $(limit 240) $PY -m pytest -q -m gpu tests/gpu -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.log" | tail -5 | summary
 }
 run_compiled() {
-  timeout 200 $PY -m bench model "${COMPILED[@]}" 2>&1 | tee "$OUT/bench-compiled.log" | tail -14 | summary
+  timeout $(limit 200) $PY -m bench model "${COMPILED[@]}" 2>&1 | tee "$OUT/bench-compiled.log" | tail -14 | summary
 }
 run_dynamic() {
-  timeout 200 $PY -m bench model "${COMPILED[@]}" --dynamic-rows 2>&1 | tee "$OUT/bench-compiled-dynamic.log" \
+  timeout $(limit 200) $PY -m bench model "${COMPILED[@]}" --dynamic-rows 2>&1 | tee "$OUT/bench-compiled-dynamic.log" \
     | tail -9 | summary
 }
 run_rows-ab() {
   for rows in dynamic static; do
     mkdir -p "$OUT/rows-$rows"
     flag=$([ $rows = dynamic ] && echo --dynamic-rows)
-    timeout 150 $PY -m bench model --weights "$CKPT" --device cuda --dtype bfloat16 --compile --batch-sizes 64 \
+    timeout $(limit 150) $PY -m bench model --weights "$CKPT" --device cuda --dtype bfloat16 --compile --batch-sizes 64 \
       --step-rows 64 --max-new-tokens 64 --no-baseline $flag --out "$OUT/rows-$rows" 2>&1 \
       | tee "$OUT/bench-rows-$rows.log" | grep -E "^batch|^decode step" | sed "s/^/$rows: /" | summary
   done
@@ -65,7 +74,7 @@ run_rows-ab() {
 run_layout-ab() {
   for layout in rows images; do
     mkdir -p "$OUT/layout-$layout"
-    timeout 180 $PY -m bench model --weights "$CKPT" --device cuda --dtype bfloat16 --compile --dynamic-rows \
+    timeout $(limit 180) $PY -m bench model --weights "$CKPT" --device cuda --dtype bfloat16 --compile --dynamic-rows \
       --static-layout $layout --batch-sizes 64 --step-rows 64,384 --max-new-tokens 64 --no-baseline \
       --out "$OUT/layout-$layout" 2>&1 | tee "$OUT/bench-layout-$layout.log" \
       | grep -E "^batch|^decode step|^peak" | sed "s/^/$layout: /" | summary
@@ -73,59 +82,59 @@ run_layout-ab() {
 }
 run_warmup-dynamic() {
   mkdir -p "$OUT/warmup-dynamic"
-  timeout 300 $PY -m bench handler "${WARMUP[@]}" --dynamic-rows --out "$OUT/warmup-dynamic" 2>&1 \
+  timeout $(limit 300) $PY -m bench handler "${WARMUP[@]}" --dynamic-rows --out "$OUT/warmup-dynamic" 2>&1 \
     | tee "$OUT/bench-handler-warmup-dynamic.log" | tail -4 | summary
 }
 HANDLER=(--weights "$CKPT" --device cuda --compile --batches 3 --decode-threads 16 --max-new-tokens 64)
 run_handler() {
-  timeout 240 $PY -m bench handler "${HANDLER[@]}" --batch-size 64 --out "$OUT" 2>&1 | tee "$OUT/bench-handler.log" \
+  timeout $(limit 240) $PY -m bench handler "${HANDLER[@]}" --batch-size 64 --out "$OUT" 2>&1 | tee "$OUT/bench-handler.log" \
     | tail -3 | summary
 }
 run_handler-images() {
-  timeout 240 $PY -m bench handler "${HANDLER[@]}" --batch-size 64 --static-layout images --out "$OUT/handler-images" \
+  timeout $(limit 240) $PY -m bench handler "${HANDLER[@]}" --batch-size 64 --static-layout images --out "$OUT/handler-images" \
     2>&1 | tee "$OUT/bench-handler-images.log" | tail -3 | summary
 }
 run_handler-before() {
-  timeout 240 $PY -m bench handler "${HANDLER[@]}" --batch-size 64 --decode-intra-op-threads 0 --no-compile-prefill \
+  timeout $(limit 240) $PY -m bench handler "${HANDLER[@]}" --batch-size 64 --decode-intra-op-threads 0 --no-compile-prefill \
     --no-dynamic-rows \
     --out "$OUT/handler-before" 2>&1 | tee "$OUT/bench-handler-before.log" | tail -3 | summary
 }
 run_processes() {
-  timeout 240 $PY -m bench handler "${HANDLER[@]}" --batch-size 64 --decode-processes 15 --out "$OUT/processes" 2>&1 \
+  timeout $(limit 240) $PY -m bench handler "${HANDLER[@]}" --batch-size 64 --decode-processes 15 --out "$OUT/processes" 2>&1 \
     | tee "$OUT/bench-handler-processes.log" | tail -3 | summary
 }
 run_raw() {
-  timeout 240 $PY -m bench handler "${HANDLER[@]}" --batch-size 64 --request-form raw --out "$OUT/raw" 2>&1 \
+  timeout $(limit 240) $PY -m bench handler "${HANDLER[@]}" --batch-size 64 --request-form raw --out "$OUT/raw" 2>&1 \
     | tee "$OUT/bench-handler-raw.log" | tail -3 | summary
 }
 run_workers() {
-  timeout 240 $PY -m bench handler "${HANDLER[@]}" --batch-size 64 --workers 2 --out "$OUT" 2>&1 \
+  timeout $(limit 240) $PY -m bench handler "${HANDLER[@]}" --batch-size 64 --workers 2 --out "$OUT" 2>&1 \
     | tee "$OUT/bench-handler-workers.log" | tail -2 | summary
 }
 run_handler-128() {
-  timeout 240 $PY -m bench handler "${HANDLER[@]}" --batch-size 128 --out "$OUT/handler-128" 2>&1 \
+  timeout $(limit 240) $PY -m bench handler "${HANDLER[@]}" --batch-size 128 --out "$OUT/handler-128" 2>&1 \
     | tee "$OUT/bench-handler-128.log" | tail -3 | summary
 }
 run_profile() {
-  timeout 90 $PY -m bench.profile_gpu "$CKPT" 64 8,64,384 > "$OUT/profile.txt" 2>&1
+  timeout $(limit 90) $PY -m bench.profile_gpu "$CKPT" 64 8,64,384 > "$OUT/profile.txt" 2>&1
   grep -A12 "row decode step" "$OUT/profile.txt" | cut -c1-160 | summary
 }
 run_profile-images() {
-  timeout 120 $PY -m bench.profile_gpu "$CKPT" 64 8,64,384 images > "$OUT/profile-images.txt" 2>&1
+  timeout $(limit 120) $PY -m bench.profile_gpu "$CKPT" 64 8,64,384 images > "$OUT/profile-images.txt" 2>&1
   grep -A12 "row decode step" "$OUT/profile-images.txt" | cut -c1-160 | summary
 }
 run_warmup() {
   mkdir -p "$OUT/warmup"
-  timeout 300 $PY -m bench handler "${WARMUP[@]}" --no-dynamic-rows --out "$OUT/warmup" 2>&1 \
+  timeout $(limit 300) $PY -m bench handler "${WARMUP[@]}" --no-dynamic-rows --out "$OUT/warmup" 2>&1 \
     | tee "$OUT/bench-handler-warmup.log" \
     | tail -4 | summary
 }
 run_eager() {
-  timeout 80 $PY -m bench model --weights "$CKPT" --device cuda --dtype bfloat16 --batch-sizes 1,8,64 \
+  timeout $(limit 80) $PY -m bench model --weights "$CKPT" --device cuda --dtype bfloat16 --batch-sizes 1,8,64 \
     --step-rows 6,64 --max-new-tokens 64 --out "$OUT" 2>&1 | tee "$OUT/bench-eager.log" | tail -12 | summary
 }
 run_handler-tests() {
-  timeout 240 $PY -m pytest -q -m gpu tests/integration/test_handler.py -p no:cacheprovider 2>&1 \
+  timeout $(limit 240) $PY -m pytest -q -m gpu tests/integration/test_handler.py -p no:cacheprovider 2>&1 \
     | tee "$OUT/handler-gpu-tests.log" | tail -5 | summary
 }
 
@@ -136,6 +145,10 @@ $PY -c "import torch, transformers; print('torch', torch.__version__, 'transform
 for name in $STEPS; do
   if ! declare -F "run_$name" > /dev/null; then
     echo "unknown step '$name'" | summary
+    continue
+  fi
+  if [ $((BUDGET_S - SECONDS)) -lt 20 ]; then
+    echo "=== $name skipped: ${SECONDS} s of the ${BUDGET_S}-s budget (BUDGET_S) spent" | summary
     continue
   fi
   echo "=== $name ($(date +%T))" | summary

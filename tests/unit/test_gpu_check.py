@@ -21,25 +21,57 @@ ALL_STEPS = ["tests", "layout-ab", "handler", "handler-images", "processes", "ra
              "eager", "handler-tests"]
 
 
-def run_gpu_check(tmp_path: Path, *steps: str) -> tuple[str, list[list[str]]]:
+def run_gpu_check(tmp_path: Path, *steps: str, budget_s: int | None = None, seconds_per_call: int = 0):
+    """-> (summary.txt, each python call's argv, each `timeout`'s limit in seconds)."""
     stubs = tmp_path / "stubs"
-    stubs.mkdir()
-    calls = tmp_path / "calls.txt"
+    stubs.mkdir(parents=True)
+    calls, limits = tmp_path / "calls.txt", tmp_path / "limits.txt"
     (stubs / "nvidia-smi").write_text("#!/bin/sh\necho 'NVIDIA Stand-in, 1 MiB, 0'\n")
-    (stubs / "python").write_text(f'#!/bin/sh\nfor a in "$@"; do printf "%s\\0" "$a"; done >> {calls}\necho >> {calls}\n')
+    (stubs / "python").write_text(f'#!/bin/sh\nfor a in "$@"; do printf "%s\\0" "$a"; done >> {calls}\necho >> {calls}\n'
+                                  f'sleep ${{STUB_SECONDS:-0}}\n')
+    (stubs / "timeout").write_text(f'#!/bin/sh\necho "$1" >> {limits}\nshift\nexec "$@"\n')
     for stub in stubs.iterdir():
         stub.chmod(0o755)
     env = dict(os.environ, PATH=f"{stubs}:{os.environ['PATH']}", PYTHON=str(stubs / "python"),
                CKPT=str(tmp_path / "w.pt"))
+    if budget_s is not None:
+        env["BUDGET_S"] = str(budget_s)
+    env["STUB_SECONDS"] = str(seconds_per_call)  # how long each stand-in python call takes
     out = tmp_path / "out"
     subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), str(out), *steps], env=env, check=True,
                    capture_output=True, timeout=60)
     argvs = [line.strip("\0").split("\0") for line in calls.read_text().splitlines() if line.strip("\0")]
-    return (out / "summary.txt").read_text(), argvs
+    limit_values = [int(v) for v in limits.read_text().split()] if limits.exists() else []
+    return (out / "summary.txt").read_text(), argvs, limit_values
+
+
+def test_default_is_the_issues_check_parity_tests_then_compiled_and_eager_benchmarks(tmp_path):
+    summary, argvs, limits = run_gpu_check(tmp_path)
+    headers = [line.split()[1] for line in summary.splitlines() if line.startswith("=== ")]
+    assert headers == ["versions", "tests", "compiled", "eager", "done"]
+    assert [argv[:3] for argv in argvs if argv[0] == "-m" and argv[1] != "weights"] == [
+        ["-m", "pytest", "-q"], ["-m", "bench", "model"], ["-m", "bench", "model"]]
+    compiled, eager = (argv for argv in argvs if argv[:3] == ["-m", "bench", "model"])
+    assert "--compile" in compiled and "--compile" not in eager and "--no-baseline" not in eager
+    assert limits == [240, 200, 80]  # the steps' own limits: 520 s, more than the default budget of 470
+
+
+def test_the_budget_cuts_limits_and_skips_what_it_cannot_fit(tmp_path):
+    _, _, limits = run_gpu_check(tmp_path / "a", "tests", "compiled", budget_s=100)
+    assert len(limits) == 2 and all(90 <= limit <= 100 for limit in limits)
+    # Calls that take 3 s each (the versions line and the weights included: 6 s): the second step gets
+    # what is left, and the third no longer fits.
+    summary, argvs, limits = run_gpu_check(tmp_path / "c", budget_s=31, seconds_per_call=3)
+    assert [line.split()[1] for line in summary.splitlines() if line.startswith("=== ")] == [
+        "versions", "tests", "compiled", "eager", "done"]
+    assert "=== eager skipped" in summary and len(limits) == 2 and limits[0] > limits[1] >= 20
+    summary, argvs, _ = run_gpu_check(tmp_path / "b", "tests", "compiled", budget_s=10)
+    assert "=== tests skipped" in summary and "=== compiled skipped" in summary
+    assert not [argv for argv in argvs if argv[0] == "-m" and argv[1] != "weights"]
 
 
 def test_every_step_runs_in_order_with_valid_bench_flags(tmp_path):
-    summary, argvs = run_gpu_check(tmp_path)
+    summary, argvs, _ = run_gpu_check(tmp_path, "all", budget_s=10**6)
     headers = [line.split()[1] for line in summary.splitlines() if line.startswith("=== ")]
     assert headers == ["versions", *ALL_STEPS, "done"]
     bench_calls = [argv[2:] for argv in argvs if argv[:2] == ["-m", "bench"]]
@@ -61,7 +93,7 @@ def test_every_step_runs_in_order_with_valid_bench_flags(tmp_path):
 
 
 def test_a_selection_runs_only_those_steps(tmp_path):
-    summary, argvs = run_gpu_check(tmp_path, "dynamic", "bogus", "tests")
+    summary, argvs, _ = run_gpu_check(tmp_path, "dynamic", "bogus", "tests")
     headers = [line.split()[1] for line in summary.splitlines() if line.startswith("=== ")]
     assert headers == ["versions", "dynamic", "tests", "done"]
     assert "unknown step 'bogus'" in summary
