@@ -15,8 +15,8 @@ import torch
 
 from .checkpoint import CheckpointError
 from .engine import CaptionEngine
-from .precision import AUTO, resolve_dtype
 from .image import ImageError, load_pixel_values
+from .precision import AUTO, resolve_dtype
 from .styles import STYLES, OptionError, make_plan
 from .tokenizer import VOCAB_PATH
 
