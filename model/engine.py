@@ -328,19 +328,16 @@ class CaptionEngine:
 
     def _token_state(self, rows: int, max_new: int) -> TokenState:
         """Generation state; with static shapes one per row bucket, reset in place."""
-        cfg = self.config
         if not self.static_shapes:
-            return TokenState(rows, max_new, cfg.output_size, self.device)
+            return TokenState(rows, max_new, self.device)
         state = self._static_state(rows)
         state.reset()
         return state
 
     def _static_state(self, rows: int) -> TokenState:
         if rows not in self._static_states:
-            cfg = self.config
-            self._static_states[rows] = state = TokenState(rows, cfg.max_text_tokens, cfg.output_size, self.device,
-                                                           static=True)
-            self._mark_rows_dynamic(state.history, state.seen, state.done)
+            self._static_states[rows] = state = TokenState(rows, self.config.max_text_tokens, self.device, static=True)
+            self._mark_rows_dynamic(state.history, state.done)
         return self._static_states[rows]
 
     def _static_row_params(self, params: RowParams) -> RowParams:
@@ -425,7 +422,7 @@ class CaptionEngine:
         """`decode_select_step` with the host-side length (shapes may shrink between steps)."""
         if logits is None:
             logits = decode_step(self.model, cache, state.history[:, state.length - 1])
-        state.append(select_next(logits, params, state.history, state.length, state.seen, state.length - 1), params)
+        state.append(select_next(logits, params, state.history, state.length, state.length - 1), params)
 
     def static_step(self, cache: KVCache, params: RowParams, state: TokenState) -> None:
         """One static-shape step: `decode_select_step`, a CUDA-graph replay when compiled."""

@@ -8,8 +8,9 @@ top token always kept); sample. Temperature 0 means greedy: argmax after the pen
 
 Sampling draws Gumbel noise from a counter-based hash of (seed, row key, step, token id), so
 a row's tokens depend only on its own request, never on the batch it ran in. No per-row
-Python loop and no host synchronisation: everything is tensor ops over (rows, vocab) or
-over the (rows, k) candidate set.
+Python loop and no host synchronisation: everything is tensor ops, and only the temperature
+and the top-k read every vocabulary entry; the penalty and the n-gram ban touch just the
+tokens in each row's history, and the rest works on the (rows, k) candidate set.
 """
 
 from __future__ import annotations
@@ -111,10 +112,22 @@ def gumbel_noise(stream: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     return -torch.log(-torch.log(uniform))
 
 
-def penalise_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+def _written(history: torch.Tensor, length) -> torch.Tensor:
+    """(R, Hmax) True at the history positions written so far (the first `length`)."""
+    return torch.arange(history.shape[1], device=history.device)[None, :] < length
+
+
+def penalise_repeats_(scores: torch.Tensor, history: torch.Tensor, length, penalty: torch.Tensor) -> torch.Tensor:
+    """The repetition penalty on every token of each row's history, in place on `scores` (R, V).
+
+    Only the (R, Hmax) entries the history names are read and written, not the whole
+    vocabulary. Positions not yet written name the row's first token (`[CLS]`, always in the
+    history), so a token listed twice gets the same value from each write.
+    """
+    ids = torch.where(_written(history, length), history, history[:, :1])
+    values = scores.gather(1, ids)
     p = penalty[:, None]
-    penalised = torch.where(logits < 0, logits * p, logits / p)
-    return torch.where(seen, penalised, logits)
+    return scores.scatter_(1, ids, torch.where(values < 0, values * p, values / p))
 
 
 def _column(history: torch.Tensor, index) -> torch.Tensor:
@@ -124,13 +137,13 @@ def _column(history: torch.Tensor, index) -> torch.Tensor:
     return history.gather(1, index.clamp(min=0).view(1, 1).expand(history.shape[0], 1))
 
 
-def repeated_ngram_mask(history: torch.Tensor, length, ngram: torch.Tensor, max_ngram: int, vocab_size: int):
-    """(R, V) True where a token would complete an n-gram that already occurs in the row.
+def repeated_ngram_positions(history: torch.Tensor, length, ngram: torch.Tensor, max_ngram: int) -> torch.Tensor:
+    """(R, Hmax) True at each history position q whose token would complete an n-gram that
+    already occurs in the row: the n-1 tokens before q equal the row's last n-1 tokens.
 
-    history (R, Hmax) holds each row's tokens, `length` of them valid. Position q of the
-    history is banned-next when the n-1 tokens before q equal the row's last n-1 tokens.
+    history (R, Hmax) holds each row's tokens, `length` of them valid.
     """
-    rows, hmax = history.shape
+    hmax = history.shape[1]
     q = torch.arange(hmax, device=history.device)[None, :]
     n = ngram[:, None]
     match = (q < length) & (q >= n - 1) & (n > 0)
@@ -138,9 +151,15 @@ def repeated_ngram_mask(history: torch.Tensor, length, ngram: torch.Tensor, max_
         before_q = F.pad(history, (back, 0), value=-1)[:, :hmax]  # history[q - back]
         last = _column(history, length - back)  # (R, 1): the row's back-th last token
         match &= (before_q == last) | (back > n - 1)
-    banned_ids = torch.where(match, history, vocab_size)
-    banned = torch.zeros(rows, vocab_size + 1, dtype=torch.bool, device=history.device)
-    return banned.scatter_(1, banned_ids, True)[:, :vocab_size]
+    return match
+
+
+def ban_repeated_ngrams_(scores: torch.Tensor, history: torch.Tensor, match: torch.Tensor) -> torch.Tensor:
+    """-inf, in place, for the token at every `match` position of the history. A minimum over
+    what each position writes (-inf where it matches, +inf, no change, elsewhere), so a token
+    named by several positions is banned whatever order the writes land in."""
+    bans = torch.full(match.shape, float("inf"), dtype=scores.dtype, device=scores.device)
+    return scores.scatter_reduce_(1, history, bans.masked_fill(match, float("-inf")), "amin")
 
 
 def keep_top_k_top_p(values: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -154,18 +173,19 @@ def keep_top_k_top_p(values: torch.Tensor, top_k: torch.Tensor, top_p: torch.Ten
     return keep & (~nucleus[:, None] | (mass_before <= top_p[:, None]))
 
 
-def select_next(logits, params: RowParams, history, length, seen, step) -> torch.Tensor:
+def select_next(logits, params: RowParams, history, length, step) -> torch.Tensor:
     """One step of token selection for every row: logits (R, V) float32 -> tokens (R,).
 
     `length` (valid history entries) and `step` are host ints, or 0-d device tensors inside a
-    captured graph.
+    captured graph. Besides the division by the temperature and the top-k, nothing here
+    touches every vocabulary entry: the penalty and the n-gram ban write only the tokens the
+    history names.
     """
     greedy = params.temperature == 0
-    scaled = logits / torch.where(greedy, 1.0, params.temperature)[:, None]
-    scaled = penalise_repeats(scaled, seen, params.repetition_penalty)
+    scaled = logits / torch.where(greedy, 1.0, params.temperature)[:, None]  # a new tensor: changed in place below
+    penalise_repeats_(scaled, history, length, params.repetition_penalty)
     if params.max_ngram > 0:
-        banned = repeated_ngram_mask(history, length, params.ngram, params.max_ngram, logits.shape[1])
-        scaled = scaled.masked_fill(banned, float("-inf"))
+        ban_repeated_ngrams_(scaled, history, repeated_ngram_positions(history, length, params.ngram, params.max_ngram))
     values, token_ids = scaled.topk(params.candidates, dim=-1)
     keep = keep_top_k_top_p(values, params.top_k, params.top_p)
     noise = gumbel_noise(row_stream(params.seed, params.row_key, step), token_ids)
@@ -174,7 +194,7 @@ def select_next(logits, params: RowParams, history, length, seen, step) -> torch
 
 
 class TokenState:
-    """Per-row generation state in preallocated tensors: history, seen-token set, finished flags.
+    """Per-row generation state in preallocated tensors: token history and finished flags.
 
     `length` (valid history entries, the same for every row) is kept twice: as a host int for
     the eager loop, and as a 0-d device tensor for the captured step, which must not depend on
@@ -182,21 +202,18 @@ class TokenState:
     in place for every batch.
     """
 
-    def __init__(self, rows: int, max_new_tokens: int, vocab_size: int, device, static: bool = False):
+    def __init__(self, rows: int, max_new_tokens: int, device, static: bool = False):
         self.history = torch.empty((rows, max_new_tokens + 1), dtype=torch.long, device=device)
-        self.seen = torch.empty(rows, vocab_size, dtype=torch.bool, device=device)
         self.done = torch.empty(rows, dtype=torch.bool, device=device)
         self.length_t = torch.empty((), dtype=torch.long, device=device)
         if static:
-            for buffer in (self.history, self.seen, self.done, self.length_t):
+            for buffer in (self.history, self.done, self.length_t):
                 torch._dynamo.mark_static_address(buffer)
         self.reset()
 
     def reset(self) -> None:
         self.history.fill_(SEP_ID)
         self.history[:, 0] = CLS_ID
-        self.seen.zero_()
-        self.seen[:, CLS_ID] = True
         self.done.zero_()
         self.length_t.fill_(1)
         self.length = 1
@@ -205,7 +222,6 @@ class TokenState:
         """Record the step's tokens (finished rows get `[SEP]`); returns what was recorded."""
         tokens = torch.where(self.done, SEP_ID, tokens)
         self.history[:, self.length] = tokens
-        self.seen.scatter_(1, tokens[:, None], True)
         self.done |= (tokens == SEP_ID) | (params.max_new_tokens <= self.length)
         self.length += 1
         self.length_t.add_(1)
@@ -219,7 +235,6 @@ class TokenState:
         """`append` with the device-side length only (for the captured step)."""
         tokens = torch.where(self.done, SEP_ID, tokens)
         self.history.index_copy_(1, self.length_t.view(1), tokens[:, None])
-        self.seen.scatter_(1, tokens[:, None], True)
         self.done |= (tokens == SEP_ID) | (params.max_new_tokens <= self.length_t)
         self.length_t.add_(1)
         return tokens
@@ -227,18 +242,16 @@ class TokenState:
     def load_rows(self, other: "TokenState", rows: torch.Tensor, padding: torch.Tensor) -> None:
         """Copy `other`'s `rows` in place; rows where `padding` (bool, per row) is set are marked done."""
         self.history.copy_(other.history.index_select(0, rows))
-        self.seen.copy_(other.seen.index_select(0, rows))
         self.done.copy_(other.done.index_select(0, rows) | padding)
         self.length_t.copy_(other.length_t)
         self.length = other.length
 
     def select(self, rows: torch.Tensor) -> None:
         self.history = self.history.index_select(0, rows)
-        self.seen = self.seen.index_select(0, rows)
         self.done = self.done.index_select(0, rows)
 
 
 def select_step(logits: torch.Tensor, params: RowParams, state: TokenState) -> torch.Tensor:
     """Select and record one token per row using only device-side counters (capturable)."""
-    tokens = select_next(logits, params, state.history, state.length_t, state.seen, state.length_t - 1)
+    tokens = select_next(logits, params, state.history, state.length_t, state.length_t - 1)
     return state.record(tokens, params)

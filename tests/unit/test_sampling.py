@@ -16,7 +16,9 @@ from model.sampling import (
     TokenState,
     gumbel_noise,
     make_row_params,
-    repeated_ngram_mask,
+    ban_repeated_ngrams_,
+    penalise_repeats_,
+    repeated_ngram_positions,
     select_next,
     select_step,
 )
@@ -24,7 +26,7 @@ from model.styles import SamplingParams
 
 pytestmark = pytest.mark.unit
 VOCAB = 64
-STATE_VOCAB = 300  # TokenState marks [CLS] (101) as seen
+STATE_VOCAB = 300  # [CLS] (101) inside
 
 row_settings = st.fixed_dictionaries(
     {
@@ -54,13 +56,11 @@ def test_batched_selection_equals_per_row_reference(rows, length, data):
     for row in rows:
         row["max_new_tokens"] = 128
     params = make_row_params(rows, vocab, "cpu")
-    state = TokenState(len(rows), length + 1, vocab, "cpu")
+    state = TokenState(len(rows), length + 1, "cpu")
     for i in range(length):
-        column = torch.tensor([t[i] for t in tokens])
-        state.history[:, state.length] = column
-        state.seen.scatter_(1, column[:, None], True)
+        state.history[:, state.length] = torch.tensor([t[i] for t in tokens])
         state.length += 1
-    chosen = select_next(logits, params, state.history, state.length, state.seen, step)
+    chosen = select_next(logits, params, state.history, state.length, step)
     for r, row in enumerate(rows):
         sampling = SamplingParams(row["temperature"], row["top_k"], row["top_p"], row["repetition_penalty"], row["ngram"])
         expected = next_token(logits[r], [CLS_ID] + tokens[r], sampling, row["seed"], row["row_key"], step)
@@ -74,15 +74,14 @@ def test_sampled_tokens_lie_in_the_allowed_set(row, seed, steps):
     generator = torch.Generator().manual_seed(seed)
     row = dict(row, max_new_tokens=128, temperature=max(row["temperature"], 0.2))
     params = make_row_params([row], vocab, "cpu")
-    state = TokenState(1, steps + 1, vocab, "cpu")
+    state = TokenState(1, steps + 1, "cpu")
     for step in range(steps):
         logits = torch.randn(1, vocab, generator=generator) * 4
-        token = int(select_next(logits, params, state.history, state.length, state.seen, step)[0])
+        token = int(select_next(logits, params, state.history, state.length, step)[0])
         history = state.history[0, : state.length].tolist()
         allowed = allowed_tokens(logits[0] / row["temperature"], history, row)
         assert token in allowed
         state.history[0, state.length] = token
-        state.seen[0, token] = True
         state.length += 1
 
 
@@ -112,24 +111,57 @@ def allowed_tokens(scaled: torch.Tensor, history: list[int], row: dict) -> set[i
     return set(order)
 
 
-def test_ngram_mask_matches_the_seed_rule():
+def banned_tokens(history, length, ngram, max_ngram=3, vocab=200) -> list[int]:
+    scores = torch.zeros(history.shape[0], vocab)
+    ban_repeated_ngrams_(scores, history, repeated_ngram_positions(history, length, torch.tensor(ngram), max_ngram))
+    return [row.isinf().nonzero()[:, 0].tolist() for row in scores]
+
+
+def test_ngram_ban_matches_the_seed_rule():
     history = torch.tensor([[CLS_ID, 5, 6, 7, 5, 6, 0, 0]])
-    mask = repeated_ngram_mask(history, 6, torch.tensor([3]), 3, 200)  # last two tokens "5 6" seen before "7"
-    assert mask[0].nonzero()[:, 0].tolist() == [7]
-    mask = repeated_ngram_mask(history, 6, torch.tensor([2]), 3, 200)  # "6" was followed by "7"
-    assert mask[0].nonzero()[:, 0].tolist() == [7]
-    assert not repeated_ngram_mask(history, 6, torch.tensor([0]), 3, 200).any()
+    assert banned_tokens(history, 6, [3]) == [[7]]  # last two tokens "5 6" seen before "7"
+    assert banned_tokens(history, 6, [2]) == [[7]]  # "6" was followed by "7"
+    assert banned_tokens(history, 6, [0]) == [[]]
+    # One token named by several positions, matching at some and not others: banned
+    # whatever order the writes land in ("5" follows "1" at q=2 and q=5, "3" follows "1" at q=7).
+    history = torch.tensor([[CLS_ID, 1, 5, 9, 1, 5, 5, 1, 3, 1]])
+    assert banned_tokens(history, 10, [2]) == [[3, 5]]
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_sparse_penalty_and_ban_equal_the_dense_vocabulary_masks(data):
+    """The history-only writes equal the obvious form: a (rows, vocab) mask of the tokens seen
+    (or banned) and a `where` over the whole vocabulary."""
+    rows, vocab, hmax = data.draw(st.integers(1, 4)), 40, 12
+    length = data.draw(st.integers(1, hmax))
+    history = torch.tensor(data.draw(st.lists(st.lists(st.integers(0, vocab - 1), min_size=hmax, max_size=hmax),
+                                              min_size=rows, max_size=rows)))
+    history[:, length:] = data.draw(st.integers(0, vocab - 1))  # unwritten positions: any token
+    scores = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(data.draw(st.integers(0, 2**31)))) * 3
+    penalty = torch.tensor(data.draw(st.lists(st.sampled_from([1.0, 1.15, 2.0]), min_size=rows, max_size=rows)))
+    ngram = torch.tensor(data.draw(st.lists(st.sampled_from([0, 1, 2, 3, 4]), min_size=rows, max_size=rows)))
+
+    seen = torch.zeros(rows, vocab, dtype=torch.bool).scatter_(1, history[:, :length], True)
+    p = penalty[:, None]
+    expected = torch.where(seen, torch.where(scores < 0, scores * p, scores / p), scores)
+    match = repeated_ngram_positions(history, length, ngram, 4)
+    banned = torch.zeros(rows, vocab + 1, dtype=torch.bool).scatter_(1, torch.where(match, history, vocab), True)
+    expected = expected.masked_fill(banned[:, :vocab], float("-inf"))
+
+    actual = ban_repeated_ngrams_(penalise_repeats_(scores.clone(), history, length, penalty), history, match)
+    assert torch.equal(actual, expected)
 
 
 def test_finished_rows_emit_end_tokens_and_respect_max_new_tokens():
     rows = [dict(temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, ngram=0, seed=0, row_key=0,
                  max_new_tokens=m) for m in (2, 5)]
     params = make_row_params(rows, 300, "cpu")
-    state = TokenState(2, 5, 300, "cpu")
+    state = TokenState(2, 5, "cpu")
     logits = torch.zeros(2, 300)
     logits[:, 200] = 1.0
     for _ in range(3):
-        state.append(select_next(logits, params, state.history, state.length, state.seen, 0), params)
+        state.append(select_next(logits, params, state.history, state.length, 0), params)
     assert state.history[:, 1:4].tolist() == [[200, 200, 102], [200, 200, 200]]
     assert state.done.tolist() == [True, False]
 
@@ -150,14 +182,14 @@ def test_captured_step_records_like_the_eager_step():
     rows = [dict(temperature=t, top_k=k, top_p=0.9, repetition_penalty=1.3, ngram=3, seed=s, row_key=r,
                  max_new_tokens=m) for t, k, s, r, m in ((0.0, 0, 1, 0, 3), (1.0, 5, 2, 1, 6), (0.7, 0, 3, 64, 6))]
     params = make_row_params(rows, STATE_VOCAB, "cpu")
-    eager, captured = TokenState(3, 6, STATE_VOCAB, "cpu"), TokenState(3, 6, STATE_VOCAB, "cpu", static=True)
+    eager, captured = TokenState(3, 6, "cpu"), TokenState(3, 6, "cpu", static=True)
     logits = torch.randn(6, 3, STATE_VOCAB, generator=torch.Generator().manual_seed(0))
     for step in range(6):
-        expected = eager.append(select_next(logits[step], params, eager.history, eager.length, eager.seen, step), params)
+        expected = eager.append(select_next(logits[step], params, eager.history, eager.length, step), params)
         select_step(logits[step], params, captured)
         assert torch.equal(captured.last_tokens(), expected)
     assert torch.equal(captured.history, eager.history) and torch.equal(captured.done, eager.done)
-    assert torch.equal(captured.seen, eager.seen) and int(captured.length_t) == eager.length
+    assert int(captured.length_t) == eager.length
 
 
 def test_static_row_params_keep_their_tensors_when_reloaded():
