@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from model.slots import STATIC_LAYOUTS
+
 
 def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v]
@@ -28,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --compile: one decode-step compilation per span for all row buckets")
     model.add_argument("--compile-prefill", action=argparse.BooleanOptionalAction, default=True,
                        help="with --compile: the two prefill passes compiled too")
-    model.add_argument("--static-layout", choices=["rows", "images"], default="rows",
+    model.add_argument("--static-layout", choices=STATIC_LAYOUTS, default="rows",
                        help="with --compile: the static decode cache's layout (images needs --dynamic-rows)")
     model.add_argument("--quantize", choices=["int8"], help="int8 dynamic quantization of the decoder (CPU)")
     model.add_argument("--prepack", action=argparse.BooleanOptionalAction, default=None,
@@ -51,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the handler's compile_dynamic_rows (default: model-config.yaml's)")
     handler.add_argument("--compile-prefill", action=argparse.BooleanOptionalAction, default=True,
                          help="with --compile: the handler's compile_prefill")
-    handler.add_argument("--static-layout", choices=["rows", "images"],
+    handler.add_argument("--static-layout", choices=STATIC_LAYOUTS,
                          help="the handler's static_layout (default: model-config.yaml's)")
     handler.add_argument("--batch-size", type=int, default=8)
     handler.add_argument("--batches", type=int, default=3)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import model.text as text_module
 from handler import captioner_handler
+from handler.preparation import split_into_tasks
 from model.text import tidy_caption
 from model.tokenizer import Vocabulary
 
@@ -77,7 +78,7 @@ def caption_text_lines() -> list[str]:
 
 
 def one_task_per_request(count: int, _processes: int) -> list[range]:
-    return [range(i, i + 1) for i in range(count)]
+    return split_into_tasks(count, 0)  # the threads' split (the handler's name for it is swapped during the probe)
 
 
 def preprocess_lines(weights: str, config: str, requests: int, processes: int, rounds: int = 3) -> list[str]:

@@ -146,7 +146,7 @@ def repeated_ngram_positions(history: torch.Tensor, length, ngram: torch.Tensor,
     hmax = history.shape[1]
     q = torch.arange(hmax, device=history.device)[None, :]
     n = ngram[:, None]
-    match = (q < length) & (q >= n - 1) & (n > 0)
+    match = _written(history, length) & (q >= n - 1) & (n > 0)
     for back in range(1, max_ngram):
         before_q = F.pad(history, (back, 0), value=-1)[:, :hmax]  # history[q - back]
         last = _column(history, length - back)  # (R, 1): the row's back-th last token

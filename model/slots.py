@@ -65,11 +65,15 @@ def image_major(row_image: list[int], image_buckets: tuple[int, ...], per_image_
         members.setdefault(image, []).append(row)
     groups = list(members.values())
     per_image = bucket(max(len(g) for g in groups), per_image_buckets)
+
+    def slots_of(group: list[int]) -> list[int]:  # the group, then copies of its first row
+        return group + [group[0]] * (per_image - len(group))
+
     source, padding = [], []
     for group in groups:
-        source += group + [group[0]] * (per_image - len(group))
+        source += slots_of(group)
         padding += [False] * len(group) + [True] * (per_image - len(group))
     missing = bucket(len(groups), image_buckets) - len(groups)
-    source += (groups[0] + [groups[0][0]] * (per_image - len(groups[0]))) * missing
+    source += slots_of(groups[0]) * missing
     padding += [True] * (per_image * missing)
     return Placement(source, padding, per_image)
