@@ -9,8 +9,10 @@ Attention does not own its key/value storage: each call receives a `kv` object w
 The engine passes different ones for prefix prefill, per-style prefill and decode steps
 (see `model/kv_cache.py`); `kv=None` attends over the call's own positions only.
 
-After loading, `model/fusion.py` may merge q/k/v and feature/gate into single Linears; the
-blocks run either form.
+After loading, `model/fusion.py` may merge q/k/v and feature/gate into single Linears, and
+q_norm/k_norm into one weight; the blocks run either form. Fused, queries and keys are normed
+and rotated together: half the operators of a decode step's attention input on CPU, one
+kernel instead of two on a GPU.
 """
 
 from __future__ import annotations
@@ -31,11 +33,19 @@ def rope_tables(head_dim: int, max_len: int, base: float, rounding: str = "float
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (2i, 2i+1) of x (B, H, T, hd) by cos/sin (T, hd/2) or (B, 1, T, hd/2)."""
+    """Rotate pairs (2i, 2i+1) of x (..., hd) by cos/sin broadcastable to (..., hd/2):
+    (T, hd/2) for x (B, H, T, hd)."""
     pairs = x.float().unflatten(-1, (-1, 2))  # (B, H, T, hd/2, 2)
     x0, x1 = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
     return rotated.flatten(-2).to(x.dtype)
+
+
+def norm_heads(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """RMS-normalise each head vector of x (..., hd), times `weight` broadcast to x: what
+    `nn.RMSNorm(hd)` computes for one weight (float32 arithmetic and float32's eps for any
+    input dtype, rounded back to x's dtype), for queries and keys in one call."""
+    return (F.rms_norm(x.float(), x.shape[-1:]) * weight).to(x.dtype)
 
 
 class SelfAttention(nn.Module):
@@ -49,21 +59,28 @@ class SelfAttention(nn.Module):
         self.q_norm = nn.RMSNorm(self.head_dim)
         self.k_norm = nn.RMSNorm(self.head_dim)
         self.proj = nn.Linear(dim, dim)
-        self.qkv_proj: nn.Linear | None = None  # q, k and v in one Linear (`model/fusion.py`)
-
-    def _project(self, h: torch.Tensor):
-        if self.qkv_proj is None:
-            return self.q_proj(h), self.k_proj(h), self.v_proj(h)
-        return self.qkv_proj(h).chunk(3, dim=-1)  # (B, T, 3D) -> 3 x (B, T, D)
+        # Set by `model/fusion.py`: q, k and v in one Linear; q_norm's and k_norm's weights (2, 1, hd).
+        self.qkv_proj: nn.Linear | None = None
+        self.qk_norm: nn.Parameter | None = None
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)  # (B, T, D) -> (B, H, T, hd)
 
+    def _separate_qkv(self, h, cos, sin):
+        """The checkpoint's layers: three projections, two norms, two rotations."""
+        q, k, v = (self._heads(linear(h)) for linear in (self.q_proj, self.k_proj, self.v_proj))
+        return apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin), v
+
+    def _fused_qkv(self, h, cos, sin):
+        """One projection, then queries and keys normed and rotated together."""
+        qkv = self.qkv_proj(h).unflatten(-1, (3, self.num_heads, self.head_dim))  # (B, T, 3D) -> (B, T, 3, H, hd)
+        qk = apply_rope(norm_heads(qkv[:, :, :2], self.qk_norm), cos[:, None, None], sin[:, None, None])
+        q, k = qk.permute(2, 0, 3, 1, 4).unbind(0)  # (B, T, 2, H, hd) -> 2 x (B, H, T, hd)
+        return q, k, qkv[:, :, 2].transpose(1, 2)  # v: (B, T, H, hd) -> (B, H, T, hd)
+
     def forward(self, x, cos, sin, mask=None, kv=None, layer: int = 0):
-        q, k, v = self._project(self.pre_norm(x))
-        q = apply_rope(self.q_norm(self._heads(q)), cos, sin)
-        k = apply_rope(self.k_norm(self._heads(k)), cos, sin)
-        v = self._heads(v)
+        project = self._separate_qkv if self.qkv_proj is None else self._fused_qkv
+        q, k, v = project(self.pre_norm(x), cos, sin)
         if kv is None:
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:

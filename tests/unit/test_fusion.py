@@ -1,4 +1,5 @@
-"""Fused q/k/v and feature/gate Linears compute what the checkpoint's separate ones do."""
+"""Fused q/k/v and feature/gate Linears, and the stacked head norms, compute what the checkpoint's
+separate layers do."""
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ from torch import nn
 from model.captioner import CaptionModel
 from model.config import PRESETS
 from model.fusion import fuse_projections, is_fused
+from model.layers import norm_heads
 
 pytestmark = pytest.mark.unit
 
@@ -40,3 +42,22 @@ def test_fusion_replaces_the_separate_linears():
     before = sum(p.numel() for p in CaptionModel(PRESETS["seed-tiny"]).parameters())
     assert sum(p.numel() for p in model.parameters()) == before  # moved, not copied
     assert fuse_projections(model) is model and linear_names(model) == linear_names(fuse_projections(model))
+    attention = model.text_transformer.decoder_blocks[0].self_attention
+    assert not hasattr(attention, "q_norm") and attention.qk_norm.shape == (2, 1, PRESETS["seed-tiny"].head_dim)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norm_heads_is_each_rmsnorm_bit_for_bit(dtype):
+    """Queries and keys normed in one call equal q_norm and k_norm applied apart, in the seed's
+    bf16 too (where nn.RMSNorm uses float32's eps and rounds once, after the weight)."""
+    torch.manual_seed(0)
+    q_norm, k_norm = nn.RMSNorm(64), nn.RMSNorm(64)
+    with torch.no_grad():
+        q_norm.weight.normal_(1, 0.5)
+        k_norm.weight.normal_(1, 0.5)
+    q_norm, k_norm = q_norm.to(dtype), k_norm.to(dtype)
+    qk = torch.randn(3, 5, 2, 4, 64).to(dtype)  # (B, T, q|k, H, hd)
+    weight = torch.stack((q_norm.weight, k_norm.weight))[:, None]
+    with torch.no_grad():
+        both = norm_heads(qk, weight)
+        assert torch.equal(both[:, :, 0], q_norm(qk[:, :, 0])) and torch.equal(both[:, :, 1], k_norm(qk[:, :, 1]))
