@@ -362,22 +362,15 @@ def one_thread_archive(model_store: Path, name: str = ONE_THREAD_ARCHIVE, handle
                        **top_level) -> str:
     """``<name>.mar`` in the model store: the seed-tiny archive with ``handler.threads: 1`` (the
     test host is small and shared; the session archive uses every core), any other ``handler:``
-    settings given, and any top-level model-config.yaml keys given (e.g. ``responseTimeout=5``).
-    Built once per store."""
+    settings given, and any top-level model-config.yaml keys given (e.g. ``responseTimeout=5``);
+    float32 like the session archive (`seed_model_config`). Built once per store."""
     target = Path(model_store) / f"{name}.mar"
     if not target.is_file():
-        import yaml
-
         from export import build_archive
-        from tests.e2e.seed import SEED
-        from tests.e2e.torchserve import REPO
+        from tests.e2e.seed import SEED, seed_model_config
 
-        config = yaml.safe_load((REPO / "handler" / "model-config.yaml").read_text())
-        config["handler"].update(threads=1, **(handler_settings or {}))
-        config.update(top_level)
         with tempfile.TemporaryDirectory() as folder:
-            model_config = Path(folder) / "model-config.yaml"
-            model_config.write_text(yaml.safe_dump(config))
+            model_config = seed_model_config(Path(folder), dict(threads=1, **(handler_settings or {})), **top_level)
             build_archive(SEED / "weights.pt", SEED / "config.json", model_name=name,
                           output=model_store, model_config=model_config, progress=lambda _line: None)
     return target.name

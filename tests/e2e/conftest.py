@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.seed import MODEL, SEED
+from tests.e2e.seed import MODEL, SEED, seed_model_config
 from tests.e2e.torchserve import TorchServe
 
 
@@ -24,12 +24,13 @@ def model_store(e2e_root) -> Path:
 
 
 @pytest.fixture(scope="session")
-def seed_archive(model_store) -> Path:
-    """captioner.mar from the seed-tiny checkpoint, default (deflate) format, shipped config."""
+def seed_archive(e2e_root, model_store) -> Path:
+    """captioner.mar from the seed-tiny checkpoint, default (deflate) format, the shipped config
+    with `cpu_dtype` pinned to the goldens' float32 (`seed_model_config`)."""
     from export import build_archive
 
     result = build_archive(SEED / "weights.pt", SEED / "config.json", model_name=MODEL, output=model_store,
-                           progress=lambda _line: None)
+                           model_config=seed_model_config(e2e_root / "seed-config"), progress=lambda _line: None)
     return result.path
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.e2e.seed import IMAGE_NAMES, MODEL, content_type, golden, image_b64, image_bytes
+from tests.e2e.seed import GOLDEN_CPU_DTYPE, IMAGE_NAMES, MODEL, content_type, golden, image_b64, image_bytes
 
 pytestmark = pytest.mark.e2e
 
@@ -45,6 +45,8 @@ def test_model_loaded_at_start_with_the_archive_settings(server):
     # folder), not the checkout's packages.
     ready = server.grep_log(rf"caption handler ready: model={MODEL} ")
     assert ready and f"code={server.tmp}/models/" in ready[-1], ready
+    # float32 on any CPU: the goldens are float32's (`tests/e2e/seed.py`, GOLDEN_CPU_DTYPE).
+    assert f"dtype={GOLDEN_CPU_DTYPE}" in ready[-1], ready
 
 
 # ------------------------------------------------------------------ request forms

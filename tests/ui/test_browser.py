@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests.e2e.seed import seed_model_config
 from tests.e2e.torchserve import REPO, TorchServe, free_ports
 
 pytestmark = [pytest.mark.ui, pytest.mark.timeout(300)]
@@ -65,7 +66,7 @@ def torchserve(tmp_path_factory):
     store = root / "model-store"
     store.mkdir()
     build_archive(SEED / "weights.pt", SEED / "config.json", model_name=MODEL, output=store,
-                  progress=lambda _line: None)
+                  model_config=seed_model_config(root / "config"), progress=lambda _line: None)
     # One intra-op thread: the browser and Streamlit share this test's CPU cores, and a 2-thread
     # OpenMP pool that loses a core to them waits at every barrier (seconds per request).
     with TorchServe(root / "ts", model_store=store, env={"OMP_NUM_THREADS": "1"}) as ts:
