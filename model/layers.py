@@ -11,8 +11,8 @@ The engine passes different ones for prefix prefill, per-style prefill and decod
 
 After loading, `model/fusion.py` may merge q/k/v and feature/gate into single Linears, and
 q_norm/k_norm into one weight; the blocks run either form. Fused, queries and keys are normed
-and rotated together: half the operators of a decode step's attention input on CPU, one
-kernel instead of two on a GPU.
+and rotated together, in one pass: fewer eager operators on CPU, and one fused loop (a GPU
+kernel) fewer per layer in a compiled step (`docs/benchmarks.md`, ninth session).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def rope_tables(head_dim: int, max_len: int, base: float, rounding: str = "float
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (2i, 2i+1) of x (..., hd) by cos/sin broadcastable to (..., hd/2):
     (T, hd/2) for x (B, H, T, hd)."""
-    pairs = x.float().unflatten(-1, (-1, 2))  # (B, H, T, hd/2, 2)
+    pairs = x.float().unflatten(-1, (-1, 2))  # (..., hd) -> (..., hd/2, 2)
     x0, x1 = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
     return rotated.flatten(-2).to(x.dtype)
