@@ -19,6 +19,8 @@
 #                   (its first batch compiles: with dynamic rows more than 90 s, run 6)
 #   handler-before  the same with run 4's settings (decode threads with all cores' intra-op
 #                   threads, eager prefill, static rows): the A/B in one lease            ~1.5 min
+#   images-processes the handler step with both candidates not yet measured on a GPU: static
+#                   layout images and 15 decode processes (the configuration for >= 300/s) ~2.5 min
 #   processes       the handler step with 15 decode processes instead of 16 threads         ~2 min
 #   raw             the handler step with raw-body requests (no base64), as `curl -T` sends ~2 min
 #   workers         two handler processes on the GPU, 64 requests per batch, timed together ~2 min
@@ -34,7 +36,7 @@
 set -uo pipefail
 OUT=${1:?usage: bench/gpu_check.sh OUT_DIR [STEP ...]}
 shift
-ALL_STEPS="tests layout-ab handler handler-images processes raw compiled dynamic rows-ab warmup-dynamic handler-before
+ALL_STEPS="tests layout-ab handler handler-images images-processes processes raw compiled dynamic rows-ab warmup-dynamic handler-before
 workers handler-128 profile profile-images warmup eager handler-tests"
 STEPS=${*:-tests compiled eager}
 [ "$STEPS" = all ] && STEPS=$ALL_STEPS
@@ -98,6 +100,10 @@ run_handler-before() {
   timeout $(limit 240) $PY -m bench handler "${HANDLER[@]}" --batch-size 64 --decode-intra-op-threads 0 --no-compile-prefill \
     --no-dynamic-rows \
     --out "$OUT/handler-before" 2>&1 | tee "$OUT/bench-handler-before.log" | tail -3 | summary
+}
+run_images-processes() {
+  timeout $(limit 240) $PY -m bench handler "${HANDLER[@]}" --batch-size 64 --static-layout images --decode-processes 15 \
+    --out "$OUT/images-processes" 2>&1 | tee "$OUT/bench-handler-images-processes.log" | tail -3 | summary
 }
 run_processes() {
   timeout $(limit 240) $PY -m bench handler "${HANDLER[@]}" --batch-size 64 --decode-processes 15 --out "$OUT/processes" 2>&1 \
