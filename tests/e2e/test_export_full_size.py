@@ -10,12 +10,11 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import yaml
 
 from export import ExportError, build_archive
 from model.config import PRESETS
 from model.precision import resolve_dtype
-from tests.e2e.seed import REPO, SEED, image_b64
+from tests.e2e.seed import REPO, SEED, image_b64, seed_model_config
 
 pytestmark = pytest.mark.e2e
 
@@ -125,9 +124,7 @@ def test_export_of_a_wrong_shape_checkpoint_fails_clearly(full_checkpoint, tmp_p
 
 
 def test_export_refuses_a_model_config_with_a_pt2_section(tmp_path):
-    config = yaml.safe_load((REPO / "handler" / "model-config.yaml").read_text())
-    config["pt2"] = {"compile": {"enable": True}}
-    (tmp_path / "model-config.yaml").write_text(yaml.safe_dump(config))
+    model_config = seed_model_config(tmp_path, pt2={"compile": {"enable": True}})
     with pytest.raises(ExportError, match="pt2"):
         build_archive(SEED / "weights.pt", SEED / "config.json", output=tmp_path / "out",
-                      model_config=tmp_path / "model-config.yaml", progress=lambda _line: None)
+                      model_config=model_config, progress=lambda _line: None)

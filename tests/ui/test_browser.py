@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.e2e.seed import seed_model_config
+from tests.e2e.seed import MODEL, SEED, seed_model_config
 from tests.e2e.torchserve import REPO, TorchServe, free_ports
 
 pytestmark = [pytest.mark.ui, pytest.mark.timeout(300)]
@@ -34,11 +34,7 @@ pytestmark = [pytest.mark.ui, pytest.mark.timeout(300)]
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 INSTALL_HINT = "apt-get update && apt-get install -y chromium chromium-driver"
-SEED = Path("/work/shared/fixtures/seed-tiny")
-if not SEED.is_dir():  # a checkout with ../shared beside it (CI)
-    SEED = REPO.parent / "shared" / "fixtures" / "seed-tiny"
 IMAGE = "chelsea.png"
-MODEL = "captioner"
 SCREENSHOT = REPO / "docs" / "ui.png"
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
