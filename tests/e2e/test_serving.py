@@ -192,7 +192,10 @@ def test_scale_workers_up_and_down(server):
         response = server.manage("PUT", f"/models/{MODEL}", params={"min_worker": 2, "synchronous": "true"})
         assert response.status_code == 200, response.text
         assert response.json()["status"] == f"Workers scaled to 2 for model: {MODEL}"
-        workers = server.describe(MODEL)[0]["workers"]
+        # TorchServe 0.12 answers a synchronous scale-up as the new worker reports its model
+        # loaded, a moment before it records that state (WorkerThread.setState notifies first):
+        # describe may still say UNLOADING for it, so wait briefly for READY.
+        workers = server.wait_model_ready(MODEL, workers=2, timeout=30)[0]["workers"]
         assert len(workers) == 2 and {w["status"] for w in workers} == {"READY"}
         assert ok_json(server.infer(MODEL, json={"image": image_b64("rocket.jpg"), **GREEDY})) == golden("rocket.jpg")
     finally:
