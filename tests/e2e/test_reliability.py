@@ -111,7 +111,8 @@ def batched(server, model_store):
         "initial_workers": 1, "synchronous": "true"})
     assert response.status_code == 200, response.text
     try:
-        description = server.describe(BATCHED)[0]
+        # READY a moment after the synchronous answer (see test_scale_workers_up_and_down).
+        description = server.wait_model_ready(BATCHED, timeout=30)[0]
         assert (description["batchSize"], description["maxBatchDelay"]) == (8, 500)
         yield BATCHED
     finally:
