@@ -210,7 +210,8 @@ def shared_prefix_attention(q, prefix_k, prefix_v, own_k, own_v, slots, row_slot
     """One decode query per row over its image's prefix and its own positions, one softmax.
 
     q (R, H, 1, hd); prefix_k/v (I, H, P, hd); own_k/v (R, H, T, hd); slots (I, S), row_slot
-    (R,) from `image_slots`; own_mask (1, T) bool, the own positions a row may see (None: all)
+    (R,) from `image_slots`; own_mask (1, T) additive (`additive_mask`: 0 for the own positions a
+    row may see, -inf for the others; None: all)
     -> context (R, H, 1, hd). The prefix products run per image on the (S rows x P positions)
     block, so each prefix is read once, not once per row.
     """
@@ -219,7 +220,7 @@ def shared_prefix_attention(q, prefix_k, prefix_v, own_k, own_v, slots, row_slot
     prefix_scores = _to_rows(_to_images(q[:, :, 0], slots, images) @ prefix_k.transpose(-1, -2), row_slot)  # (R, H, P)
     own_scores = (q @ own_k.transpose(-1, -2))[:, :, 0]  # (R, H, T)
     if own_mask is not None:
-        own_scores = own_scores.masked_fill(~own_mask, float("-inf"))
+        own_scores = own_scores + own_mask
     softmax_dtype = torch.promote_types(q.dtype, torch.float32)  # bf16 scores are summed in float32
     probs = torch.cat((prefix_scores, own_scores), dim=-1).to(softmax_dtype).softmax(dim=-1).to(q.dtype)
     prefix_probs, own_probs = probs[..., :prefix_len], probs[..., prefix_len:]
@@ -264,8 +265,10 @@ class ImageMajorCache(FixedAddressCache):
             self.values[layer][:, :, :filled] = groups.values[layer].index_select(0, row_group)
 
     def decode_mask(self) -> torch.Tensor:
+        """(1, own span) additive mask in the cache's dtype, as `KVCache.decode_mask`, over the own
+        positions only (the prefix is always visible)."""
         own = torch.arange(self.span - self.prefix_len, device=self.position.device)
-        return (own <= self.position - self.prefix_len)[None]  # (1, own span)
+        return additive_mask(own <= self.position - self.prefix_len, self.keys[0].dtype)[None]
 
     def attend(self, layer: int, q, k, v, mask=None) -> torch.Tensor:
         keys, values, own_span = self.keys[layer], self.values[layer], self.span - self.prefix_len

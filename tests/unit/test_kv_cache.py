@@ -132,6 +132,10 @@ def test_image_major_cache_equals_a_per_row_static_cache_at_every_position_and_s
         per_row.advance(position)
         cache.advance(position)
         assert cache.span == per_row.span
+        own_mask = cache.decode_mask()  # additive, like the per-row cache's: 0 up to position, -inf after
+        own_visible = position - PREFIX + 1
+        assert own_mask.shape == (1, cache.span - PREFIX) and own_mask.dtype == torch.float32
+        assert own_mask[:, :own_visible].eq(0).all() and own_mask[:, own_visible:].eq(float("-inf")).all()
         expected = per_row.attend(0, q, k, v, per_row.decode_mask())
         torch.testing.assert_close(cache.attend(0, q, k, v, cache.decode_mask()), expected)
 
