@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from model.slots import STATIC_LAYOUTS
+from model.layouts import STATIC_LAYOUTS
 
 
 def _ints(text: str) -> list[int]:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from model.precision import AUTO, DTYPE_CHOICES, resolve_dtype
-from model.slots import STATIC_LAYOUTS
+from model.layouts import LAYOUTS, STATIC_LAYOUTS
 from model.styles import Limits
 
 ON_GPU = "gpu"  # a compile setting that applies on CUDA devices only
@@ -121,8 +121,9 @@ class HandlerSettings:
                 raise SettingsError(f"model-config.yaml handler: {name} must be one of {list(DTYPE_CHOICES)}")
         if settings.static_layout not in STATIC_LAYOUTS:
             raise SettingsError(f"model-config.yaml handler: static_layout must be one of {list(STATIC_LAYOUTS)}")
-        if settings.static_layout == "images" and not settings.compile_dynamic_rows:
-            raise SettingsError("model-config.yaml handler: static_layout images needs compile_dynamic_rows: true")
+        if LAYOUTS[settings.static_layout].needs_symbolic_sizes and not settings.compile_dynamic_rows:
+            raise SettingsError(f"model-config.yaml handler: static_layout {settings.static_layout} needs "
+                                "compile_dynamic_rows: true")
         if settings.cpu_quantize not in (None, "int8"):
             raise SettingsError("model-config.yaml handler: cpu_quantize must be int8 or absent")
         if (settings.threads < 0 or settings.decode_threads < 1 or settings.decode_processes < 0

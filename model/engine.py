@@ -39,10 +39,11 @@ from .config import PRESETS, SEP_ID, STYLE_TOKEN_IDS, CaptionConfig
 from .fusion import fuse_projections
 from .image import normalize
 from .kv_cache import GroupKV, ImageMajorCache, KVCache, PrefixKV, SharedPrefixCache
+from .layouts import DEFAULT_ROWS_PER_IMAGE, LAYOUTS, STATIC_LAYOUTS, STATIC_ROW_BUCKETS
 from .packing import is_packed, prepack_available, prepack_decoder
 from .quantize import quantize_decoder
 from .sampling import RowParams, TokenState, make_row_params, select_next, select_step
-from .slots import STATIC_LAYOUTS, Placement, bucket, image_major, in_order, row_major
+from .slots import Placement, in_order
 from .styles import STYLES, CaptionPlan, make_plan, response_key
 from .text import tidy_caption
 from .tokenizer import VOCAB_PATH, Vocabulary
@@ -50,15 +51,6 @@ from .tokenizer import VOCAB_PATH, Vocabulary
 logger = logging.getLogger(__name__)
 
 ROW_KEY_STRIDE = 64  # row key = style index * stride + caption index (captions per style < stride)
-# Row counts of the static (CUDA-graph) caches: powers of two and 1.5x them, so that batches of
-# whole default requests (six captions per image, 2**k images) fill a bucket exactly.
-STATIC_ROW_BUCKETS = (8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768)
-DEFAULT_ROWS_PER_IMAGE = 6  # three styles x two captions
-# Image-major static caches (`static_layout="images"`): image counts and slots per image, the
-# same scheme from 2 (a symbolic size of 1 would be specialised into a graph of its own).
-# Slots reach 24: three styles x `Limits.max_num_captions`.
-STATIC_IMAGE_BUCKETS = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
-STATIC_PER_IMAGE_BUCKETS = (2, 3, 4, 6, 8, 12, 16, 24)
 # The static step's graph also depends on two sizes of the sampling settings: the top-k
 # candidate count and the longest no-repeat n-gram. Raising them to these floors gives every
 # batch of default-like requests (any styles; top_k <= 64, n-grams <= 4) the same graph, with
@@ -190,13 +182,11 @@ class CaptionEngine:
             raise ValueError("torch.compile cannot trace oneDNN-packed Linears: load with prepack=False to compile")
         # CUDA graphs need fixed shapes and addresses; the static path also runs (slower) in eager mode.
         self.static_shapes = compile_decode if static_shapes is None else static_shapes
-        if static_layout not in STATIC_LAYOUTS:
+        if static_layout not in LAYOUTS:
             raise ValueError(f"static_layout must be one of {STATIC_LAYOUTS}, not {static_layout!r}")
-        # An image-major cache's shape has two sizes (images, slots per image), too many pairs to
-        # compile one by one: compiled, it needs symbolic sizes.
-        if static_layout == "images" and compile_decode and not dynamic_rows:
-            raise ValueError('static_layout="images" compiles with symbolic sizes: pass dynamic_rows=True')
-        self.static_layout = static_layout
+        self.layout = LAYOUTS[static_layout]  # `model/layouts.py`: placement, compaction, caches, warm-up
+        if self.layout.needs_symbolic_sizes and compile_decode and not dynamic_rows:
+            raise ValueError(f'static_layout="{static_layout}" compiles with symbolic sizes: pass dynamic_rows=True')
         # Compiled, the encoder sees only power-of-two batch sizes (padded), each its own static
         # graph: a batch of any size after warm-up never triggers a compilation.
         self.encoder_buckets = compile_encoder
@@ -220,10 +210,8 @@ class CaptionEngine:
                 import torch._inductor.config as inductor_config
 
                 triton = inductor_config.triton
-                shapes = (len(STATIC_IMAGE_BUCKETS) * len(STATIC_PER_IMAGE_BUCKETS) if static_layout == "images"
-                          else len(STATIC_ROW_BUCKETS))
                 triton.cudagraph_dynamic_shape_warn_limit = max(triton.cudagraph_dynamic_shape_warn_limit or 0,
-                                                                 shapes * len(STATIC_SPAN_DIVISORS))
+                                                                 self.layout.shapes * len(STATIC_SPAN_DIVISORS))
             self._decode_select = torch.compile(decode_select_step, mode="reduce-overhead", fullgraph=True,
                                                 dynamic=None if self.dynamic_rows else False)
         self.last_stats: dict = {}
@@ -232,6 +220,10 @@ class CaptionEngine:
         self._static_caches: dict[int | tuple[int, int], KVCache | ImageMajorCache] = {}
         self._static_states: dict[int, TokenState] = {}
         self._static_params: dict[int, RowParams] = {}
+
+    @property
+    def static_layout(self) -> str:
+        return self.layout.name
 
     @classmethod
     def from_files(cls, weights, *, config=None, vocab=None, device="cpu", dtype=torch.float32,
@@ -306,16 +298,8 @@ class CaptionEngine:
     def _static_cache(self, key: int | tuple[int, int]) -> KVCache | ImageMajorCache:
         """The static decode cache of a bucket (`Placement.key`: rows, or images and slots per
         image), allocated once and reused (CUDA graphs are recorded against its addresses)."""
-        cfg = self.config
         if key not in self._static_caches:
-            if self.static_layout == "images":
-                images, per_image = key
-                cache = ImageMajorCache(cfg.depth, images, per_image, cfg.num_heads, cfg.prefix_len,
-                                        cfg.max_seq_len - cfg.prefix_len, cfg.head_dim, self.dtype, self.device,
-                                        self._spans)
-            else:
-                cache = KVCache(cfg.depth, key, cfg.num_heads, cfg.max_seq_len, cfg.head_dim, self.dtype,
-                                self.device, self._spans)
+            cache = self.layout.new_cache(key, self.config, self.dtype, self.device, self._spans)
             self._mark_rows_dynamic(*cache.buffers_by_rows())
             self._static_caches[key] = cache
         return self._static_caches[key]
@@ -353,11 +337,7 @@ class CaptionEngine:
 
     def _place(self, row_image: list[int]) -> Placement:
         """Slots for rows of these images: every row in order without static shapes, else a bucket."""
-        if not self.static_shapes:
-            return in_order(range(len(row_image)))
-        if self.static_layout == "images":
-            return image_major(row_image, STATIC_IMAGE_BUCKETS, STATIC_PER_IMAGE_BUCKETS)
-        return row_major(len(row_image), STATIC_ROW_BUCKETS)
+        return self.layout.place(row_image) if self.static_shapes else in_order(range(len(row_image)))
 
     @torch.inference_mode()
     def generate(self, pixel_values: torch.Tensor, plans: list[CaptionPlan]) -> tuple[list[Row], list[list[int]]]:
@@ -432,18 +412,13 @@ class CaptionEngine:
     def _compaction(self, active: list[int], cache) -> Placement | None:
         """Where the `active` (unfinished) rows of `cache` move, or None to go on as they are.
 
-        Eager: shrink when that at least halves the batch. Static: move to the smallest bucket
-        that holds the active rows, when it has fewer rows than the current one. Image-major: the
-        images with any active row, each keeping its slots (warm-up has then recorded every shape
-        that batches of default requests reach; fewer slots per image would be new shapes).
+        Eager: shrink when that at least halves the batch. Static: move to the smallest shape of
+        the layout that holds the active rows, when it has fewer rows than the current one.
         """
         if not self.static_shapes:
             return in_order(active) if len(active) <= cache.rows // 2 else None
-        if self.static_layout == "images":
-            moved = image_major([row // cache.per_image for row in active], STATIC_IMAGE_BUCKETS, (cache.per_image,))
-        else:
-            moved = row_major(len(active), STATIC_ROW_BUCKETS)
-        return moved.through(active) if moved.rows < cache.rows else None
+        moved = self.layout.compacted(active, cache)
+        return moved if moved.rows < cache.rows else None
 
     def _compact(self, cache, state: TokenState, params: RowParams, origin: torch.Tensor, moved: Placement):
         """Move rows as `moved` says. Eager: shrink the tensors. Static shapes: copy them (padding
@@ -472,11 +447,8 @@ class CaptionEngine:
         return results
 
     def static_placement(self, rows: int) -> Placement:
-        """The slots of `rows` rows of default requests: row-major exactly `rows` (a bucket's size
-        for a bucket), image-major the image bucket holding them."""
-        if self.static_layout == "images":
-            return self._place([row // DEFAULT_ROWS_PER_IMAGE for row in range(rows)])
-        return in_order(range(rows))
+        """The slots of `rows` rows of default requests in the static layout."""
+        return self.layout.default_placement(rows)
 
     def static_step_inputs(self, rows: int) -> tuple[KVCache | ImageMajorCache, RowParams, TokenState]:
         """The cache, row params and reset token state of `static_placement(rows)`, default
@@ -506,7 +478,7 @@ class CaptionEngine:
         largest batch of default requests), at every attention span: each step is compiled, run
         once and recorded (three calls), so no batch of up to `max_rows` rows records a graph
         while serving. Image-major (`static_layout="images"`): the image buckets up to the
-        largest batch, of default requests (`_warmup_rows`)."""
+        largest batch, of default requests (`model/layouts.py`, `warmup_rows`)."""
         size, started = self.config.image_size, time.perf_counter()
         for batch in batch_sizes:
             pixels = torch.zeros(batch, 3, size, size)
@@ -517,21 +489,10 @@ class CaptionEngine:
         logger.info("warm-up: batches of %s images done (%.1f s)", list(batch_sizes), time.perf_counter() - started)
         if not self.static_shapes:
             return
-        buckets = self._warmup_rows(max_rows or DEFAULT_ROWS_PER_IMAGE * max(batch_sizes), max(batch_sizes))
+        buckets = self.layout.warmup_rows(max_rows or DEFAULT_ROWS_PER_IMAGE * max(batch_sizes), max(batch_sizes))
         for done, rows in enumerate(buckets, 1):  # compiling each can take many seconds: say how far it got
             placement = self.static_placement(rows)
             for span in self._static_cache(placement.key).spans:
                 self.run_static_steps(rows, [span - 1] * 3)
             logger.info("warm-up: decode step of the %d-row bucket recorded (%d of %d, %.1f s)", placement.rows,
                         done, len(buckets), time.perf_counter() - started)
-
-    def _warmup_rows(self, max_rows: int, max_images: int) -> list[int]:
-        """Row counts whose static steps warm-up records: every row bucket up to the one holding
-        `max_rows`; image-major, default requests on every image bucket up to the one holding
-        `max_images` (other shapes, from other requests or compaction, are no new compilation
-        with symbolic sizes: they record their CUDA graph on first use)."""
-        if self.static_layout == "images":
-            images = bucket(max_images, STATIC_IMAGE_BUCKETS)
-            return [DEFAULT_ROWS_PER_IMAGE * b for b in STATIC_IMAGE_BUCKETS if b <= images]
-        largest = bucket(max_rows, STATIC_ROW_BUCKETS)
-        return [b for b in STATIC_ROW_BUCKETS if b <= largest]

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-STATIC_LAYOUTS = ("rows", "images")
-
 
 @dataclass(frozen=True)
 class Placement:
