@@ -10,7 +10,7 @@ For a batch of images and caption plans:
 4. decode all caption rows together, one step at a time, with per-row sampling parameters as
    tensors (`model/sampling.py`). Eager: a preallocated cache of each row's own positions,
    the image prefix shared by its rows (`SharedPrefixCache`). Static shapes (for CUDA graphs,
-   `compile_decode`): per-bucket caches with fixed addresses (`model/slots.py` places the rows),
+   `compile_decode`): per-bucket caches with fixed addresses (`model/layouts.py`, `model/slots.py`),
    each row with a prefix copy (`static_layout="rows"`) or each image's prefix stored once and
    read once per step for all its rows (`"images"`), and every step after the first one
    captured call of the decoder and token selection together (`decode_select_step`),
