@@ -4,7 +4,7 @@
 #   python -m weights fetch                          # puts weights/weights.pt in the context
 #   docker build -t caption-serve:gpu .              # CUDA image, archive built from it
 #   docker build -t caption-serve:cpu --build-arg VARIANT=cpu .
-#   docker run --gpus all -p 8080:8080 -p 8081:8081 -p 8082:8082 caption-serve:gpu
+#   docker run --gpus all -p 8080:8080 -p 127.0.0.1:8081:8081 -p 127.0.0.1:8082:8082 caption-serve:gpu
 #
 # Weights: if the build context has weights/weights.pt (or the file WEIGHTS_FILE names, relative
 # to weights/), the model archive is built into the image. It is read through a build-time bind

@@ -42,8 +42,8 @@ class HandlerSettings:
     # weight bytes per decode step, slightly different numbers (see model/quantize.py).
     cpu_quantize: str | None = None
     # float32 on CPU: decoder Linears reordered once into oneDNN's blocked layout, faster for the
-    # few-row products of a decode step (see model/packing.py). Ignored with cpu_quantize or
-    # compile_decode.
+    # few-row products of a decode step (see model/packing.py). Ignored with cpu_quantize,
+    # compile_decode or compile_prefill (torch.compile cannot trace the packed weights).
     cpu_prepack: bool = True
     # torch.compile of the vision encoder (static N x 3 x S x S shapes) and of the decode step
     # with token selection (one CUDA graph per row bucket): true, false, or "gpu" = only on a
@@ -78,7 +78,9 @@ class HandlerSettings:
     # Images above this many pixels are refused (decompression bombs); 40 MP is a 7300x5500
     # photo, far above what a 384 px model needs.
     max_pixels: int = 40_000_000
-    # Run one dummy batch at start so the first real request does not pay for lazy init.
+    # Dummy batches at start (one image, then a full batch; with compile_decode every row bucket
+    # a full batch within the limits can need) so the first real request does not pay for lazy
+    # init or compilation.
     warmup: bool = True
     # Per-request bounds (model.styles.Limits fields).
     limits: Limits = field(default_factory=Limits)

@@ -1,8 +1,10 @@
 """Loading the seed checkpoint: a bfloat16 state dict, read with `weights_only=True`.
 
-Accepts the backbone key layout of transformers 5 (`vision_encoder.backbone.model.layer.N.`)
-and of transformers 4 (`vision_encoder.backbone.layer.N.`); any missing, unexpected or
-mis-shaped key is a `CheckpointError` that names the keys.
+Accepts checkpoints saved with either backbone key layout, transformers 5's
+(`vision_encoder.backbone.model.layer.N.`) and transformers 4's (`vision_encoder.backbone.layer.N.`),
+and loads them into the transformers-5 model this package builds (pyproject requires
+transformers >= 5); any missing, unexpected or mis-shaped key is a `CheckpointError` that
+names the keys.
 """
 
 from __future__ import annotations
@@ -12,14 +14,8 @@ import re
 import zipfile
 from pathlib import Path
 
-import contextlib
-
 import torch
-
-try:  # transformers >= 5: skip random init of weights that the checkpoint overwrites anyway
-    from transformers.initialization import no_init_weights
-except ImportError:  # pragma: no cover - transformers 4
-    no_init_weights = contextlib.nullcontext
+from transformers.initialization import no_init_weights  # skips the random init the checkpoint overwrites
 
 from .captioner import CaptionModel
 from .config import CaptionConfig

@@ -83,13 +83,10 @@ class CaptionConfig:
 
     @classmethod
     def from_dict(cls, raw: dict) -> "CaptionConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(raw) - known
-        if unknown:
-            raise ValueError(f"unknown model config fields: {sorted(unknown)}")
-        values = dict(raw)
-        values["vision"] = VisionConfig(**raw.get("vision", {}))
-        return cls(**values)
+        _check_fields(cls, raw, "model config")
+        vision = raw.get("vision", {})
+        _check_fields(VisionConfig, vision, "model config vision")
+        return cls(**{**raw, "vision": VisionConfig(**vision)})
 
     @classmethod
     def from_json(cls, path: str | Path) -> "CaptionConfig":
@@ -104,6 +101,14 @@ class CaptionConfig:
 
     def to_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def _check_fields(kind: type, raw, what: str) -> None:
+    if not isinstance(raw, dict):
+        raise ValueError(f"{what} must be a JSON object, got {type(raw).__name__}")
+    unknown = set(raw) - {f.name for f in dataclasses.fields(kind)}
+    if unknown:
+        raise ValueError(f"unknown {what} fields: {sorted(unknown)}")
 
 
 PRESETS = {

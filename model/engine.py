@@ -346,6 +346,7 @@ class CaptionEngine:
         placement = self._place([r.image for r in rows])
         self.last_stats = {"images": len(plans), "row_buckets": [placement.rows]}
         # Padding slots (static shapes only) copy a real row but end after one token.
+        row_caps = [row["max_new_tokens"] for row in settings]
         settings = [dict(settings[s], max_new_tokens=1) if pad else settings[s]
                     for s, pad in zip(placement.source, placement.padding)]
         slot_rows = [rows[s] for s in placement.source]
@@ -359,12 +360,14 @@ class CaptionEngine:
             history = self._decode(prefix, group_kv, group_logits, placement, [r.image for r in slot_rows],
                                    row_group, params, max_new)
         ids = [cut_at_end(h[1:]) for h in history.tolist()]
-        self.last_stats.update(rows=len(rows), new_tokens=sum(min(len(i) + 1, max_new) for i in ids))
+        # a row's new tokens: its words, plus the [SEP] that ended it unless its own cap did
+        self.last_stats.update(rows=len(rows), new_tokens=sum(min(len(i) + 1, cap) for i, cap in zip(ids, row_caps)))
         return rows, ids
 
     def _decode(self, prefix, group_kv, group_logits, placement: Placement, row_image: list[int], row_group,
                 params: RowParams, max_new: int):
-        """Every placed row's token history (rows, max_new + 1), in the original row order; row_image,
+        """Every placed row's token history (rows, max_new + 1; with static shapes
+        max_text_tokens + 1), in the original row order; row_image,
         row_group and params are per slot. The first token comes from the group logits; step s
         feeds each row's token s - 1 and selects token s."""
         first_position = self.config.prefix_len + 2

@@ -169,7 +169,9 @@ def scale_to_byte_range(values: torch.Tensor, *, sixteen_bit: bool, unit_float: 
         return values
     if 0.0 <= low and high <= 65535.0:
         return values / 257.0
-    return (values - low) * (255.0 / (high - low))  # here high > low: the range exceeds 0..255
+    if high == low:  # one value outside 0..65535: no range to stretch, saturate it
+        return values.clamp(0.0, 255.0)
+    return (values - low) * (255.0 / (high - low))
 
 
 # ---------------------------------------------------------------------------------------

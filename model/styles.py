@@ -11,6 +11,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from model.config import BASE_VOCAB_SIZE
+
 STYLES = ("concise", "narrative", "descriptive")  # canonical order of the response keys
 
 
@@ -42,19 +44,30 @@ class Limits:
 
     max_num_captions: int = 8
     max_new_tokens: int = 128
-    max_top_k: int = 30522
+    max_top_k: int = BASE_VOCAB_SIZE  # every word of the vocabulary
     max_ngram: int = 8
     max_temperature: float = 5.0
     max_repetition_penalty: float = 10.0
 
 
-# (type, low, high) for every sampling override; None means "from Limits".
+@dataclass(frozen=True)
+class _Range:
+    kind: type
+    low: float
+    high: float | str  # a str names a Limits field
+
+
+# The repetition penalty divides the scores of seen tokens: 0 (or a float32 underflow to 0)
+# would turn them into inf or nan instead of penalising them.
+MIN_REPETITION_PENALTY = 0.01
+
+# Every sampling override.
 _SAMPLING_RANGES = {
-    "temperature": (float, 0.0, "max_temperature"),
-    "top_k": (int, 0, "max_top_k"),
-    "top_p": (float, 0.0, 1.0),
-    "repetition_penalty": (float, 0.0, "max_repetition_penalty"),
-    "no_repeat_ngram_size": (int, 0, "max_ngram"),
+    "temperature": _Range(float, 0.0, "max_temperature"),
+    "top_k": _Range(int, 0, "max_top_k"),
+    "top_p": _Range(float, 0.0, 1.0),
+    "repetition_penalty": _Range(float, MIN_REPETITION_PENALTY, "max_repetition_penalty"),
+    "no_repeat_ngram_size": _Range(int, 0, "max_ngram"),
 }
 
 
@@ -129,10 +142,10 @@ def make_plan(options: dict | None = None, limits: Limits = Limits()) -> Caption
         raise OptionError(f"unknown option(s): {shown}; allowed: {', '.join(sorted(allowed))}")
     styles = parse_styles(options.get("styles"))
     overrides = {}
-    for name, (kind, low, high) in _SAMPLING_RANGES.items():
+    for name, bounds in _SAMPLING_RANGES.items():
         if options.get(name) is not None:
-            high = getattr(limits, high) if isinstance(high, str) else high
-            overrides[name] = _number(name, options[name], kind, low, high)
+            high = getattr(limits, bounds.high) if isinstance(bounds.high, str) else bounds.high
+            overrides[name] = _number(name, options[name], bounds.kind, bounds.low, high)
     num = options.get("num_captions")
     num = None if num is None else _number("num_captions", num, int, 1, limits.max_num_captions)
     max_new = options.get("max_new_tokens")

@@ -260,6 +260,9 @@ def corpus() -> tuple[Case, ...]:
              golden="chelsea.png", note="alpha dropped"),
         Case("P PNG (palette)", lambda: as_json(encode(rgb("chelsea.png").convert("P"), "PNG")), 200),
         Case("1-bit PNG", lambda: as_json(encode(grey().convert("1"), "PNG")), 200),
+        Case("float TIFF of one value outside 0..1 (no range to stretch)",
+             lambda: as_json(encode(Image.new("F", (64, 48), 70000.0), "TIFF")), 200,
+             same_as=lambda: encode(Image.new("L", (64, 48), 255), "PNG"), note="saturated to white"),
         Case("1x1 image", lambda: as_json(encode(Image.new("RGB", (1, 1), (200, 30, 30)), "PNG")), (200, 400)),
         Case("10000x20 strip", lambda: as_json(encode(rgb("chelsea.png").resize((10000, 20)), "PNG")), (200, 400)),
         Case("20x10000 strip", lambda: as_json(encode(rgb("chelsea.png").resize((20, 10000)), "JPEG")), (200, 400)),
@@ -313,6 +316,8 @@ def corpus() -> tuple[Case, ...]:
         option_case("top_p 1.5", "'top_p' must be between", top_p=1.5),
         option_case("top_k 2.5", "'top_k' must be an integer", top_k=2.5),
         option_case("repetition_penalty 11", "'repetition_penalty' must be between", repetition_penalty=11),
+        option_case("repetition_penalty 0 (it divides scores)", "'repetition_penalty' must be between 0.01",
+                    repetition_penalty=0),
         option_case("no_repeat_ngram_size 9", "'no_repeat_ngram_size' must be between", no_repeat_ngram_size=9),
         option_case("max_new_tokens 0", "'max_new_tokens' must be between 1", max_new_tokens=0),
         option_case(f"max_new_tokens {TINY_MAX_NEW_TOKENS + 1} (model cap {TINY_MAX_NEW_TOKENS})",
@@ -334,8 +339,9 @@ def corpus() -> tuple[Case, ...]:
     return tuple(cases)
 
 
-# Requests whose error message, echoing the client's text, would exceed max_response_size
-# (1 MiB): kept out of corpus() because today they kill the worker (see test_reliability.py).
+# Requests whose error message would exceed max_response_size (1 MiB) if it echoed the client's
+# text: sent by their own test in test_reliability.py, last in the module, because that failure
+# restarts the worker and would spoil the corpus's batches.
 ECHO_BYTES = 1_500_000
 ECHO_CASES = (
     Case("unknown style of 1.5 MB", lambda: {"json": {"image": b64(image_bytes("coffee.png")), **GREEDY,

@@ -292,17 +292,17 @@ def test_body_just_under_max_request_size_is_served(small_server):
 
 
 # ------------------------------------------------------------------ error messages stay small
-# Last in the module: today these requests restart the batched model's worker.
+# Last in the module: if the echo came back, these requests would restart the batched model's worker.
 @pytest.mark.parametrize("name", [case.name for case in ECHO_CASES])
 def test_error_message_echoing_a_huge_value_does_not_kill_the_worker(server, batched, name):
     """A 1.5 MB unknown style or option name (the request is within max_request_size) must get a
     400 whose message is bounded, with its batch-mates captioned and the worker untouched.
 
-    KNOWN BUG (this test fails until it is fixed): model/styles.py echoes the whole name
-    ("unknown style '<1.5 MB>'", "unknown option(s): <1.5 MB>"), the worker's reply exceeds
-    max_response_size (1 MiB), the frontend drops it (TooLongFrameException: "Consider increasing
-    the 'max_response_size'"), answers the whole batch 500 "Worker died." and restarts the worker:
-    any client with the inference key can take a worker down for ~10 s per request."""
+    The failure it guards against (seen before model/styles.py quoted at most 40 characters of a
+    client's value and the handler capped messages at MAX_ERROR_CHARS): the whole name echoed
+    ("unknown style '<1.5 MB>'"), a worker reply over max_response_size (1 MiB) that the frontend
+    drops (TooLongFrameException), the whole batch answered 500 "Worker died." and the worker
+    restarted: any client with the inference key could take a worker down for ~10 s per request."""
     case = next(case for case in ECHO_CASES if case.name == name)
     pid = worker_of(server, batched)["pid"]
     jobs = [case.request()] + [valid_request(mate) for mate in MATES]

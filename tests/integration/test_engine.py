@@ -78,6 +78,10 @@ def test_compaction_and_static_shape_paths_agree(tiny_engine, golden_pixels):
     buckets = static.last_stats["row_buckets"]  # finished rows leave: 18 rows in 24, then smaller ones
     assert buckets[0] == 24 and buckets[-1] <= 8 and buckets == sorted(set(buckets), reverse=True)
     assert all(len(ids) <= 5 for ids in baseline[6:12])
+    # new tokens: each row's words, plus the [SEP] that ended it unless its own cap did first
+    caps = [40] * 6 + [5] * 6 + [17] * 6
+    assert any(len(ids) == 5 for ids in baseline[6:12])  # a row that its own cap ended
+    assert tiny_engine.last_stats["new_tokens"] == sum(min(len(ids) + 1, cap) for ids, cap in zip(baseline, caps))
 
 
 def test_caption_shape_and_stats(tiny_engine, golden_pixels):

@@ -95,3 +95,17 @@ def test_checkpoints_are_read_weights_only(tmp_path):
     torch.save({"x": Evil()}, tmp_path / "evil.pt", _use_new_zipfile_serialization=True)
     with pytest.raises(CheckpointError, match="not a readable"):
         load_state_dict(tmp_path / "evil.pt", PRESETS["seed-tiny"])
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"depth": 2, "colour": 1}, "unknown model config fields: ['colour']"),
+    ({"vision": {"rope_thetaa": 100.0}}, "unknown model config vision fields: ['rope_thetaa']"),
+    ({"vision": [1, 2]}, "model config vision must be a JSON object, got list"),
+    ([1], "model config must be a JSON object, got list"),
+])
+def test_bad_config_fields_are_value_errors_naming_them(tmp_path, raw, message):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ValueError) as error:
+        CaptionConfig.from_json(path)
+    assert message in str(error.value)

@@ -83,12 +83,10 @@ def test_yamllint_is_clean():
     ids=lambda v: v.name if isinstance(v, Path) else v.get("kind", ""),
 )
 def test_core_kinds_match_the_kubernetes_schema(path, doc):
-    kubernetes_validate = pytest.importorskip("kubernetes_validate")
     kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
 
 
 def test_schema_validation_would_catch_a_typo():
-    kubernetes_validate = pytest.importorskip("kubernetes_validate")
     from kubernetes_validate.utils import ValidationError
 
     broken = _one("Deployment")

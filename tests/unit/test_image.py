@@ -248,7 +248,8 @@ def test_sixteen_bit_images_are_scaled_not_clipped(mode, fmt):
 
 @pytest.mark.parametrize(
     "values, expected",
-    [((0, 100, 255, 7), (0, 100, 255, 7)), ((0, 257, 65535, 32896), (0, 1, 255, 128)), ((-10, 0, 10, 1000000), (0, 0, 0, 255))],
+    [((0, 100, 255, 7), (0, 100, 255, 7)), ((0, 257, 65535, 32896), (0, 1, 255, 128)), ((-10, 0, 10, 1000000), (0, 0, 0, 255)),
+     ((-5,) * 4, (0,) * 4), ((100000,) * 4, (255,) * 4)],
 )
 def test_32_bit_integer_images_are_scaled_by_their_range(values, expected):
     image = Image.frombytes("I", (4, 1), struct.pack("=4i", *values))
@@ -258,7 +259,8 @@ def test_32_bit_integer_images_are_scaled_by_their_range(values, expected):
 
 @pytest.mark.parametrize(
     "values, expected",
-    [((0.0, 0.5, 1.0, 0.25), (0, 128, 255, 64)), ((0.0, 2.0, 255.0, 128.0), (0, 2, 255, 128)), ((float("nan"), 0.0, 1.0, 1.0), (0, 0, 255, 255))],
+    [((0.0, 0.5, 1.0, 0.25), (0, 128, 255, 64)), ((0.0, 2.0, 255.0, 128.0), (0, 2, 255, 128)), ((float("nan"), 0.0, 1.0, 1.0), (0, 0, 255, 255)),
+     ((-1.0,) * 4, (0,) * 4), ((70000.0,) * 4, (255,) * 4)],
 )
 def test_float_images_are_scaled_by_their_range(values, expected):
     image = Image.frombytes("F", (4, 1), struct.pack("=4f", *values))

@@ -47,6 +47,9 @@ def test_styles_as_comma_string():
         ({"top_p": 1.5}, "'top_p' must be between 0.0 and 1.0"),
         ({"top_k": True}, "must be a number"),
         ({"seed": -1}, "'seed' must be between"),
+        ({"repetition_penalty": 0}, "'repetition_penalty' must be between 0.01 and 10.0, got 0"),
+        ({"repetition_penalty": 1e-300}, "'repetition_penalty' must be between 0.01 and 10.0"),
+        ({"repetition_penalty": 10.5}, "'repetition_penalty' must be between 0.01 and 10.0"),
         ({"colour": "red"}, "unknown option(s): 'colour'"),
     ],
 )
@@ -54,6 +57,10 @@ def test_bad_options(options, message):
     with pytest.raises(OptionError) as error:
         make_plan(options)
     assert message in str(error.value)
+
+
+def test_smallest_positive_repetition_penalty_is_accepted():
+    assert make_plan({"repetition_penalty": 0.01}).sampling["concise"].repetition_penalty == 0.01
 
 
 def test_limits_are_configurable():
