@@ -4,7 +4,8 @@ One TorchServe batch (up to ``batchSize`` HTTP requests) becomes one call of the
 engine. Requests that cannot be parsed, carry invalid options or an unreadable image are
 answered 400 with ``{"error": ...}`` while the rest of the batch is still captioned; an
 out-of-memory error fails the batch's remaining requests with 507 and any other failure with
-500, and the worker keeps serving.
+500, and the worker keeps serving. A KServe v1 request (``{"instances": [...]}``) contributes
+one image per instance and is answered ``{"predictions": [...]}`` (``handler/instances.py``).
 
 TorchServe requires a handler file to define exactly one class: helpers live in
 ``handler/batching.py``, ``handler/settings.py`` and ``handler/metrics.py``. In the archive this
@@ -31,6 +32,7 @@ import torch  # noqa: E402
 
 from handler import metrics as handler_metrics  # noqa: E402
 from handler.batching import PreparedBatch, is_out_of_memory, reason_phrase  # noqa: E402
+from handler.instances import Answer, expand_instances, merge_answers  # noqa: E402
 from handler.preparation import (Preparation, make_pool, prepare_request, prepare_requests,  # noqa: E402
                                  split_into_tasks, start_processes)
 from handler.request_parsing import error_body  # noqa: E402
@@ -124,10 +126,11 @@ class CaptionHandler:
     def handle(self, data, context):
         started = time.perf_counter()
         self.context = context
-        batch = PreparedBatch(size=len(data))
+        expansion = expand_instances(data, self.settings.max_instances)
+        batch = PreparedBatch(size=len(expansion.rows))
         results: list[dict] = []
         try:
-            batch = self.preprocess(data)
+            batch = self.preprocess(expansion.rows)
             results = self.inference(batch)
         except Exception as exc:  # noqa: BLE001 - one bad batch must not kill the worker
             results = []
@@ -138,9 +141,10 @@ class CaptionHandler:
             else:
                 logger.error("caption batch failed", exc_info=True)
                 batch.fail_unanswered(500, f"internal error while captioning ({type(exc).__name__})")
-        responses = self.postprocess(batch, results)
+        answers = merge_answers(expansion, len(data), self.postprocess(batch, results))
+        responses = [self._respond(idx, status, document) for idx, (status, document) in enumerate(answers)]
         handler_metrics.emit_batch(
-            context, batch_size=batch.size, requests=batch.size, errors=len(batch.errors),
+            context, batch_size=len(data), requests=len(data), errors=sum(status != 200 for status, _ in answers),
             decode_ms=batch.decode_ms, stats=getattr(self.engine, "last_stats", None) if results else None,
             handler_ms=(time.perf_counter() - started) * 1000,
         )
@@ -213,19 +217,25 @@ class CaptionHandler:
             raise RuntimeError(f"engine returned {len(results)} results for {len(batch.good)} images")
         return results
 
-    def postprocess(self, batch: PreparedBatch, results: list[dict]) -> list[str]:
-        """One JSON document per request, in batch order, with its own status."""
+    def postprocess(self, batch: PreparedBatch, results: list[dict]) -> list[Answer]:
+        """(status, JSON document) for every image of the batch, in batch order."""
         by_index = dict(zip(batch.good, results)) if results else {}
-        responses = []
+        answers = []
         for idx in range(batch.size):
-            _set_content_type(self.context, idx)
             if idx in batch.errors or idx not in by_index:
                 status, message = batch.errors.get(idx, (500, "no result for this request"))
-                self.context.set_response_status(status, reason_phrase(status), idx)
-                responses.append(_error_json(message))
+                answers.append((status, {"error": message}))
             else:
-                responses.append(json.dumps(by_index[idx], ensure_ascii=False))
-        return responses
+                answers.append((200, by_index[idx]))
+        return answers
+
+    def _respond(self, idx: int, status: int, document: dict) -> str:
+        """Request `idx`'s reply: its status and content type set on the context, the JSON text."""
+        _set_content_type(self.context, idx)
+        if status != 200:
+            self.context.set_response_status(status, reason_phrase(status), idx)
+            return _error_json(document["error"])
+        return json.dumps(document, ensure_ascii=False)
 
     def _release_memory(self) -> None:
         if self.device.type == "cuda":

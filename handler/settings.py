@@ -82,6 +82,8 @@ class HandlerSettings:
     # a full batch within the limits can need) so the first real request does not pay for lazy
     # init or compilation.
     warmup: bool = True
+    # Most images one KServe v1 request ({"instances": [...]}) may carry (handler/instances.py).
+    max_instances: int = 8
     # Per-request bounds (model.styles.Limits fields).
     limits: Limits = field(default_factory=Limits)
 
@@ -129,9 +131,9 @@ class HandlerSettings:
         if settings.cpu_quantize not in (None, "int8"):
             raise SettingsError("model-config.yaml handler: cpu_quantize must be int8 or absent")
         if (settings.threads < 0 or settings.decode_threads < 1 or settings.decode_processes < 0
-                or settings.decode_intra_op_threads < 0 or settings.max_pixels < 1):
+                or settings.decode_intra_op_threads < 0 or settings.max_pixels < 1 or settings.max_instances < 1):
             raise SettingsError("model-config.yaml handler: threads >= 0, decode_threads >= 1, decode_processes >= 0, "
-                                "decode_intra_op_threads >= 0, max_pixels >= 1")
+                                "decode_intra_op_threads >= 0, max_pixels >= 1, max_instances >= 1")
         return settings
 
 

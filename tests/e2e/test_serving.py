@@ -91,14 +91,31 @@ def test_query_parameters_reach_the_handler_only_on_invoke(server):
     assert all(len(v) == 2 for v in ok_json(predictions).values())
 
 
+@pytest.mark.parametrize("path", [f"/v1/models/{MODEL}:predict", f"/predictions/{MODEL}"])
+def test_kserve_v1_instances_in_one_request(server, path):
+    """KServe's TorchServe runtime forwards a v1 request's JSON as it is (content type
+    `application/json; charset=UTF-8`); the predictions come back in instance order."""
+    instances = [{"image": image_b64(name), **GREEDY} for name in IMAGE_NAMES]
+    body = json.dumps({"instances": instances + [{"image": image_b64("rocket.jpg"), **GREEDY, "styles": "concise"}]})
+    headers = {**server.auth("inference"), "Content-Type": "application/json; charset=UTF-8"}
+    response = requests.post(server.url("inference", path), data=body, headers=headers, timeout=120)
+    assert ok_json(response) == {"predictions": [golden(name) for name in IMAGE_NAMES]
+                                 + [golden("rocket.jpg", styles=["concise"])]}
+    bad = json.dumps({"instances": [instances[0], {"image": image_b64("rocket.jpg"), "num_captions": 99}]})
+    response = requests.post(server.url("inference", path), data=bad, headers=headers, timeout=120)
+    assert response.status_code == 400 and response.json()["error"].startswith("instances[1]: "), response.text
+
+
 def test_curl_default_form_content_type_is_rejected_by_torchserve(server):
     # `curl --data-binary @img` without -H sends application/x-www-form-urlencoded: the
     # frontend tries to decode the image as a form and fails before the handler runs.
     response = server.infer(MODEL, data=image_bytes("chelsea.png"),
                             headers={"Content-Type": "application/x-www-form-urlencoded"})
-    assert 400 <= response.status_code < 500, (response.status_code, response.text[:300])
-    assert response.headers["content-type"].startswith("application/json"), response.headers
-    assert "message" in response.json() or "error" in response.json(), response.text[:300]
+    # TorchServe 0.12's frontend answers its own 500 (no handler code runs; documented in the
+    # README next to the curl commands), and the model keeps serving.
+    assert response.status_code == 500, (response.status_code, response.text[:300])
+    assert response.json()["type"] == "ErrorDataDecoderException", response.text[:300]
+    assert ok_json(server.infer(MODEL, json={"image": image_b64("chelsea.png"), **GREEDY})) == golden("chelsea.png")
 
 
 # ------------------------------------------------------------------ errors

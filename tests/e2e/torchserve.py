@@ -107,6 +107,7 @@ class TorchServe:
         if len(str(self.tmp / ".ts.sock.65535")) > 100:  # AF_UNIX paths are limited to 108 bytes
             self.tmp = Path(tempfile.mkdtemp(prefix="ts-"))
         self.config_path = self.workdir / "config.properties"
+        self.token_auth = True  # False when the config sets disable_token_authorization=true
         self._atexit = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -150,7 +151,10 @@ class TorchServe:
             "metrics_config": str(METRICS_YAML),
             **self.overrides,
         }
-        self.config_path.write_text(derive_config(self.source_config, overrides))
+        config = derive_config(self.source_config, overrides)
+        self.config_path.write_text(config)
+        values = {key: line.split("=", 1)[1].strip() for key, line in read_properties(self.config_path) if key}
+        self.token_auth = values.get("disable_token_authorization", "false").lower() != "true"
         env = {
             **os.environ,
             "TEMP": str(self.tmp),  # -> -Djava.io.tmpdir: extracted archives, worker sockets
@@ -186,7 +190,7 @@ class TorchServe:
                     self.reload_keys()
                 except (OSError, ValueError, KeyError):
                     pass  # still being written
-            if self.keys:
+            if self.keys or not self.token_auth:
                 try:
                     if requests.get(self.url("inference", "/ping"), headers=self.auth("inference"), timeout=2).ok:
                         return

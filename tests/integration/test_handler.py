@@ -5,6 +5,8 @@ Seed-tiny checkpoint in float32 on CPU: greedy requests must give the golden cap
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 
 import pytest
@@ -99,6 +101,60 @@ def test_response_holds_only_the_styles_and_count_asked_for(served):
     body = replies[0].json()
     assert list(body) == ["Concise", "Descriptive"]
     assert all(len(v) == 2 and all(isinstance(c, str) and c for c in v) for v in body.values())
+
+
+def v1_row(*instances, content_type: str = "application/json") -> list[dict]:
+    """A KServe v1 request; KServe's runtime sends `application/json; charset=UTF-8`, which the
+    worker passes on undecoded (bytes)."""
+    body = {"instances": list(instances)}
+    value = body if content_type == "application/json" else json.dumps(body).encode()
+    return [{"name": "body", "contentType": content_type, "value": value}]
+
+
+def instance(name: str, **options) -> dict:
+    return {"image": base64.b64encode(IMAGES[name]).decode(), **options}
+
+
+def test_kserve_v1_instances_share_the_batch_with_other_requests(served):
+    service, handler = served
+    calls = []
+    real_caption = handler.engine.caption
+    handler.engine.caption = lambda pixels, plans: calls.append(len(plans)) or real_caption(pixels, plans)
+    try:
+        replies = predict(service, batch(
+            v1_row(instance("chelsea.png", **GREEDY), instance("rocket.jpg", **GREEDY, styles=["concise"])),
+            json_row(IMAGES["coffee.png"], **GREEDY),
+            v1_row(instance("coffee.png", **GREEDY), content_type="application/json; charset=UTF-8"),
+            v1_row(instance("rocket.jpg", **GREEDY), instance("coffee.png", num_captions=99)),  # one bad instance
+        ))
+    finally:
+        handler.engine.caption = real_caption
+    assert calls == [5]  # every good image of the four requests in one engine call
+    assert [r.status for r in replies] == [200, 200, 200, 400]
+    assert replies[0].json() == {"predictions": [golden("chelsea.png"), golden("rocket.jpg", styles=["concise"])]}
+    assert replies[1].json() == golden("coffee.png")
+    assert replies[2].json() == {"predictions": [golden("coffee.png")]}
+    error = replies[3].json()["error"]
+    assert error.startswith("instances[1]: ") and "num_captions" in error, error
+    assert all(r.content_type == "application/json" for r in replies)
+
+
+@pytest.mark.parametrize("body, needle", [
+    ({"instances": []}, "'instances' must be a non-empty list"),
+    ({"instances": {"image": "x"}}, "'instances' must be a non-empty list"),
+    ({"instances": ["aGVsbG8="]}, "instances[0] must be an object"),
+    ({"instances": [{"image": "x"}], "parameters": {}}, "holds only 'instances'"),
+    ({"instances": [{"styles": ["concise"]}]}, "instances[0]: the JSON body needs an 'image' field"),
+    ({"instances": [{"image": "x"}] * 9}, "at most 8 instances per request, got 9"),
+    (b'{"instances": [{"image": ', "malformed JSON"),
+])
+def test_bad_kserve_v1_requests_get_400_and_their_batch_mates_are_served(served, body, needle):
+    service, _ = served
+    bad = ([{"name": "body", "contentType": "application/json; charset=UTF-8", "value": body}]
+           if isinstance(body, bytes) else [{"name": "body", "contentType": "application/json", "value": body}])
+    replies = predict(service, batch(bad, json_row(IMAGES["chelsea.png"], **GREEDY)))
+    assert replies[0].status == 400 and needle in replies[0].json()["error"], replies[0]
+    assert replies[1].status == 200 and replies[1].json() == golden("chelsea.png")
 
 
 def test_batch_of_only_invalid_requests(served):

@@ -161,6 +161,14 @@ def test_ports_line_up_between_proxy_torchserve_service_and_probes():
     assert all(p["protocol"] == "TCP" for p in service["spec"]["ports"])
 
 
+def test_proxy_waits_longer_than_the_archive_response_timeout():
+    template = _one("ConfigMap")["data"]["default.conf.template"]
+    archive = yaml.safe_load((REPO / "handler" / "model-config.yaml").read_text())
+    for name in ("proxy_read_timeout", "proxy_send_timeout"):
+        seconds = int(re.search(rf"{name} (\d+)s;", template).group(1))
+        assert seconds > archive["responseTimeout"], (name, seconds)
+
+
 def test_inference_key_comes_from_a_secret_and_both_keys_are_accepted():
     env = _env(_container("auth-proxy"))
     for name in ("CAPTION_INFERENCE_KEY", "CAPTION_INFERENCE_KEY_NEXT"):
@@ -211,8 +219,11 @@ def test_kserve_config_properties_fits_the_runtime_layout():
     props = _properties(DEPLOY / "kserve" / "config" / "config.properties")
     assert props["model_store"] == "/mnt/models/model-store"
     assert props["inference_address"] == "http://127.0.0.1:8085"
-    assert props["service_envelope"] == ("kserve" if _one("InferenceService", "kserve")["spec"]["predictor"]["model"][
-        "protocolVersion"] == "v1" else "kservev2")
+    # v1 is read by the handler itself: TorchServe's kserve envelope reads only the first
+    # request of a batch (tests/e2e/test_kserve.py runs this file with the real TorchServe).
+    assert _one("InferenceService", "kserve")["spec"]["predictor"]["model"]["protocolVersion"] == "v1"
+    assert "service_envelope" not in props
+    assert props["install_py_dep_per_model"] == "false"  # nothing is downloaded at load time
     assert props["metrics_mode"] == "prometheus"
     assert props["metrics_address"].endswith(":8082")
     assert props["metrics_config"].startswith("/mnt/models/config/")
@@ -221,3 +232,8 @@ def test_kserve_config_properties_fits_the_runtime_layout():
     assert snapshot["modelCount"] == len(snapshot["models"]) == 1
     (version,) = snapshot["models"]["captioner"].values()
     assert version["marName"] == "captioner.mar" and version["defaultVersion"] is True
+    archive = yaml.safe_load((REPO / "handler" / "model-config.yaml").read_text())
+    assert version["batchSize"] == archive["batchSize"] and version["responseTimeout"] == archive["responseTimeout"]
+    assert int(props["default_response_timeout"]) == archive["responseTimeout"]
+    # KServe's request timeout outlasts TorchServe's, so TorchServe answers a batch out of time
+    assert _one("InferenceService", "kserve")["spec"]["predictor"]["timeout"] > archive["responseTimeout"]
