@@ -1,4 +1,4 @@
-"""`python -m bench model|http ...`: see bench/model_bench.py and bench/http_bench.py."""
+"""`python -m bench model|handler|http ...`: see bench/model_bench.py, bench/handler_bench.py and bench/http_bench.py."""
 
 from __future__ import annotations
 

@@ -126,7 +126,7 @@ def time_decode_step(engine: CaptionEngine, rows: int, max_new_tokens: int, samp
             engine.run_static_steps(rows, positions)
     else:
         cache = eager_cache(engine, rows)
-        tokens = torch.full((rows,), 1037, device=engine.device)
+        tokens = torch.full((rows,), engine.vocab.ids["a"], device=engine.device)  # any word: same cost
 
         def run_steps():
             for position in positions:

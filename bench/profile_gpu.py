@@ -54,7 +54,8 @@ def main() -> None:
     engine = CaptionEngine.from_files(weights, device="cuda", dtype=torch.bfloat16, compile_encoder=True,
                                       compile_decode=True, compile_prefill=True, static_layout=layout,
                                       dynamic_rows=layout == "images")
-    pixels = torch.randn(images, 3, 384, 384, device="cuda")
+    size = engine.config.image_size
+    pixels = torch.randn(images, 3, size, size, device="cuda")
     plans = [make_plan({"seed": i, "max_new_tokens": 16}) for i in range(images)]
     for _ in range(2):
         engine.generate(pixels, plans)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from model.precision import AUTO, DTYPE_CHOICES, resolve_dtype
+from model.engine import ROW_KEY_STRIDE
 from model.layouts import LAYOUTS, STATIC_LAYOUTS
 from model.styles import Limits
 
@@ -175,6 +176,9 @@ def _limits(raw: Any) -> Limits:
         if isinstance(default, int) and not float(value).is_integer():
             raise SettingsError(f"model-config.yaml handler.limits: {name} must be an integer, got {value!r}")
         values[name] = type(default)(value)
+    if values.get("max_num_captions", 0) > ROW_KEY_STRIDE:
+        raise SettingsError(f"model-config.yaml handler.limits: max_num_captions must be at most {ROW_KEY_STRIDE} "
+                            "(each caption of a style has its own sampling-noise key)")
     # The engine's KV cache is sized for the config's max_text_tokens; make_plan enforces
     # max_new_tokens <= limits.max_new_tokens, the engine the hard cap.
     return Limits(**values)

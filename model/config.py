@@ -18,7 +18,7 @@ PAD_ID, CLS_ID, SEP_ID = 0, 101, 102
 IMG_START_ID, IMG_END_ID = BASE_VOCAB_SIZE, BASE_VOCAB_SIZE + 1
 STYLE_TOKEN_IDS = {"descriptive": BASE_VOCAB_SIZE + 2, "narrative": BASE_VOCAB_SIZE + 3, "concise": BASE_VOCAB_SIZE + 4}
 
-# DINOv3 prepends one CLS token and `num_register_tokens` registers to the patch tokens.
+# The projector folds each 2x2 block of patch tokens into one image token (PixelUnshuffle(2)).
 PATCH_UNSHUFFLE = 2
 
 

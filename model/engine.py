@@ -50,7 +50,7 @@ from .tokenizer import VOCAB_PATH, Vocabulary
 
 logger = logging.getLogger(__name__)
 
-ROW_KEY_STRIDE = 64  # row key = style index * stride + caption index (captions per style < stride)
+ROW_KEY_STRIDE = 64  # row key = style index * stride + caption index (captions per style <= stride)
 # The static step's graph also depends on two sizes of the sampling settings: the top-k
 # candidate count and the longest no-repeat n-gram. Raising them to these floors gives every
 # batch of default-like requests (any styles; top_k <= 64, n-grams <= 4) the same graph, with
@@ -90,6 +90,8 @@ def plan_rows(plans: list[CaptionPlan], max_text_tokens: int) -> tuple[list[Row]
         for style in plan.styles:
             groups.append((image, style))
             sampling = plan.sampling[style]
+            if plan.num_captions[style] > ROW_KEY_STRIDE:
+                raise ValueError(f"at most {ROW_KEY_STRIDE} captions per style (their sampling noise keys)")
             for caption in range(plan.num_captions[style]):
                 rows.append(Row(image, len(groups) - 1, style))
                 settings.append(

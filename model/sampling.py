@@ -39,7 +39,8 @@ class RowParams:
     seed: torch.Tensor
     row_key: torch.Tensor
     max_new_tokens: torch.Tensor
-    candidates: int  # how many top tokens to consider: max top_k, or the whole vocabulary
+    candidates: int  # top tokens considered: max top_k rounded up to a power of two (at least
+    # STATIC_MIN_CANDIDATES on the static path), or the whole vocabulary when a row has none
     max_ngram: int
 
     def tensors(self) -> list[torch.Tensor]:

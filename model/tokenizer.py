@@ -12,7 +12,7 @@ import hashlib
 import unicodedata
 from pathlib import Path
 
-from .config import BASE_VOCAB_SIZE, SPECIAL_TOKENS
+from .config import BASE_VOCAB_SIZE, CLS_ID, PAD_ID, SEP_ID, SPECIAL_TOKENS
 
 VOCAB_PATH = Path(__file__).parent / "assets" / "vocab.txt"
 VOCAB_SHA256 = "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"
@@ -35,6 +35,11 @@ class Vocabulary:
             raise ValueError(f"cannot read tokenizer vocabulary {path}: {exc}") from exc
         if len(tokens) != BASE_VOCAB_SIZE:
             raise ValueError(f"{path}: expected {BASE_VOCAB_SIZE} WordPiece tokens, found {len(tokens)}")
+        misplaced = [f"{token} at line {tokens.index(token) + 1 if token in tokens else 'none'}"
+                     for token, expected in (("[PAD]", PAD_ID), ("[CLS]", CLS_ID), ("[SEP]", SEP_ID))
+                     if token not in tokens or tokens.index(token) != expected]
+        if misplaced:  # the engine feeds and stops on these ids (model/config.py)
+            raise ValueError(f"{path}: not the BERT-uncased layout the model was trained with: {', '.join(misplaced)}")
         self.tokens = tokens + list(SPECIAL_TOKENS)
         self.ids = {token: i for i, token in enumerate(self.tokens)}
         self.unk_id = self.ids["[UNK]"]

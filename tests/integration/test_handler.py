@@ -258,6 +258,10 @@ def test_invalid_handler_settings_fail_the_worker_start(tmp_path):
         make_service(make_model_dir(tmp_path / "b", {"cpu_dtype": "int8"}))
     with pytest.raises(SettingsError, match="compile_decode must be true, false or 'gpu'"):
         make_service(make_model_dir(tmp_path / "c", {"compile_decode": "always"}))
+    with pytest.raises(SettingsError, match="max_num_captions must be at most 64"):
+        make_service(make_model_dir(tmp_path / "d", {"limits": {"max_num_captions": 65}}))
+    with pytest.raises(SettingsError, match="max_instances >= 1"):
+        make_service(make_model_dir(tmp_path / "e", {"max_instances": 0}))
 
 
 def test_compile_settings_per_device():

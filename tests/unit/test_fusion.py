@@ -22,6 +22,10 @@ def test_fused_decoder_matches_separate_projections():
     torch.manual_seed(0)
     config = PRESETS["seed-tiny"]
     separate = CaptionModel(config).eval()
+    with torch.no_grad():  # distinct head-norm weights: a swapped q/k norm must show
+        for name, param in separate.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                param.uniform_(0.5, 1.5)
     fused = CaptionModel(config).eval()
     fused.load_state_dict(separate.state_dict())
     fuse_projections(fused)

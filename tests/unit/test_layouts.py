@@ -1,10 +1,13 @@
 """The static layouts: each one's placement, compaction, warm-up shapes and cache type."""
 
+import pytest
 import torch
 
 from model.config import PRESETS
 from model.kv_cache import ImageMajorCache, KVCache
 from model.layouts import LAYOUTS, STATIC_LAYOUTS, ImageMajor, RowMajor
+
+pytestmark = pytest.mark.unit
 
 TINY = PRESETS["seed-tiny"]
 

@@ -66,3 +66,14 @@ def test_smallest_positive_repetition_penalty_is_accepted():
 def test_limits_are_configurable():
     with pytest.raises(OptionError, match="between 1 and 2"):
         make_plan({"num_captions": 3}, Limits(max_num_captions=2))
+
+
+def test_more_captions_per_style_than_noise_keys_is_refused():
+    from model.engine import ROW_KEY_STRIDE, plan_rows
+
+    plan = make_plan({"num_captions": ROW_KEY_STRIDE + 1}, Limits(max_num_captions=ROW_KEY_STRIDE + 1))
+    with pytest.raises(ValueError, match=f"at most {ROW_KEY_STRIDE} captions per style"):
+        plan_rows([plan], 40)
+    rows, _, settings = plan_rows([make_plan({"num_captions": ROW_KEY_STRIDE}, Limits(max_num_captions=64))], 40)
+    keys = [s["row_key"] for s in settings]
+    assert len(rows) == 3 * ROW_KEY_STRIDE and len(set(keys)) == len(keys)

@@ -59,3 +59,12 @@ def test_bad_vocabulary_file(tmp_path):
         Vocabulary(short)
     with pytest.raises(ValueError, match="cannot read"):
         Vocabulary(tmp_path / "missing.txt")
+
+
+def test_vocabulary_with_special_tokens_elsewhere_is_refused(tmp_path):
+    tokens = VOCAB_PATH.read_text(encoding="utf-8").splitlines()
+    tokens[CLS_ID], tokens[CLS_ID + 5] = tokens[CLS_ID + 5], tokens[CLS_ID]  # same size, [CLS] moved
+    path = tmp_path / "vocab.txt"
+    path.write_text("\n".join(tokens) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"\[CLS\] at line {CLS_ID + 6}"):
+        Vocabulary(path)
