@@ -8,7 +8,8 @@ out-of-memory error fails the batch's remaining requests with 507 and any other 
 one image per instance and is answered ``{"predictions": [...]}`` (``handler/instances.py``).
 
 TorchServe requires a handler file to define exactly one class: helpers live in
-``handler/batching.py``, ``handler/settings.py`` and ``handler/metrics.py``. In the archive this
+``handler/batching.py``, ``handler/instances.py``, ``handler/preparation.py``,
+``handler/settings.py`` and ``handler/metrics.py``. In the archive this
 file sits at the root of the model directory next to the ``model/`` and ``handler/`` packages.
 """
 
