@@ -94,20 +94,13 @@ def test_caption_shape_and_stats(tiny_engine, golden_pixels):
     assert {"encode_ms", "prefill_ms", "generate_ms"} <= stats.keys()
 
 
-# bfloat16 rounds differently from the float32 the goldens were made in; greedy decoding then
-# follows the golden caption unless two top tokens are within bf16's rounding of each other.
-# On CPU 8 of the 9 (image, style) captions were identical when this bound was set.
-BF16_MIN_IDENTICAL = 6
-
-
 def test_bfloat16_engine_mostly_reproduces_the_float32_goldens(golden_pixels, expected_captions):
-    from tests.conftest import SEED_TINY
+    from tests.conftest import BF16_MIN_IDENTICAL, SEED_TINY, identical_greedy_captions
 
     names, pixels = golden_pixels
     engine = CaptionEngine.from_files(SEED_TINY / "weights.pt", config=SEED_TINY / "config.json", dtype=torch.bfloat16)
     results = engine.caption(pixels, [make_plan({"temperature": 0, "num_captions": 1})] * len(names))
-    identical = sum(result[style.capitalize()] == [expected_captions[name]["greedy"][style]]
-                    for name, result in zip(names, results) for style in STYLES)
+    identical = identical_greedy_captions(names, results, expected_captions)
     print(f"bfloat16 greedy: {identical}/{len(names) * len(STYLES)} captions identical to the float32 goldens")
     assert identical >= BF16_MIN_IDENTICAL
 
