@@ -15,9 +15,10 @@ from typing import Any
 
 import torch
 
-from model.precision import AUTO, DTYPE_CHOICES, resolve_dtype
 from model.engine import ROW_KEY_STRIDE
+from model.image import DEFAULT_MAX_PIXELS
 from model.layouts import LAYOUTS, STATIC_LAYOUTS
+from model.precision import AUTO, DTYPE_CHOICES, resolve_dtype
 from model.styles import Limits
 
 ON_GPU = "gpu"  # a compile setting that applies on CUDA devices only
@@ -78,7 +79,7 @@ class HandlerSettings:
     decode_intra_op_threads: int = 1
     # Images above this many pixels are refused (decompression bombs); 40 MP is a 7300x5500
     # photo, far above what a 384 px model needs.
-    max_pixels: int = 40_000_000
+    max_pixels: int = DEFAULT_MAX_PIXELS
     # Dummy batches at start (one image, then a full batch; with compile_decode every row bucket
     # a full batch within the limits can need) so the first real request does not pay for lazy
     # init or compilation.

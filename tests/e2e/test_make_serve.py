@@ -110,10 +110,13 @@ def test_make_serve_without_network_or_weights_fails_fast(clone, make_env, tmp_p
 
 
 def test_make_serve_end_to_end(clone, make_env, tmp_path):
-    # SLOW: a full-size random checkpoint (as a user without the real file would make one).
-    checkpoint = tmp_path / "random-init-weights.pt"
-    subprocess.run([str(VENV / "bin" / "python"), "-m", "weights", "random", "--output", str(checkpoint)],
-                   cwd=clone, check=True, capture_output=True, timeout=300)
+    # SLOW: a full-size random checkpoint, the README's smoke test without the real weights:
+    #   make weights-random
+    #   make serve WEIGHTS=weights/random-init-weights.pt
+    subprocess.run(make_command("weights-random", tmp_path), cwd=clone, env=make_env, check=True,
+                   capture_output=True, timeout=300)
+    checkpoint = "weights/random-init-weights.pt"
+    assert (clone / checkpoint).stat().st_size > 300_000_000
     ports = dict(zip(PORT_VARS, free_ports(len(PORT_VARS))))
     make_env.update({k: str(v) for k, v in ports.items()})
     log = tmp_path / "make-serve.out"
