@@ -198,7 +198,7 @@ def test_make_serve_end_to_end(clone, make_env, tmp_path):
     handler_file = clone / "handler" / "captioner_handler.py"
     os.utime(handler_file, ns=(built + 10**9, built + 10**9))
     check = ("import sys; from pathlib import Path; sys.path.insert(0, 'scripts'); import serve; "
-             f"print(serve.stale_reason(Path({str(checkpoint)!r}), 'zip-store'))")
+             f"print(serve.stale_reason(Path({str(clone / checkpoint)!r}), 'zip-store'))")
     reason = subprocess.run([str(VENV / "bin" / "python"), "-c", check], cwd=clone, capture_output=True, text=True,
                             timeout=60)
     assert reason.stdout.strip() == "handler/captioner_handler.py changed since it was built", reason
