@@ -183,8 +183,9 @@ def worker_main(args, index: int, ready, results) -> None:
         ready.abort()
 
 
-def collect_reports(processes, results) -> list[tuple]:
-    """One report per worker; a worker that died without one (a crash) is reported as failed."""
+def collect_reports(processes, results, ready=None) -> list[tuple]:
+    """One report per worker; a worker that died without one (a crash) is reported as failed,
+    and `ready` (the start barrier) is broken so that the others stop waiting for it."""
     reports: dict[int, tuple] = {}
     while len(reports) < len(processes):
         try:
@@ -194,6 +195,8 @@ def collect_reports(processes, results) -> list[tuple]:
             for index, process in enumerate(processes):
                 if index not in reports and not process.is_alive() and results.empty():
                     reports[index] = (index, 0.0, [], f"worker exited with code {process.exitcode}")
+                    if ready is not None:
+                        ready.abort()
     for process in processes:
         process.join()
     return list(reports.values())
@@ -208,7 +211,7 @@ def run_workers(args) -> dict:
     processes = [context.Process(target=worker_main, args=(args, i, ready, results)) for i in range(args.workers)]
     for process in processes:
         process.start()
-    reports = sorted(collect_reports(processes, results))
+    reports = sorted(collect_reports(processes, results, ready))
     failures = [error for *_, error in reports if error]
     if failures:
         raise SystemExit(f"a worker failed: {failures}")

@@ -505,12 +505,13 @@ def ratios(summary: list[dict], modes: list[Mode]) -> dict:
         if not closed:
             continue
         best = max(closed, key=lambda r: r["images_per_s"])
-        runs = best["images_per_s_runs"]
+        runs, base_runs = best["images_per_s_runs"], base["images_per_s_runs"]
         out[mode.key] = {
             "best_concurrency": best["concurrency"], "images_per_s": best["images_per_s"],
             "baseline_images_per_s": base["images_per_s"], "ratio": best["images_per_s"] / base["images_per_s"],
             # the range the repeats allow: worst batched repeat / best baseline repeat, and vice versa
-            "ratio_range": [min(runs) / max(base["images_per_s_runs"]), max(runs) / min(base["images_per_s_runs"])],
+            # (None where a baseline repeat served nothing)
+            "ratio_range": [min(runs) / max(base_runs), max(runs) / min(base_runs) if min(base_runs) else None],
             # least-disturbed repeats on a shared host: the best of each side
             "ratio_best_repeats": max(r["images_per_s_best"] for r in closed) / base["images_per_s_best"],
         }
@@ -596,8 +597,23 @@ def build_modes(args) -> list[Mode]:
     return modes
 
 
+SECRET_OPTIONS = ("--key", "--management-key")
+
+
+def recorded_command(argv: list[str]) -> str:
+    """The command line for the results file, with the values of key options masked."""
+    shown = []
+    for arg in argv:
+        if shown and shown[-1] in SECRET_OPTIONS:
+            arg = "***"
+        elif arg.startswith(tuple(f"{option}=" for option in SECRET_OPTIONS)):
+            arg = arg.split("=", 1)[0] + "=***"
+        shown.append(arg)
+    return "python -m bench " + " ".join(shown)
+
+
 def run(args, argv: list[str] | None = None) -> dict:
-    command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = recorded_command(argv if argv is not None else sys.argv[1:])
     options = request_options(args.max_new_tokens, args.num_captions, args.styles,
                               dict(parse_option(o) for o in args.option))
     image = synthetic_jpeg(*args.image_size)
@@ -705,7 +721,7 @@ def run(args, argv: list[str] | None = None) -> dict:
         low, high = ratio["ratio_range"]
         print(f"\n{key}: {ratio['images_per_s']:.3f} images/s at concurrency {ratio['best_concurrency']} vs "
               f"{ratio['baseline_images_per_s']:.3f} images/s one request at a time (b1, c=1): "
-              f"{ratio['ratio']:.2f}x (repeats allow {low:.2f}x-{high:.2f}x, best repeats "
+              f"{ratio['ratio']:.2f}x (repeats allow {low:.2f}x-{fmt(high)}x, best repeats "
               f"{ratio['ratio_best_repeats']:.2f}x; target >= 4x: "
               f"{'MET' if ratio['ratio'] >= 4 else 'MISSED'})")
     print(f"load average before {results['load_average']['before']}, after {results['load_average']['after']}")

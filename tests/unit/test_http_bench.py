@@ -168,6 +168,10 @@ def test_summaries_and_ratio_over_repeats():
     assert ratio["ratio"] == pytest.approx(4.0 / 0.9)
     assert ratio["ratio_range"] == [pytest.approx(3.0 / 1.0), pytest.approx(5.0 / 0.8)]
     assert ratio["ratio_best_repeats"] == pytest.approx(5.0 / 1.0)
+    # a baseline repeat that served nothing (all its requests failed) leaves the range open
+    runs[5] = run("b1", 1, 0.0, 1)
+    ratio = http_bench.ratios(http_bench.summarize_runs(runs, modes), modes)["b8-d50"]
+    assert ratio["ratio_range"] == [pytest.approx(3.0 / 1.0), None]
 
 
 def test_request_body_and_options():
@@ -262,6 +266,13 @@ def http_bench_free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def test_keys_given_on_the_command_line_are_not_recorded():
+    from bench.http_bench import recorded_command
+
+    command = recorded_command(["http", "--key", "ik-secret", "--management-key=mk-secret", "--url", "u"])
+    assert command == "python -m bench http --key *** --management-key=*** --url u"
 
 
 def test_the_command_against_a_running_server(stub, tmp_path, capsys):
