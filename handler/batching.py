@@ -32,6 +32,13 @@ class PreparedBatch:
     def fail(self, idx: int, status: int, message: str) -> None:
         self.errors[idx] = (status, message)
 
+    def drop(self, indices) -> None:
+        """Keep these requests from the model (they get no result and no error of their own)."""
+        keep = [k for k, idx in enumerate(self.good) if idx not in indices]
+        self.good = [self.good[k] for k in keep]
+        self.plans = [self.plans[k] for k in keep]
+        self.pixels = [self.pixels[k] for k in keep]
+
     def fail_unanswered(self, status: int, message: str) -> None:
         """Fail every request without an answer yet (an OOM or a crash of the batch)."""
         for idx in range(self.size):

@@ -58,6 +58,8 @@ class CaptionHandler:
         self.normalize_on_device = False  # decoded images travel as uint8, normalised by the engine
         self.context = None
         self._decode_pool: Executor | None = None
+        self.images_per_call = 1  # images per engine call: the model's batchSize
+        self.batch_stats: dict | None = None  # the engine's figures for the last batch
 
     # ------------------------------------------------------------------ start-up
     def initialize(self, context) -> None:
@@ -105,11 +107,12 @@ class CaptionHandler:
         self.limits = replace(settings.limits,
                               max_new_tokens=min(settings.limits.max_new_tokens, config.max_text_tokens))
         self._decode_pool = self._new_decode_pool()
+        batch_size = int(props.get("batch_size") or 1)
+        self.images_per_call = batch_size
         loaded = time.perf_counter()
         if settings.warmup:
             # The batch sizes real traffic will use: one request, and a full dynamic batch; CUDA
             # graphs for every row count a full batch within the limits can need.
-            batch_size = int(props.get("batch_size") or 1)
             self.engine.warmup(batch_sizes=sorted({1, batch_size}),
                                max_rows=batch_size * len(STYLES) * self.limits.max_num_captions)
         logger.info(
@@ -130,23 +133,29 @@ class CaptionHandler:
         expansion = expand_instances(data, self.settings.max_instances)
         batch = PreparedBatch(size=len(expansion.rows))
         results: list[dict] = []
+        skipped: set[int] = set()
+        batch_failure = None
+        self.batch_stats = None
         try:
             batch = self.preprocess(expansion.rows)
+            skipped = expansion.siblings_of_failures(batch.errors)
+            batch.drop(skipped)
             results = self.inference(batch)
         except Exception as exc:  # noqa: BLE001 - one bad batch must not kill the worker
             results = []
             if is_out_of_memory(exc):
                 logger.error("out of memory in a batch of %d request(s)", batch.size, exc_info=True)
                 self._release_memory()
-                batch.fail_unanswered(507, OOM_MESSAGE)
+                batch_failure = (507, OOM_MESSAGE)
             else:
                 logger.error("caption batch failed", exc_info=True)
-                batch.fail_unanswered(500, f"internal error while captioning ({type(exc).__name__})")
-        answers = merge_answers(expansion, len(data), self.postprocess(batch, results))
+                batch_failure = (500, f"internal error while captioning ({type(exc).__name__})")
+            batch.fail_unanswered(*batch_failure)
+        answers = merge_answers(expansion, len(data), self.postprocess(batch, results), skipped, batch_failure)
         responses = [self._respond(idx, status, document) for idx, (status, document) in enumerate(answers)]
         handler_metrics.emit_batch(
             context, batch_size=len(data), requests=len(data), errors=sum(status != 200 for status, _ in answers),
-            decode_ms=batch.decode_ms, stats=getattr(self.engine, "last_stats", None) if results else None,
+            decode_ms=batch.decode_ms, stats=self.batch_stats if results else None,
             handler_ms=(time.perf_counter() - started) * 1000,
         )
         return responses
@@ -209,13 +218,20 @@ class CaptionHandler:
         return pool
 
     def inference(self, batch: PreparedBatch) -> list[dict]:
-        """One engine call for every request of the batch that survived preprocessing."""
+        """Captions for every image of the batch that survived preprocessing: one engine call
+        per `images_per_call` images (batchSize: what warm-up prepared for; KServe v1 requests
+        can bring more images than requests)."""
         if not batch.good:
             return []
+        pixels, results, stats = batch.pixel_values(), [], []
         with torch.inference_mode():
-            results = self.engine.caption(batch.pixel_values(), batch.plans)
+            for start in range(0, len(batch.good), self.images_per_call):
+                end = start + self.images_per_call
+                results += self.engine.caption(pixels[start:end], batch.plans[start:end])
+                stats.append(self.engine.last_stats)
         if len(results) != len(batch.good):
             raise RuntimeError(f"engine returned {len(results)} results for {len(batch.good)} images")
+        self.batch_stats = stats[0] if len(stats) == 1 else sum_stats(stats)
         return results
 
     def postprocess(self, batch: PreparedBatch, results: list[dict]) -> list[Answer]:
@@ -256,6 +272,12 @@ def _preparation_failure(exc: BaseException) -> tuple[int, str]:
 def _message(exc: BaseException) -> str:
     message = getattr(exc, "message", None)
     return str(message if isinstance(message, str) and message else exc) or type(exc).__name__
+
+
+def sum_stats(stats: list[dict]) -> dict:
+    """The engine's per-call figures (stage milliseconds, rows, tokens) added over several calls."""
+    keys = {key for one in stats for key, value in one.items() if isinstance(value, (int, float))}
+    return {key: sum(one.get(key) or 0 for one in stats) for key in keys}
 
 
 MAX_ERROR_CHARS = 1000  # a message never carries a request's bulk back (responses are capped at 1 MiB)

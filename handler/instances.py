@@ -1,22 +1,29 @@
 """KServe's v1 protocol on this handler: ``{"instances": [...]}`` in, ``{"predictions": [...]}`` out.
 
 KServe's TorchServe runtime forwards a v1 request's JSON as it is to TorchServe
-(``/v1/models/<name>:predict``, with ``Content-Type: application/json; charset=UTF-8``, which
-the worker passes on as bytes). TorchServe's own ``kserve`` envelope is not used: it reads only
-the first request of a dynamic batch. Here each instance, an object like the JSON form
+(``/v1/models/<name>:predict`` or ``/predictions/<name>``; with ``Content-Type:
+application/json`` the worker hands the handler a parsed dict, with ``application/json;
+charset=UTF-8`` bytes, with ``text/*`` a str: all three are read). TorchServe's own ``kserve``
+envelope must stay off (deploy/kserve/config/config.properties): it reads only the first
+request of a dynamic batch. Here each instance, an object like the JSON form
 (``{"image": "<base64>", "styles": [...], ...}``), becomes one row of the handler's batch, so
-the instances of every request in a batch share one engine call. The predictions come back in
-instance order. KServe v1 has no per-instance error: one bad instance fails its own request
-(with the instance's index in the message), and the other requests of the batch are served.
+the instances of every request in a batch are captioned together. The predictions come back
+in instance order. KServe v1 has no per-instance error: one bad instance fails its own request
+(with the instance's index in the message; its sibling instances are not captioned), and the
+other requests of the batch are served.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
-from handler.request_parsing import RequestError, looks_like_json, parse_json
+from handler.request_parsing import ROUTING_KEYS, RequestError, describe_keys, looks_like_json, parse_json
+
+logger = logging.getLogger(__name__)
 
 INSTANCES_KEY = "instances"
+MAX_INSTANCES_LIMIT = 64  # 64 instances' captions stay far below TorchServe's 1 MiB max_response_size
 _SNIFF_BYTES = 64  # a v1 body names "instances" at its start (json.dumps of a one-key object)
 
 Answer = tuple[int, dict]  # (HTTP status, JSON document)
@@ -31,6 +38,11 @@ class Expansion:
     instance_counts: dict[int, int] = field(default_factory=dict)  # v1 requests -> instances
     errors: dict[int, tuple[int, str]] = field(default_factory=dict)  # v1 requests refused whole
 
+    def siblings_of_failures(self, failed_rows) -> set[int]:
+        """Rows of v1 requests that already have a failed instance: captioning them is wasted."""
+        failed_requests = {self.owner[row] for row in failed_rows if self.owner[row] in self.instance_counts}
+        return {row for row, owner in enumerate(self.owner) if owner in failed_requests} - set(failed_rows)
+
 
 def expand_instances(data: list, max_instances: int) -> Expansion:
     expansion = Expansion()
@@ -39,6 +51,13 @@ def expand_instances(data: list, max_instances: int) -> Expansion:
             instances = instances_of(row, max_instances)
         except RequestError as exc:
             expansion.errors[idx] = (exc.status, exc.message)
+            continue
+        except MemoryError:
+            expansion.errors[idx] = (507, "out of memory while reading the request")
+            continue
+        except Exception as exc:  # noqa: BLE001 - one request's failure stays its own
+            logger.error("reading request %d of the batch failed", idx, exc_info=True)
+            expansion.errors[idx] = (500, f"internal error while reading the request ({type(exc).__name__})")
             continue
         if instances is None:
             expansion.rows.append(row)
@@ -53,10 +72,16 @@ def expand_instances(data: list, max_instances: int) -> Expansion:
 def instances_of(row, max_instances: int) -> list[dict] | None:
     """The instances of a v1 request, or None for any other request (left to request_parsing)."""
     body = row.get("body") if isinstance(row, dict) else None
+    if isinstance(body, str):  # a text/* body, decoded by the worker
+        body = body.encode("utf-8")
     if isinstance(body, (bytes, bytearray)) and _names_instances(body):
         body = parse_json(bytes(body))
     if not isinstance(body, dict) or INSTANCES_KEY not in body:
         return None
+    fields = sorted(set(row) - {"body"} - ROUTING_KEYS)
+    if fields:  # URL query or form fields: their options would apply to no instance
+        raise RequestError(f"a v1 request carries its options in each instance; got other fields "
+                           f"{describe_keys(dict.fromkeys(fields))}")
     others = sorted(set(body) - {INSTANCES_KEY})
     if others:
         raise RequestError(f"a v1 request holds only {INSTANCES_KEY!r}; put options in each instance "
@@ -76,11 +101,14 @@ def _names_instances(body: bytes) -> bool:
     return looks_like_json(body) and b'"' + INSTANCES_KEY.encode() + b'"' in body[:_SNIFF_BYTES]
 
 
-def merge_answers(expansion: Expansion, size: int, row_answers: list[Answer]) -> list[Answer]:
-    """One answer per request: its row's, or for a v1 request its predictions (or first error)."""
-    per_request: dict[int, list[Answer]] = {}
-    for owner, answer in zip(expansion.owner, row_answers):
-        per_request.setdefault(owner, []).append(answer)
+def merge_answers(expansion: Expansion, size: int, row_answers: list[Answer], skipped=frozenset(),
+                  batch_failure: tuple[int, str] | None = None) -> list[Answer]:
+    """One answer per request: its row's, or for a v1 request its predictions, or its first
+    failed instance's error (rows in `skipped` were not run because of it). `batch_failure`
+    (status, message) failed every unanswered row of the batch: it names no instance."""
+    per_request: dict[int, list[Answer | None]] = {}
+    for row, (owner, answer) in enumerate(zip(expansion.owner, row_answers)):
+        per_request.setdefault(owner, []).append(None if row in skipped else answer)
     merged = []
     for idx in range(size):
         if idx in expansion.errors:
@@ -89,11 +117,16 @@ def merge_answers(expansion: Expansion, size: int, row_answers: list[Answer]) ->
         elif idx not in expansion.instance_counts:
             merged.append(per_request[idx][0])
         else:
-            answers = per_request[idx]
-            failed = next(((k, a) for k, a in enumerate(answers) if a[0] != 200), None)
-            if failed is None:
-                merged.append((200, {"predictions": [document for _, document in answers]}))
-            else:
-                k, (status, document) = failed
-                merged.append((status, {"error": f"{INSTANCES_KEY}[{k}]: {document['error']}"}))
+            merged.append(merge_instances(per_request[idx], batch_failure))
     return merged
+
+
+def merge_instances(answers: list[Answer | None], batch_failure: tuple[int, str] | None = None) -> Answer:
+    failures = [(k, answer) for k, answer in enumerate(answers) if answer is not None and answer[0] != 200]
+    if not failures:
+        return 200, {"predictions": [document for _, document in answers]}
+    own = [(k, (s, d)) for k, (s, d) in failures if (s, d["error"]) != batch_failure]
+    if not own:  # only the batch's failure (out of memory, a crash): no instance to name
+        return failures[0][1]
+    k, (status, document) = own[0]
+    return status, {"error": f"{INSTANCES_KEY}[{k}]: {document['error']}"}

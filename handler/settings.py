@@ -15,11 +15,12 @@ from typing import Any
 
 import torch
 
-from model.engine import ROW_KEY_STRIDE
+from handler.instances import MAX_INSTANCES_LIMIT
 from model.image import DEFAULT_MAX_PIXELS
 from model.layouts import LAYOUTS, STATIC_LAYOUTS
 from model.precision import AUTO, DTYPE_CHOICES, resolve_dtype
-from model.styles import Limits
+from model.sampling import ROW_KEY_STRIDE
+from model.styles import MIN_REPETITION_PENALTY, Limits
 
 ON_GPU = "gpu"  # a compile setting that applies on CUDA devices only
 
@@ -133,9 +134,10 @@ class HandlerSettings:
         if settings.cpu_quantize not in (None, "int8"):
             raise SettingsError("model-config.yaml handler: cpu_quantize must be int8 or absent")
         if (settings.threads < 0 or settings.decode_threads < 1 or settings.decode_processes < 0
-                or settings.decode_intra_op_threads < 0 or settings.max_pixels < 1 or settings.max_instances < 1):
+                or settings.decode_intra_op_threads < 0 or settings.max_pixels < 1
+                or not 1 <= settings.max_instances <= MAX_INSTANCES_LIMIT):
             raise SettingsError("model-config.yaml handler: threads >= 0, decode_threads >= 1, decode_processes >= 0, "
-                                "decode_intra_op_threads >= 0, max_pixels >= 1, max_instances >= 1")
+                                f"decode_intra_op_threads >= 0, max_pixels >= 1, 1 <= max_instances <= {MAX_INSTANCES_LIMIT}")
         return settings
 
 
@@ -180,6 +182,9 @@ def _limits(raw: Any) -> Limits:
     if values.get("max_num_captions", 0) > ROW_KEY_STRIDE:
         raise SettingsError(f"model-config.yaml handler.limits: max_num_captions must be at most {ROW_KEY_STRIDE} "
                             "(each caption of a style has its own sampling-noise key)")
+    if values.get("max_repetition_penalty", MIN_REPETITION_PENALTY) < MIN_REPETITION_PENALTY:
+        raise SettingsError("model-config.yaml handler.limits: max_repetition_penalty must be at least "
+                            f"{MIN_REPETITION_PENALTY}, the smallest penalty a request may ask for")
     # The engine's KV cache is sized for the config's max_text_tokens; make_plan enforces
     # max_new_tokens <= limits.max_new_tokens, the engine the hard cap.
     return Limits(**values)

@@ -42,7 +42,7 @@ from .kv_cache import GroupKV, ImageMajorCache, KVCache, PrefixKV, SharedPrefixC
 from .layouts import DEFAULT_ROWS_PER_IMAGE, LAYOUTS, STATIC_LAYOUTS, STATIC_ROW_BUCKETS
 from .packing import is_packed, prepack_available, prepack_decoder
 from .quantize import quantize_decoder
-from .sampling import RowParams, TokenState, make_row_params, select_next, select_step
+from .sampling import ROW_KEY_STRIDE, RowParams, TokenState, make_row_params, select_next, select_step
 from .slots import Placement, in_order
 from .styles import STYLES, CaptionPlan, make_plan, response_key
 from .text import tidy_caption
@@ -50,7 +50,6 @@ from .tokenizer import VOCAB_PATH, Vocabulary
 
 logger = logging.getLogger(__name__)
 
-ROW_KEY_STRIDE = 64  # row key = style index * stride + caption index (captions per style <= stride)
 # The static step's graph also depends on two sizes of the sampling settings: the top-k
 # candidate count and the longest no-repeat n-gram. Raising them to these floors gives every
 # batch of default-like requests (any styles; top_k <= 64, n-grams <= 4) the same graph, with

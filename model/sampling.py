@@ -98,6 +98,9 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+ROW_KEY_STRIDE = 64  # row key = style index * stride + caption index (captions per style <= stride)
+
+
 def row_stream(seed: torch.Tensor, row_key: torch.Tensor, step) -> torch.Tensor:
     """(R,) hash state for one row at one step."""
     h = _mix32(seed & _MASK32)

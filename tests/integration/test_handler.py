@@ -108,7 +108,8 @@ def v1_row(*instances, content_type: str = "application/json") -> list[dict]:
     """A KServe v1 request; KServe's runtime sends `application/json; charset=UTF-8`, which the
     worker passes on undecoded (bytes)."""
     body = {"instances": list(instances)}
-    value = body if content_type == "application/json" else json.dumps(body).encode()
+    value = (body if content_type == "application/json" else json.dumps(body) if content_type.startswith("text/")
+             else json.dumps(body).encode())
     return [{"name": "body", "contentType": content_type, "value": value}]
 
 
@@ -130,7 +131,8 @@ def test_kserve_v1_instances_share_the_batch_with_other_requests(served):
         ))
     finally:
         handler.engine.caption = real_caption
-    assert calls == [5]  # every good image of the four requests in one engine call
+    # one engine call for the good images; the bad request's good sibling (rocket) is not run
+    assert calls == [4]
     assert [r.status for r in replies] == [200, 200, 200, 400]
     assert replies[0].json() == {"predictions": [golden("chelsea.png"), golden("rocket.jpg", styles=["concise"])]}
     assert replies[1].json() == golden("coffee.png")
@@ -138,6 +140,40 @@ def test_kserve_v1_instances_share_the_batch_with_other_requests(served):
     error = replies[3].json()["error"]
     assert error.startswith("instances[1]: ") and "num_captions" in error, error
     assert all(r.content_type == "application/json" for r in replies)
+
+
+def test_kserve_v1_images_beyond_batch_size_take_more_engine_calls(served, monkeypatch):
+    service, handler = served
+    calls = []
+    real_caption = handler.engine.caption
+    monkeypatch.setattr(handler, "images_per_call", 2)
+    monkeypatch.setattr(handler.engine, "caption", lambda pixels, plans: calls.append(len(plans)) or real_caption(pixels, plans))
+    names = ["chelsea.png", "coffee.png", "rocket.jpg", "coffee.png", "chelsea.png"]
+    replies = predict(service, batch(v1_row(*(instance(n, **GREEDY) for n in names), content_type="text/plain")))
+    assert calls == [2, 2, 1]
+    assert replies[0].status == 200 and replies[0].json() == {"predictions": [golden(n) for n in names]}
+
+
+def test_kserve_v1_whole_batch_failure_names_no_instance(served, monkeypatch):
+    service, handler = served
+    monkeypatch.setattr(handler.engine, "caption", lambda *_: (_ for _ in ()).throw(MemoryError()))
+    replies = predict(service, batch(v1_row(instance("chelsea.png", **GREEDY), instance("rocket.jpg", **GREEDY))))
+    assert replies[0].status == 507 and replies[0].json()["error"] == captioner_handler.OOM_MESSAGE
+
+
+def test_kserve_v1_request_that_cannot_be_read_fails_alone(served, monkeypatch):
+    from handler import instances
+
+    service, _ = served
+
+    def parse_json(data):
+        raise MemoryError
+
+    monkeypatch.setattr(instances, "parse_json", parse_json)
+    replies = predict(service, batch(v1_row(instance("chelsea.png", **GREEDY), content_type="application/json; charset=UTF-8"),
+                                     json_row(IMAGES["coffee.png"], **GREEDY)))
+    assert replies[0].status == 507 and "out of memory while reading the request" in replies[0].json()["error"]
+    assert replies[1].status == 200 and replies[1].json() == golden("coffee.png")
 
 
 @pytest.mark.parametrize("body, needle", [
@@ -148,11 +184,16 @@ def test_kserve_v1_instances_share_the_batch_with_other_requests(served):
     ({"instances": [{"styles": ["concise"]}]}, "instances[0]: the JSON body needs an 'image' field"),
     ({"instances": [{"image": "x"}] * 9}, "at most 8 instances per request, got 9"),
     (b'{"instances": [{"image": ', "malformed JSON"),
+    ("url-field", "a v1 request carries its options in each instance; got other fields 'styles'"),
 ])
 def test_bad_kserve_v1_requests_get_400_and_their_batch_mates_are_served(served, body, needle):
     service, _ = served
-    bad = ([{"name": "body", "contentType": "application/json; charset=UTF-8", "value": body}]
-           if isinstance(body, bytes) else [{"name": "body", "contentType": "application/json", "value": body}])
+    if body == "url-field":  # /models/captioner/invoke?styles=concise: a query parameter beside the body
+        bad = v1_row(instance("chelsea.png", **GREEDY)) + [{"name": "styles", "contentType": "", "value": b"concise"}]
+    elif isinstance(body, bytes):
+        bad = [{"name": "body", "contentType": "application/json; charset=UTF-8", "value": body}]
+    else:
+        bad = [{"name": "body", "contentType": "application/json", "value": body}]
     replies = predict(service, batch(bad, json_row(IMAGES["chelsea.png"], **GREEDY)))
     assert replies[0].status == 400 and needle in replies[0].json()["error"], replies[0]
     assert replies[1].status == 200 and replies[1].json() == golden("chelsea.png")
@@ -261,8 +302,10 @@ def test_invalid_handler_settings_fail_the_worker_start(tmp_path):
         make_service(make_model_dir(tmp_path / "c", {"compile_decode": "always"}))
     with pytest.raises(SettingsError, match="max_num_captions must be at most 64"):
         make_service(make_model_dir(tmp_path / "d", {"limits": {"max_num_captions": 65}}))
-    with pytest.raises(SettingsError, match="max_instances >= 1"):
+    with pytest.raises(SettingsError, match="1 <= max_instances <= 64"):
         make_service(make_model_dir(tmp_path / "e", {"max_instances": 0}))
+    with pytest.raises(SettingsError, match="max_repetition_penalty must be at least 0.01"):
+        make_service(make_model_dir(tmp_path / "f", {"limits": {"max_repetition_penalty": 0.005}}))
 
 
 def test_compile_settings_per_device():

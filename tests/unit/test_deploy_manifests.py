@@ -223,6 +223,7 @@ def test_kserve_config_properties_fits_the_runtime_layout():
     # request of a batch (tests/e2e/test_kserve.py runs this file with the real TorchServe).
     assert _one("InferenceService", "kserve")["spec"]["predictor"]["model"]["protocolVersion"] == "v1"
     assert "service_envelope" not in props
+    assert props["enable_envvars_config"] == "false"  # KServe's runtime sets TS_SERVICE_ENVELOPE=kserve
     assert props["install_py_dep_per_model"] == "false"  # nothing is downloaded at load time
     assert props["metrics_mode"] == "prometheus"
     assert props["metrics_address"].endswith(":8082")
