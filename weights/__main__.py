@@ -72,6 +72,16 @@ def _cmd_random(args: argparse.Namespace) -> int:
     return 0
 
 
+def _at_least(low: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {low}"  # argparse names the type in its error message
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     official = official_file()
     parser = argparse.ArgumentParser(prog="python -m weights", description=__doc__.splitlines()[0])
@@ -81,8 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", default=None, help=f"source URL (default ${URL_ENV} or {default_url()})")
     p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="final path (default %(default)s)")
     p.add_argument("--sha256", default=None, help=f"expected sha256 (default {official['sha256']})")
-    p.add_argument("--size", type=int, default=-1, help=f"expected size in bytes (default {official['size_bytes']})")
-    p.add_argument("--retries", type=int, default=2, help="resumes of a transfer cut mid-way (default %(default)s)")
+    p.add_argument("--size", type=_at_least(1), default=-1, help=f"expected size in bytes (default {official['size_bytes']})")
+    p.add_argument("--retries", type=_at_least(0), default=2, help="resumes of a transfer cut mid-way (default %(default)s)")
     p.add_argument("--connect-timeout", type=float, default=10.0, help="seconds (default %(default)s)")
     p.set_defaults(func=_cmd_fetch)
 

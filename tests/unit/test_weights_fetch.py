@@ -134,6 +134,65 @@ def test_wrong_size_fails_before_hashing(serve, payload, digest, tmp_path):
     assert not out.exists()
 
 
+def test_server_file_longer_than_expected_is_refused_at_once(serve, payload, digest, tmp_path):
+    srv = serve(payload)
+    out = tmp_path / "weights.pt"
+    with pytest.raises(ChecksumMismatch, match=f"serves {len(payload):,} bytes, not the expected checkpoint's"):
+        _fetch(srv, out, digest, len(payload) - 10)
+    assert srv.ranges == [None]  # one request, no retries
+    assert not out.exists() and not out.with_name("weights.pt.part").exists()
+
+
+class _FullDisk(io.BytesIO):
+    def write(self, data):
+        raise OSError(28, "No space left on device")
+
+
+def _refuse_permission(*args, **kwargs):
+    raise PermissionError(13, "Permission denied")
+
+
+@pytest.mark.parametrize("part_file, message", [(_FullDisk, "No space left on device"),
+                                                (_refuse_permission, "Permission denied")],
+                         ids=["disk-full", "not-writable"])
+def test_local_write_failure_is_a_clear_error_not_a_network_cut(serve, payload, digest, tmp_path, monkeypatch,
+                                                                 part_file, message):
+    import builtins
+
+    real_open = builtins.open
+
+    def fake_open(path, mode="r", *args, **kwargs):
+        if str(path).endswith(".part") and mode in ("wb", "ab"):
+            return part_file()
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    srv = serve(payload)
+    with pytest.raises(FetchError, match=f"cannot write .*{message}"):
+        _fetch(srv, tmp_path / "weights.pt", digest, len(payload))
+    assert srv.ranges == [None]  # not retried
+
+
+def test_tls_failure_is_not_reported_as_offline(tmp_path, monkeypatch):
+    import requests
+
+    def refuse(*args, **kwargs):
+        raise requests.exceptions.SSLError("certificate verify failed")
+
+    monkeypatch.setattr(requests.Session, "get", refuse)
+    monkeypatch.setattr("weights.fetch._resolve_or_fail", lambda *args: None)
+    with pytest.raises(FetchError, match="SSLError") as error:
+        fetch("https://example.invalid/w.pt", tmp_path / "w.pt", "0" * 64, 10, progress=io.StringIO())
+    assert not isinstance(error.value, NetworkUnavailable)
+
+
+@pytest.mark.parametrize("option, value", [("--retries", "-1"), ("--size", "0")])
+def test_cli_refuses_impossible_numbers(option, value, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["fetch", "--output", str(tmp_path / "w.pt"), option, value])
+    assert exit_.value.code == 2 and "must be at least" in capsys.readouterr().err
+
+
 def test_interrupted_download_resumes_with_range_on_the_next_run(serve, payload, digest, tmp_path):
     srv = serve(payload, cut_first_after=CUT_AFTER)
     out = tmp_path / "weights.pt"
