@@ -68,7 +68,8 @@ def sidebar(defaults: client.Settings) -> client.Settings:
         key = st.text_input("Inference key", value="", type="password", key="api_key", placeholder=hint,
                             help="Leave empty to use CAPTION_API_KEY, or the 'inference' key of the key_file.json "
                                  "that CAPTION_KEY_FILE names (re-read for every request)")
-        timeout = st.number_input("Timeout (s)", min_value=1.0, max_value=600.0, value=float(defaults.timeout),
+        timeout = st.number_input("Timeout (s)", min_value=client.MIN_TIMEOUT_S, max_value=client.MAX_TIMEOUT_S,
+                                  value=float(defaults.timeout),
                                   step=10.0, key="timeout")
         url = url.strip()
         if key.strip():
@@ -169,7 +170,12 @@ def main() -> None:
     st.set_page_config(page_title="Image captions", page_icon="🖼️", layout="wide")
     st.title("Image captions in three styles")
     st.caption("Concise, narrative and descriptive captions from the TorchServe caption service.")
-    settings = sidebar(client.Settings.from_env())
+    try:
+        defaults = client.Settings.from_env()
+    except client.ClientError as exc:  # a setting of the page's environment: nothing can be sent
+        st.error(f"**Settings**: {exc}.")
+        st.stop()
+    settings = sidebar(defaults)
 
     left, right = st.columns([1, 1], gap="large")
     with left:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ import requests
 DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_MODEL = "captioner"
 DEFAULT_TIMEOUT = 120.0
+MIN_TIMEOUT_S, MAX_TIMEOUT_S = 1.0, 600.0  # the page's timeout field; 600 s is the archive's responseTimeout
 
 STYLES = ("concise", "narrative", "descriptive")  # the service's canonical order
 MAX_NUM_CAPTIONS = 8
@@ -78,13 +80,16 @@ class Settings:
         try:
             timeout_s = float(timeout) if timeout else DEFAULT_TIMEOUT
         except ValueError:
-            timeout_s = DEFAULT_TIMEOUT
+            timeout_s = math.nan
+        if not MIN_TIMEOUT_S <= timeout_s <= MAX_TIMEOUT_S:  # nan and inf included
+            raise ClientError(f"CAPTION_TIMEOUT must be a number of seconds from {MIN_TIMEOUT_S:g} to "
+                              f"{MAX_TIMEOUT_S:g}, got {timeout[:40]!r}")
         return cls(
             url=env.get("CAPTION_API_URL", "").strip() or DEFAULT_URL,
             model=env.get("CAPTION_MODEL", "").strip() or DEFAULT_MODEL,
             key=env.get("CAPTION_API_KEY", "").strip() or None,
             key_file=env.get("CAPTION_KEY_FILE", "").strip() or None,
-            timeout=timeout_s if timeout_s > 0 else DEFAULT_TIMEOUT,
+            timeout=timeout_s,
         )
 
     def endpoint(self) -> str:
@@ -98,10 +103,19 @@ class Settings:
     def resolve_key(self) -> str | None:
         """The inference key: the explicit one, else the key file's (read now), else None."""
         if self.key:
-            return self.key.strip()
+            return checked_key(self.key.strip(), "the key given")
         if self.key_file:
-            return read_key_file(self.key_file)
+            return checked_key(read_key_file(self.key_file), f"the key file {self.key_file}")
         return None
+
+
+def checked_key(key: str, source: str) -> str:
+    """The key, if an HTTP header can carry it (TorchServe's keys are visible ASCII); the error
+    never repeats the key."""
+    if not all("!" <= char <= "~" for char in key):
+        raise ClientError(f"{source} holds characters an inference key cannot have (spaces, line breaks, "
+                          "typographic quotes or other non-ASCII): check for a copy-and-paste slip")
+    return key
 
 
 def read_key_file(path: str | os.PathLike) -> str:

@@ -178,3 +178,13 @@ def test_configured_key_is_not_sent_to_another_address(app, stub, closed_port):
     at.text_input(key="api_key").set_value(KEY).run()  # a key typed for this server is used
     press(at)
     assert at.tabs and stub.requests[1]["headers"]["authorization"] == f"Bearer {KEY}"
+
+
+def test_a_timeout_setting_out_of_range_is_shown_not_a_crash(monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("CAPTION_TIMEOUT", "1000")
+    at = AppTest.from_file(str(APP), default_timeout=30)
+    at.run()
+    assert not at.exception, at.exception
+    assert any("CAPTION_TIMEOUT must be a number of seconds from 1 to 600, got '1000'" in e.value for e in at.error)

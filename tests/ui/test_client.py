@@ -194,7 +194,20 @@ def test_settings_from_env(tmp_path):
     assert (s.url, s.model, s.key, s.key_file, s.timeout) == ("http://h:9", "m", "k", "/x/key_file.json", 5.0)
     assert s.endpoint() == "http://h:9/predictions/m"
     assert s.resolve_key() == "k"  # an explicit key wins over the file
-    assert Settings.from_env({"CAPTION_TIMEOUT": "soon"}).timeout == client.DEFAULT_TIMEOUT
+    for bad in ("soon", "0.5", "1000", "inf", "nan"):
+        with pytest.raises(client.ClientError, match="CAPTION_TIMEOUT must be a number of seconds from 1 to 600"):
+            Settings.from_env({"CAPTION_TIMEOUT": bad})
+
+
+@pytest.mark.parametrize("key", ["abc\r\nX-Injected: 1", "abc def", "\u2019quoted\u2019"])
+def test_a_key_no_header_can_carry_is_refused_without_being_shown(key, tmp_path):
+    result = client.caption(Settings(url="http://127.0.0.1:9", key=key), b"\x89PNG")
+    assert result.kind == client.CONFIG and "characters an inference key cannot have" in result.message
+    assert key.strip() not in result.message and "abc" not in result.message
+    key_file = tmp_path / "key_file.json"
+    key_file.write_text(json.dumps({"inference": {"key": key}}))
+    result = client.ping(Settings(url="http://127.0.0.1:9", key_file=str(key_file)))
+    assert result.kind == client.CONFIG and "characters an inference key cannot have" in result.message
 
 
 @pytest.mark.parametrize("text, seed", [("", None), ("  ", None), ("42", 42), (" 1_000 ", 1000)])
