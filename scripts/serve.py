@@ -68,6 +68,9 @@ PORT_VARS = {  # environment variable -> (property, "url" for http://host:port v
     "GRPC_MANAGEMENT_PORT": ("grpc_management_port", "port"),
 }
 STOP_TIMEOUT_S = 60
+READY_MARGIN_S = 60  # past the archive's startupTimeout, make serve gives up waiting for READY
+MODEL_YAML = REPO / "handler" / "model-config.yaml"
+FRONTEND_CLASS = "org.pytorch.serve.ModelServer"  # in the JVM's command line
 
 
 class Failure(Exception):
@@ -218,7 +221,25 @@ def check_ports(props: dict[str, str]) -> None:
                 sock.bind((parts.hostname or "0.0.0.0", parts.port))
             except OSError as exc:
                 raise Failure(f"cannot listen on {address} ({exc.strerror}): another TorchServe running? "
-                              f"Stop it, or pick another port: make serve {var}=...") from exc
+                              f"Stop it, or pick another port: make serve {var}=... (from another clone "
+                              "when the other one is a make serve of this folder)") from exc
+
+
+def working_folder(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/cwd")
+    except OSError:  # ended meanwhile, or not ours to inspect
+        return None
+
+
+def check_no_other_instance_here() -> None:
+    """TorchServe writes key_file.json and logs/ in its working folder: a second make serve in
+    the same folder would replace the first one's keys (and delete them when it stops)."""
+    others = [pid for pid, cmdline in described_processes([str(REPO)], by_cwd=True)
+              if FRONTEND_CLASS in cmdline and working_folder(pid) == str(REPO)]
+    if others:
+        raise Failure(f"TorchServe (pid {others[0]}) already runs from {REPO}: its key_file.json and logs/ are "
+                      "here. Stop it first, or serve from another clone.")
 
 
 def thread_settings(env: dict[str, str]) -> str:
@@ -250,19 +271,34 @@ def read_keys() -> dict[str, str] | None:
         return None  # not written yet (or being written)
 
 
-def wait_ready(process: subprocess.Popen, props: dict[str, str]) -> dict:
+def ready_timeout_s() -> float:
+    """The archive's startupTimeout (loading, compiling, warming up) plus a margin."""
+    import yaml
+
+    return float(yaml.safe_load(MODEL_YAML.read_text()).get("startupTimeout", 120)) + READY_MARGIN_S
+
+
+def log_tail(name: str, lines: int = 15) -> str:
+    try:
+        return "\n".join((REPO / "logs" / name).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return f"(no logs/{name})"
+
+
+def wait_ready(process: subprocess.Popen, props: dict[str, str], timeout_s: float) -> dict:
     import requests
 
     management = local_url(props["management_address"])
+    token_auth = props.get("disable_token_authorization", "false").strip().lower() != "true"
     started = time.monotonic()
     next_note = started + 30
     keys, status = None, "TorchServe is starting"
     while process.poll() is None:
         keys = keys or read_keys()
-        if keys:
+        if keys or not token_auth:
+            headers = {"Authorization": f"Bearer {keys['management']}"} if keys else {}
             try:
-                response = requests.get(f"{management}/models/{MODEL}", timeout=5,
-                                        headers={"Authorization": f"Bearer {keys['management']}"})
+                response = requests.get(f"{management}/models/{MODEL}", timeout=5, headers=headers)
                 if response.ok:
                     workers = response.json()[0].get("workers", [])
                     if any(w.get("status") == "READY" for w in workers):
@@ -272,6 +308,9 @@ def wait_ready(process: subprocess.Popen, props: dict[str, str]) -> dict:
             except (requests.RequestException, ValueError, IndexError):
                 pass
         now = time.monotonic()
+        if now - started > timeout_s:
+            raise Failure(f"{MODEL} was not ready after {timeout_s:.0f} s ({status}); the end of "
+                          f"logs/model_log.log:\n{log_tail('model_log.log')}")
         if now >= next_note:
             say(f"still waiting for {MODEL} after {now - started:.0f} s ({status}; the worker log is "
                 "logs/model_log.log)")
@@ -357,7 +396,10 @@ def stop(process: subprocess.Popen, tmp: Path) -> None:
         except subprocess.TimeoutExpired:
             say("TorchServe did not stop: killing it")
             _kill(process.pid, signal.SIGKILL, group=True)
-            process.wait(timeout=10)
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                say(f"TorchServe (pid {process.pid}) is still there after SIGKILL")
     _kill(process.pid, signal.SIGTERM, group=True)  # the JVM's workers, should any outlive it
     deadline = time.monotonic() + 10
     strays = instance_processes([str(tmp)])
@@ -378,6 +420,7 @@ def serve(weights_arg: str | None, archive_format: str) -> int:
         raise Failure("Java (17 or newer) is needed by TorchServe: install it (apt-get install openjdk-17-jre-headless) "
                       "or set JAVA_HOME")
     check_ports(props)  # before the minutes a download or an archive build may take
+    check_no_other_instance_here()
     weights = resolve_weights(weights_arg)
     ensure_archive(weights, archive_format)
     say(thread_settings(env))
@@ -395,12 +438,13 @@ def serve(weights_arg: str | None, archive_format: str) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, on_signal)
-    # Its own session: the terminal's Ctrl-C reaches this script only, which then stops the whole
-    # group in order (the launcher, the JVM and its workers) instead of each dying on its own.
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
-    code = 130
+    code, process = 130, None
     try:
-        wait_ready(process, props)
+        # Its own session: the terminal's Ctrl-C reaches this script only, which then stops the
+        # whole group in order (the launcher, the JVM and its workers) instead of each dying on
+        # its own. Started inside the try: a Ctrl-C right after the start still stops it.
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+        wait_ready(process, props, ready_timeout_s())
         print(banner(props), flush=True)
         code = process.wait()
         say(f"TorchServe exited with status {code}")
@@ -410,7 +454,8 @@ def serve(weights_arg: str | None, archive_format: str) -> int:
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # a second Ctrl-C must not cut
             signal.signal(signum, signal.SIG_IGN)                       # the clean-up short (60 s at most)
-        stop(process, tmp)
+        if process is not None:
+            stop(process, tmp)
         shutil.rmtree(tmp, ignore_errors=True)
         KEY_FILE.unlink(missing_ok=True)  # its keys died with the server
         say("stopped")

@@ -164,6 +164,21 @@ def test_make_serve_end_to_end(clone, make_env, tmp_path):
         captions = json.loads(response_text)
         assert list(captions) == ["Concise"] and len(captions["Concise"]) == 1, captions
         assert isinstance(captions["Concise"][0], str) and captions["Concise"][0].strip(), captions
+
+        # A second make serve in the same folder (other ports) would replace this one's
+        # key_file.json: it refuses at once, and the first one's keys stay.
+        keys_before = (clone / "key_file.json").read_text()
+        second_env = {**make_env, **{k: str(v) for k, v in zip(PORT_VARS, free_ports(len(PORT_VARS)))}}
+        second = subprocess.Popen(make_command("serve", tmp_path, f"WEIGHTS={checkpoint}"), cwd=clone, env=second_env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            output, _ = second.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(second.pid, signal.SIGINT)
+            output, _ = second.communicate(timeout=STOP_TIMEOUT_S)
+            pytest.fail(f"a second make serve in the same folder did not refuse:\n{output[-3000:]}")
+        assert second.returncode != 0 and "already runs from" in output, output
+        assert (clone / "key_file.json").read_text() == keys_before
     finally:
         # Ctrl-C: SIGINT to make's process group, as a terminal sends it.
         try:
