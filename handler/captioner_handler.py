@@ -249,10 +249,14 @@ class CaptionHandler:
     def _respond(self, idx: int, status: int, document: dict) -> str:
         """Request `idx`'s reply: its status and content type set on the context, the JSON text."""
         _set_content_type(self.context, idx)
-        if status != 200:
-            self.context.set_response_status(status, reason_phrase(status), idx)
-            return _error_json(document["error"])
-        return json.dumps(document, ensure_ascii=False)
+        if status == 200:
+            text = json.dumps(document, ensure_ascii=False)
+            if len(text.encode("utf-8")) <= MAX_REPLY_BYTES:
+                return text
+            status, document = 400, {"error": f"the answer ({len(text.encode('utf-8')):,} bytes) would exceed the "
+                                              f"server's response limit; ask for fewer instances, captions or tokens"}
+        self.context.set_response_status(status, reason_phrase(status), idx)
+        return _error_json(document["error"])
 
     def _release_memory(self) -> None:
         if self.device.type == "cuda":
@@ -280,6 +284,9 @@ def sum_stats(stats: list[dict]) -> dict:
     return {key: sum(one.get(key) or 0 for one in stats) for key in keys}
 
 
+# Below config.properties' max_response_size (1 MiB): a longer reply is dropped by the frontend,
+# which then fails the whole batch and restarts the worker.
+MAX_REPLY_BYTES = 1_000_000
 MAX_ERROR_CHARS = 1000  # a message never carries a request's bulk back (responses are capped at 1 MiB)
 
 

@@ -232,11 +232,18 @@ def working_folder(pid: int) -> str | None:
         return None
 
 
+def is_java(pid: int) -> bool:
+    try:
+        return Path(os.readlink(f"/proc/{pid}/exe")).name.startswith("java")
+    except OSError:
+        return False
+
+
 def check_no_other_instance_here() -> None:
     """TorchServe writes key_file.json and logs/ in its working folder: a second make serve in
     the same folder would replace the first one's keys (and delete them when it stops)."""
     others = [pid for pid, cmdline in described_processes([str(REPO)], by_cwd=True)
-              if FRONTEND_CLASS in cmdline and working_folder(pid) == str(REPO)]
+              if FRONTEND_CLASS in cmdline and working_folder(pid) == str(REPO) and is_java(pid)]
     if others:
         raise Failure(f"TorchServe (pid {others[0]}) already runs from {REPO}: its key_file.json and logs/ are "
                       "here. Stop it first, or serve from another clone.")
@@ -414,13 +421,13 @@ def stop(process: subprocess.Popen, tmp: Path) -> None:
 
 def serve(weights_arg: str | None, archive_format: str) -> int:
     env = dict(os.environ)
+    check_no_other_instance_here()  # before server_config rewrites build/serve/, which it may run from
     config, props = server_config(env)
     java = Path(env["JAVA_HOME"], "bin", "java") if env.get("JAVA_HOME") else shutil.which("java")
     if not java or not Path(java).exists():
         raise Failure("Java (17 or newer) is needed by TorchServe: install it (apt-get install openjdk-17-jre-headless) "
                       "or set JAVA_HOME")
     check_ports(props)  # before the minutes a download or an archive build may take
-    check_no_other_instance_here()
     weights = resolve_weights(weights_arg)
     ensure_archive(weights, archive_format)
     say(thread_settings(env))

@@ -139,9 +139,12 @@ def _open(session: requests.Session, url: str, offset: int, timeout: tuple[float
         headers["Range"] = f"bytes={offset}-"
     try:
         return session.get(url, headers=headers, stream=True, timeout=timeout, allow_redirects=True)
-    except (requests.exceptions.SSLError, requests.exceptions.ProxyError) as exc:
-        # the network works: a certificate or proxy problem is not "offline"
+    except requests.exceptions.SSLError as exc:  # the network works: a certificate problem is not "offline"
         raise FetchError(f"cannot connect to {url} ({type(exc).__name__}): {exc}") from exc
+    except requests.exceptions.ProxyError as exc:
+        if "Cannot connect to proxy" in str(exc):  # the proxy itself is out of reach: as good as offline
+            raise NetworkUnavailable(f"cannot connect to {url} through the proxy: {exc}") from exc
+        raise FetchError(f"the proxy refused {url}: {exc}") from exc
     except (requests.ConnectionError, requests.Timeout) as exc:
         if isinstance(exc, requests.ReadTimeout):
             raise FetchError(f"no response from {url} within {timeout[1]:g}s: {exc}") from exc
@@ -186,30 +189,26 @@ def _transfer(
         if promised is None and resp.headers.get("Content-Length", "").isdigit():
             promised = offset + int(resp.headers["Content-Length"])
         if size is not None and promised is not None and promised > size:
-            part.unlink(missing_ok=True)
+            if mode == "wb":  # a resumed .part may still be a good prefix (of another URL's file): kept
+                part.unlink(missing_ok=True)
             raise ChecksumMismatch(f"{url} serves {promised:,} bytes, not the expected checkpoint's {size:,}: "
-                                   "wrong URL, a proxy's page or a different version; nothing was kept")
+                                   "wrong URL, a proxy's page or a different version")
         bar = _Progress(size or promised, offset, progress)
         try:
-            f = open(part, mode)
-        except OSError as exc:
-            raise FetchError(f"cannot write {part}: {exc}") from exc
-        try:
-            with f:
+            with open(part, mode) as f:
                 for chunk in resp.iter_content(CHUNK_BYTES):
-                    try:
-                        f.write(chunk)
-                    except OSError as exc:  # disk full, ...: not a network cut, retrying cannot help
-                        raise FetchError(f"cannot write {part}: {exc}") from exc
+                    f.write(chunk)
                     bar.update(len(chunk))
                     if size is not None and bar.done > size:
                         break
                 f.flush()
                 os.fsync(f.fileno())
-        except (requests.RequestException, OSError) as exc:  # reading from the network
+        except requests.RequestException as exc:  # the transfer was cut (an OSError subclass: caught first)
             bar.update(0, final=True)
             written = part.stat().st_size if part.exists() else 0
             raise _Interrupted(f"transfer cut after {written:,} bytes: {exc}") from exc
+        except OSError as exc:  # the file: disk full, no permission, ... (retrying cannot help)
+            raise FetchError(f"cannot write {part}: {exc}") from exc
         bar.update(0, final=True)
     got = part.stat().st_size
     expected = promised if promised is not None else size

@@ -154,6 +154,15 @@ def test_kserve_v1_images_beyond_batch_size_take_more_engine_calls(served, monke
     assert replies[0].status == 200 and replies[0].json() == {"predictions": [golden(n) for n in names]}
 
 
+def test_an_answer_over_the_response_limit_fails_alone(served, monkeypatch):
+    service, _ = served
+    monkeypatch.setattr(captioner_handler, "MAX_REPLY_BYTES", 400)  # a v1 answer of 3 images is longer
+    replies = predict(service, batch(v1_row(*(instance(n, **GREEDY) for n in IMAGES)),
+                                     json_row(IMAGES["chelsea.png"], **GREEDY, styles=["concise"])))
+    assert replies[0].status == 400 and "would exceed the server's response limit" in replies[0].json()["error"]
+    assert replies[1].status == 200 and replies[1].json() == golden("chelsea.png", styles=["concise"])
+
+
 def test_kserve_v1_whole_batch_failure_names_no_instance(served, monkeypatch):
     service, handler = served
     monkeypatch.setattr(handler.engine, "caption", lambda *_: (_ for _ in ()).throw(MemoryError()))
@@ -302,7 +311,7 @@ def test_invalid_handler_settings_fail_the_worker_start(tmp_path):
         make_service(make_model_dir(tmp_path / "c", {"compile_decode": "always"}))
     with pytest.raises(SettingsError, match="max_num_captions must be at most 64"):
         make_service(make_model_dir(tmp_path / "d", {"limits": {"max_num_captions": 65}}))
-    with pytest.raises(SettingsError, match="1 <= max_instances <= 64"):
+    with pytest.raises(SettingsError, match="1 <= max_instances <= 32"):
         make_service(make_model_dir(tmp_path / "e", {"max_instances": 0}))
     with pytest.raises(SettingsError, match="max_repetition_penalty must be at least 0.01"):
         make_service(make_model_dir(tmp_path / "f", {"limits": {"max_repetition_penalty": 0.005}}))

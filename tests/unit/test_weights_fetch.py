@@ -137,7 +137,7 @@ def test_wrong_size_fails_before_hashing(serve, payload, digest, tmp_path):
 def test_server_file_longer_than_expected_is_refused_at_once(serve, payload, digest, tmp_path):
     srv = serve(payload)
     out = tmp_path / "weights.pt"
-    with pytest.raises(ChecksumMismatch, match=f"serves {len(payload):,} bytes, not the expected checkpoint's"):
+    with pytest.raises(ChecksumMismatch, match=f"serves {len(payload):,} bytes, not the expected checkpoint"):
         _fetch(srv, out, digest, len(payload) - 10)
     assert srv.ranges == [None]  # one request, no retries
     assert not out.exists() and not out.with_name("weights.pt.part").exists()
@@ -148,13 +148,22 @@ class _FullDisk(io.BytesIO):
         raise OSError(28, "No space left on device")
 
 
+class _FullAtFlush(io.BytesIO):  # the last chunk stayed buffered; quotas and NFS report late
+    def flush(self):
+        raise OSError(122, "Disk quota exceeded")
+
+    def fileno(self):
+        return 0
+
+
 def _refuse_permission(*args, **kwargs):
     raise PermissionError(13, "Permission denied")
 
 
 @pytest.mark.parametrize("part_file, message", [(_FullDisk, "No space left on device"),
+                                                (_FullAtFlush, "Disk quota exceeded"),
                                                 (_refuse_permission, "Permission denied")],
-                         ids=["disk-full", "not-writable"])
+                         ids=["disk-full", "full-at-flush", "not-writable"])
 def test_local_write_failure_is_a_clear_error_not_a_network_cut(serve, payload, digest, tmp_path, monkeypatch,
                                                                  part_file, message):
     import builtins
@@ -171,6 +180,18 @@ def test_local_write_failure_is_a_clear_error_not_a_network_cut(serve, payload, 
     with pytest.raises(FetchError, match=f"cannot write .*{message}"):
         _fetch(srv, tmp_path / "weights.pt", digest, len(payload))
     assert srv.ranges == [None]  # not retried
+
+
+def test_unreachable_proxy_is_reported_as_offline(tmp_path, monkeypatch):
+    import requests
+
+    def refuse(*args, **kwargs):
+        raise requests.exceptions.ProxyError("Cannot connect to proxy.", OSError("Connection refused"))
+
+    monkeypatch.setattr(requests.Session, "get", refuse)
+    monkeypatch.setattr("weights.fetch._resolve_or_fail", lambda *args: None)
+    with pytest.raises(NetworkUnavailable, match="through the proxy"):
+        fetch("https://example.invalid/w.pt", tmp_path / "w.pt", "0" * 64, 10, progress=io.StringIO())
 
 
 def test_tls_failure_is_not_reported_as_offline(tmp_path, monkeypatch):
