@@ -231,7 +231,7 @@ class CaptionHandler:
                 stats.append(self.engine.last_stats)
         if len(results) != len(batch.good):
             raise RuntimeError(f"engine returned {len(results)} results for {len(batch.good)} images")
-        self.batch_stats = stats[0] if len(stats) == 1 else sum_stats(stats)
+        self.batch_stats = sum_stats(stats)
         return results
 
     def postprocess(self, batch: PreparedBatch, results: list[dict]) -> list[Answer]:
@@ -251,10 +251,11 @@ class CaptionHandler:
         _set_content_type(self.context, idx)
         if status == 200:
             text = json.dumps(document, ensure_ascii=False)
-            if len(text.encode("utf-8")) <= MAX_REPLY_BYTES:
+            size = len(text.encode("utf-8"))
+            if size <= MAX_REPLY_BYTES:
                 return text
-            status, document = 400, {"error": f"the answer ({len(text.encode('utf-8')):,} bytes) would exceed the "
-                                              f"server's response limit; ask for fewer instances, captions or tokens"}
+            status, document = 400, {"error": f"the answer ({size:,} bytes) would exceed the server's response "
+                                              "limit; ask for fewer instances, captions or tokens"}
         self.context.set_response_status(status, reason_phrase(status), idx)
         return _error_json(document["error"])
 

@@ -37,12 +37,12 @@ class Expansion:
 
     rows: list = field(default_factory=list)  # one per image, in batch order
     owner: list[int] = field(default_factory=list)  # the request each row came from
-    instance_counts: dict[int, int] = field(default_factory=dict)  # v1 requests -> instances
+    v1_requests: set[int] = field(default_factory=set)  # requests that came as {"instances": [...]}
     errors: dict[int, tuple[int, str]] = field(default_factory=dict)  # v1 requests refused whole
 
     def siblings_of_failures(self, failed_rows) -> set[int]:
         """Rows of v1 requests that already have a failed instance: captioning them is wasted."""
-        failed_requests = {self.owner[row] for row in failed_rows if self.owner[row] in self.instance_counts}
+        failed_requests = {self.owner[row] for row in failed_rows if self.owner[row] in self.v1_requests}
         return {row for row, owner in enumerate(self.owner) if owner in failed_requests} - set(failed_rows)
 
 
@@ -65,7 +65,7 @@ def expand_instances(data: list, max_instances: int) -> Expansion:
             expansion.rows.append(row)
             expansion.owner.append(idx)
         else:
-            expansion.instance_counts[idx] = len(instances)
+            expansion.v1_requests.add(idx)
             expansion.rows.extend({"body": instance} for instance in instances)
             expansion.owner.extend([idx] * len(instances))
     return expansion
@@ -116,7 +116,7 @@ def merge_answers(expansion: Expansion, size: int, row_answers: list[Answer], sk
         if idx in expansion.errors:
             status, message = expansion.errors[idx]
             merged.append((status, {"error": message}))
-        elif idx not in expansion.instance_counts:
+        elif idx not in expansion.v1_requests:
             merged.append(per_request[idx][0])
         else:
             merged.append(merge_instances(per_request[idx], batch_failure))

@@ -35,13 +35,13 @@ class Vocabulary:
             raise ValueError(f"cannot read tokenizer vocabulary {path}: {exc}") from exc
         if len(tokens) != BASE_VOCAB_SIZE:
             raise ValueError(f"{path}: expected {BASE_VOCAB_SIZE} WordPiece tokens, found {len(tokens)}")
-        misplaced = [f"{token} at line {tokens.index(token) + 1 if token in tokens else 'none'}"
-                     for token, expected in (("[PAD]", PAD_ID), ("[CLS]", CLS_ID), ("[SEP]", SEP_ID))
-                     if token not in tokens or tokens.index(token) != expected]
-        if misplaced:  # the engine feeds and stops on these ids (model/config.py)
-            raise ValueError(f"{path}: not the BERT-uncased layout the model was trained with: {', '.join(misplaced)}")
         self.tokens = tokens + list(SPECIAL_TOKENS)
         self.ids = {token: i for i, token in enumerate(self.tokens)}
+        misplaced = [f"{token} at line {self.ids[token] + 1 if token in self.ids else 'none'}"
+                     for token, expected in (("[PAD]", PAD_ID), ("[CLS]", CLS_ID), ("[SEP]", SEP_ID))
+                     if self.ids.get(token) != expected]
+        if misplaced:  # the engine feeds and stops on these ids (model/config.py)
+            raise ValueError(f"{path}: not the BERT-uncased layout the model was trained with: {', '.join(misplaced)}")
         self.unk_id = self.ids["[UNK]"]
         # What each token adds to text after a previous word: None (special, skipped), the piece
         # glued on ("##ing" -> "ing"), or a space and the word.

@@ -173,6 +173,11 @@ def read_properties(path: Path) -> dict[str, str]:
     return props
 
 
+def token_authorization(props: dict[str, str]) -> bool:
+    """Whether TorchServe asks for keys (on unless the config turns it off)."""
+    return props.get("disable_token_authorization", "false").strip().lower() != "true"
+
+
 def server_config(env: dict[str, str]) -> tuple[Path, dict[str, str]]:
     """The config TorchServe runs with: the shipped one, or a copy with other ports."""
     props = read_properties(SHIPPED_CONFIG)
@@ -296,7 +301,7 @@ def wait_ready(process: subprocess.Popen, props: dict[str, str], timeout_s: floa
     import requests
 
     management = local_url(props["management_address"])
-    token_auth = props.get("disable_token_authorization", "false").strip().lower() != "true"
+    token_auth = token_authorization(props)
     started = time.monotonic()
     next_note = started + 30
     keys, status = None, "TorchServe is starting"

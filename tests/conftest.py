@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from model.styles import STYLES
+
 REPO = Path(__file__).resolve().parents[1]
 # ../shared beside the checkout; CAPTION_SHARED points elsewhere (e.g. a copy on a GPU box).
 SHARED = Path(os.environ.get("CAPTION_SHARED", REPO.parent / "shared"))
@@ -25,7 +27,7 @@ BF16_MIN_IDENTICAL = 6
 def identical_greedy_captions(names: list[str], responses: list[dict], expected_captions: dict) -> int:
     """How many (image, style) captions of greedy responses equal the float32 goldens."""
     return sum(response.get(style.capitalize()) == [expected_captions[name]["greedy"][style]]
-               for name, response in zip(names, responses) for style in ("concise", "narrative", "descriptive"))
+               for name, response in zip(names, responses) for style in STYLES)
 
 
 @pytest.fixture(scope="session")

@@ -30,7 +30,8 @@ from pathlib import Path
 
 import requests
 
-from scripts.serve import instance_processes
+from scripts.serve import instance_processes, token_authorization
+from scripts.serve import read_properties as property_values
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED_CONFIG = REPO / "config.properties"
@@ -151,10 +152,8 @@ class TorchServe:
             "metrics_config": str(METRICS_YAML),
             **self.overrides,
         }
-        config = derive_config(self.source_config, overrides)
-        self.config_path.write_text(config)
-        values = {key: line.split("=", 1)[1].strip() for key, line in read_properties(self.config_path) if key}
-        self.token_auth = values.get("disable_token_authorization", "false").lower() != "true"
+        self.config_path.write_text(derive_config(self.source_config, overrides))
+        self.token_auth = token_authorization(property_values(self.config_path))
         env = {
             **os.environ,
             "TEMP": str(self.tmp),  # -> -Djava.io.tmpdir: extracted archives, worker sockets
