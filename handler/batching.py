@@ -19,7 +19,9 @@ class PreparedBatch:
     """The requests of one batch after parsing, validation and image decoding.
 
     ``good`` lists the batch indexes that reach the model, in order, with their plans and
-    pixel tensors; ``errors`` maps every other index to ``(status, message)``.
+    pixel tensors; ``errors`` maps every other index to ``(status, message)``; ``shared`` holds
+    the indexes whose error is not their own but their engine call's or the whole batch's (out
+    of memory, a crash).
     """
 
     size: int
@@ -27,6 +29,7 @@ class PreparedBatch:
     good: list[int] = field(default_factory=list)
     plans: list[CaptionPlan] = field(default_factory=list)
     pixels: list[torch.Tensor] = field(default_factory=list)
+    shared: set[int] = field(default_factory=set)
     decode_ms: float = 0.0
 
     def fail(self, idx: int, status: int, message: str) -> None:
@@ -39,10 +42,15 @@ class PreparedBatch:
         self.plans = [self.plans[k] for k in keep]
         self.pixels = [self.pixels[k] for k in keep]
 
+    def fail_shared(self, indices, status: int, message: str) -> None:
+        """Fail these requests for a reason they share (their engine call ran out of memory)."""
+        for idx in indices:
+            self.errors[idx] = (status, message)
+            self.shared.add(idx)
+
     def fail_unanswered(self, status: int, message: str) -> None:
         """Fail every request without an answer yet (an OOM or a crash of the batch)."""
-        for idx in range(self.size):
-            self.errors.setdefault(idx, (status, message))
+        self.fail_shared([idx for idx in range(self.size) if idx not in self.errors], status, message)
 
     def pixel_values(self) -> torch.Tensor:
         return torch.stack(self.pixels) if self.pixels else torch.empty(0)

@@ -1,10 +1,11 @@
 """TorchServe handler of the three-style caption model.
 
 One TorchServe batch (up to ``batchSize`` HTTP requests) becomes one call of the caption
-engine. Requests that cannot be parsed, carry invalid options or an unreadable image are
+engine (more calls of up to ``batchSize`` images when KServe v1 requests bring several images
+each). Requests that cannot be parsed, carry invalid options or an unreadable image are
 answered 400 with ``{"error": ...}`` while the rest of the batch is still captioned; an
-out-of-memory error fails the batch's remaining requests with 507 and any other failure with
-500, and the worker keeps serving. A KServe v1 request (``{"instances": [...]}``) contributes
+engine call that runs out of memory fails its own images' requests with 507 (any other
+failure with 500), the batch's other calls are still answered, and the worker keeps serving. A KServe v1 request (``{"instances": [...]}``) contributes
 one image per instance and is answered ``{"predictions": [...]}`` (``handler/instances.py``).
 
 TorchServe requires a handler file to define exactly one class: helpers live in
@@ -132,30 +133,22 @@ class CaptionHandler:
         self.context = context
         expansion = expand_instances(data, self.settings.max_instances)
         batch = PreparedBatch(size=len(expansion.rows))
-        results: list[dict] = []
-        skipped: set[int] = set()
-        batch_failure = None
+        results: dict[int, dict] = {}
         self.batch_stats = None
         try:
             batch = self.preprocess(expansion.rows)
-            skipped = expansion.siblings_of_failures(batch.errors)
-            batch.drop(skipped)
-            results = self.inference(batch)
+            batch.drop(expansion.siblings_of_failures(batch.errors))
+            results = self.inference(batch, skip=expansion.siblings_of_failures)
         except Exception as exc:  # noqa: BLE001 - one bad batch must not kill the worker
-            results = []
-            if is_out_of_memory(exc):
-                logger.error("out of memory in a batch of %d request(s)", batch.size, exc_info=True)
-                self._release_memory()
-                batch_failure = (507, OOM_MESSAGE)
-            else:
-                logger.error("caption batch failed", exc_info=True)
-                batch_failure = (500, f"internal error while captioning ({type(exc).__name__})")
-            batch.fail_unanswered(*batch_failure)
-        answers = merge_answers(expansion, len(data), self.postprocess(batch, results), skipped, batch_failure)
+            results = {}
+            batch.fail_unanswered(*self._failure(exc, f"a batch of {batch.size} request(s)"))
+        # Rows of a v1 request that has a failed instance: not run, or their captions unused.
+        skipped = expansion.siblings_of_failures(batch.errors)
+        answers = merge_answers(expansion, len(data), self.postprocess(batch, results), skipped, batch.shared)
         responses = [self._respond(idx, status, document) for idx, (status, document) in enumerate(answers)]
         handler_metrics.emit_batch(
             context, batch_size=len(data), requests=len(data), errors=sum(status != 200 for status, _ in answers),
-            decode_ms=batch.decode_ms, stats=self.batch_stats if results else None,
+            decode_ms=batch.decode_ms, stats=self.batch_stats,
             handler_ms=(time.perf_counter() - started) * 1000,
         )
         return responses
@@ -217,33 +210,54 @@ class CaptionHandler:
             logger.info("decode pool of %d processes started", settings.decode_processes)
         return pool
 
-    def inference(self, batch: PreparedBatch) -> list[dict]:
-        """Captions for every image of the batch that survived preprocessing: one engine call
+    def inference(self, batch: PreparedBatch, skip=lambda errors: ()) -> dict[int, dict]:
+        """Captions by batch index for the images that survived preprocessing: one engine call
         per `images_per_call` images (batchSize: what warm-up prepared for; KServe v1 requests
-        can bring more images than requests)."""
-        if not batch.good:
-            return []
-        pixels, results, stats = batch.pixel_values(), [], []
+        can bring more images than requests). A call that fails fails only its own images (507
+        out of memory, 500 otherwise): earlier calls' captions are kept and the next call runs,
+        without the images `skip(batch.errors)` names (a failed v1 request's other instances)."""
+        results: dict[int, dict] = {}
+        stats = []
+        pixels = batch.pixel_values()
         with torch.inference_mode():
             for start in range(0, len(batch.good), self.images_per_call):
-                end = start + self.images_per_call
-                results += self.engine.caption(pixels[start:end], batch.plans[start:end])
+                skipped = set(skip(batch.errors))
+                keep = [k for k in range(start, min(start + self.images_per_call, len(batch.good)))
+                        if batch.good[k] not in skipped]
+                if not keep:
+                    continue
+                indices = [batch.good[k] for k in keep]
+                try:
+                    captions = self.engine.caption(pixels[keep], [batch.plans[k] for k in keep])
+                    if len(captions) != len(indices):
+                        raise RuntimeError(f"engine returned {len(captions)} results for {len(indices)} images")
+                except Exception as exc:  # noqa: BLE001 - the other calls' images are still served
+                    batch.fail_shared(indices, *self._failure(exc, f"an engine call of {len(indices)} image(s)"))
+                    continue
+                results.update(zip(indices, captions))
                 stats.append(self.engine.last_stats)
-        if len(results) != len(batch.good):
-            raise RuntimeError(f"engine returned {len(results)} results for {len(batch.good)} images")
-        self.batch_stats = sum_stats(stats)
+        self.batch_stats = sum_stats(stats) if stats else None
         return results
 
-    def postprocess(self, batch: PreparedBatch, results: list[dict]) -> list[Answer]:
+    def _failure(self, exc: Exception, what: str) -> tuple[int, str]:
+        """(status, message) for the requests a failure of `what` leaves unanswered; logs it and,
+        after running out of memory, returns the allocator's cached blocks."""
+        if is_out_of_memory(exc):
+            logger.error("out of memory in %s", what, exc_info=True)
+            self._release_memory()
+            return 507, OOM_MESSAGE
+        logger.error("%s failed", what, exc_info=True)
+        return 500, f"internal error while captioning ({type(exc).__name__})"
+
+    def postprocess(self, batch: PreparedBatch, results: dict[int, dict]) -> list[Answer]:
         """(status, JSON document) for every image of the batch, in batch order."""
-        by_index = dict(zip(batch.good, results)) if results else {}
         answers = []
         for idx in range(batch.size):
-            if idx in batch.errors or idx not in by_index:
+            if idx in batch.errors or idx not in results:
                 status, message = batch.errors.get(idx, (500, "no result for this request"))
                 answers.append((status, {"error": message}))
             else:
-                answers.append((200, by_index[idx]))
+                answers.append((200, results[idx]))
         return answers
 
     def _respond(self, idx: int, status: int, document: dict) -> str:

@@ -104,13 +104,18 @@ def _names_instances(body: bytes) -> bool:
 
 
 def merge_answers(expansion: Expansion, size: int, row_answers: list[Answer], skipped=frozenset(),
-                  batch_failure: tuple[int, str] | None = None) -> list[Answer]:
+                  shared=frozenset()) -> list[Answer]:
     """One answer per request: its row's, or for a v1 request its predictions, or its first
-    failed instance's error (rows in `skipped` were not run because of it). `batch_failure`
-    (status, message) failed every unanswered row of the batch: it names no instance."""
+    failed instance's error (rows in `skipped` were not run, or not used, because of it). Rows
+    in `shared` failed for a reason that is not theirs (their engine call or the whole batch ran
+    out of memory or crashed): such an error names no instance."""
     per_request: dict[int, list[Answer | None]] = {}
+    shared_instances: dict[int, set[int]] = {}
     for row, (owner, answer) in enumerate(zip(expansion.owner, row_answers)):
-        per_request.setdefault(owner, []).append(None if row in skipped else answer)
+        instances = per_request.setdefault(owner, [])
+        if row in shared:
+            shared_instances.setdefault(owner, set()).add(len(instances))
+        instances.append(None if row in skipped else answer)
     merged = []
     for idx in range(size):
         if idx in expansion.errors:
@@ -119,16 +124,18 @@ def merge_answers(expansion: Expansion, size: int, row_answers: list[Answer], sk
         elif idx not in expansion.v1_requests:
             merged.append(per_request[idx][0])
         else:
-            merged.append(merge_instances(per_request[idx], batch_failure))
+            merged.append(merge_instances(per_request[idx], shared_instances.get(idx, set())))
     return merged
 
 
-def merge_instances(answers: list[Answer | None], batch_failure: tuple[int, str] | None = None) -> Answer:
+def merge_instances(answers: list[Answer | None], shared=frozenset()) -> Answer:
+    """A v1 request's answer from its instances' (None: not run): the predictions, or the first
+    instance's own failure (named), or else the first shared failure (not named)."""
     failures = [(k, answer) for k, answer in enumerate(answers) if answer is not None and answer[0] != 200]
     if not failures:
         return 200, {"predictions": [document for _, document in answers]}
-    own = [(k, (s, d)) for k, (s, d) in failures if (s, d["error"]) != batch_failure]
-    if not own:  # only the batch's failure (out of memory, a crash): no instance to name
+    own = [(k, answer) for k, answer in failures if k not in shared]
+    if not own:  # only its engine call's or the batch's failure: no instance to name
         return failures[0][1]
     k, (status, document) = own[0]
     return status, {"error": f"{INSTANCES_KEY}[{k}]: {document['error']}"}

@@ -216,7 +216,7 @@ def test_out_of_memory_in_a_batch_fails_that_batch_with_507_and_the_worker_keeps
         assert status == 507 and OOM_MESSAGE in error_message(body), (status, body)
     # ... the row refused before the engine keeps its own 400.
     assert results[3][0] == 400 and "num_captions" in error_message(results[3][1])
-    assert fault_server.grep_log(r"out of memory in a batch of 4 request\(s\)")
+    assert fault_server.grep_log(r"out of memory in an engine call of 3 image\(s\)")  # the rows that reached it
     # Same worker, still serving: a full batch of valid requests right after.
     after = worker(fault_server, batch8)
     assert after["status"] == "READY" and after["pid"] == pid, after

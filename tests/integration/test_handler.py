@@ -154,6 +154,51 @@ def test_kserve_v1_images_beyond_batch_size_take_more_engine_calls(served, monke
     assert replies[0].status == 200 and replies[0].json() == {"predictions": [golden(n) for n in names]}
 
 
+def failing_call(handler, monkeypatch, failing_calls: set[int], error: Exception) -> list[int]:
+    """The engine's `caption` raising `error` on the calls numbered in `failing_calls` (from 0);
+    returns the list the image count of every call is appended to."""
+    calls = []
+    real_caption = handler.engine.caption
+
+    def caption(pixels, plans):
+        calls.append(len(plans))
+        if len(calls) - 1 in failing_calls:
+            raise error
+        return real_caption(pixels, plans)
+
+    monkeypatch.setattr(handler.engine, "caption", caption)
+    return calls
+
+
+@pytest.mark.parametrize("failing, statuses", [(0, [507, 507, 200]), (1, [200, 200, 507])])
+def test_an_engine_call_out_of_memory_fails_only_its_own_images(served, monkeypatch, failing, statuses):
+    service, handler = served
+    monkeypatch.setattr(handler, "images_per_call", 2)
+    calls = failing_call(handler, monkeypatch, {failing}, torch.cuda.OutOfMemoryError("CUDA out of memory"))
+    replies = predict(service, batch(json_row(IMAGES["chelsea.png"], **GREEDY), json_row(IMAGES["rocket.jpg"], **GREEDY),
+                                     v1_row(instance("coffee.png", **GREEDY), instance("chelsea.png", **GREEDY))))
+    assert calls == [2, 2]
+    assert [r.status for r in replies] == statuses
+    served_answers = [golden("chelsea.png"), golden("rocket.jpg"), {"predictions": [golden("coffee.png"), golden("chelsea.png")]}]
+    for status, reply, expected in zip(statuses, replies, served_answers):
+        # a failed call's error is not the v1 request's own: it names no instance
+        assert reply.json() == (expected if status == 200 else {"error": captioner_handler.OOM_MESSAGE})
+
+
+def test_after_a_failed_engine_call_a_v1_requests_other_instances_are_not_run(served, monkeypatch):
+    service, handler = served
+    monkeypatch.setattr(handler, "images_per_call", 2)
+    calls = failing_call(handler, monkeypatch, {0}, RuntimeError("shape mismatch in some kernel"))
+    names = ["chelsea.png", "rocket.jpg", "coffee.png", "chelsea.png", "rocket.jpg"]
+    replies = predict(service, batch(v1_row(*(instance(n, **GREEDY) for n in names)),
+                                     json_row(IMAGES["coffee.png"], **GREEDY)))
+    # calls of (v0, v1): fails; (v2, v3): all skipped; (v4, plain): only the plain request runs
+    assert calls == [2, 1]
+    assert replies[0].status == 500
+    assert replies[0].json() == {"error": "internal error while captioning (RuntimeError)"}
+    assert replies[1].status == 200 and replies[1].json() == golden("coffee.png")
+
+
 def test_an_answer_over_the_response_limit_fails_alone(served, monkeypatch):
     service, _ = served
     monkeypatch.setattr(captioner_handler, "MAX_REPLY_BYTES", 400)  # a v1 answer of 3 images is longer
