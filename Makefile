@@ -14,6 +14,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
+# KServe's model server for tests/e2e/test_kserve.py, apart from the project's environment.
+KSERVE_VENV ?= .venv-kserve
+KSERVE_STAMP := $(KSERVE_VENV)/.installed
 WEIGHTS ?=
 CHECKPOINT = $(or $(WEIGHTS),weights/weights.pt)
 UI_PORT ?= 8501
@@ -29,6 +32,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+$(KSERVE_STAMP): tests/e2e/kserve-requirements.txt
+	$(PYTHON) -m venv $(KSERVE_VENV)
+	$(KSERVE_VENV)/bin/pip install -q -r tests/e2e/kserve-requirements.txt
+	touch $(KSERVE_STAMP)
 
 # --- The service --------------------------------------------------------------------------
 serve: $(STAMP)
@@ -65,7 +73,7 @@ docker-build-cpu:
 	docker build -t caption-serve:cpu --build-arg VARIANT=cpu .
 
 # --- Tests --------------------------------------------------------------------------------
-test: $(STAMP)
+test: $(STAMP) $(KSERVE_STAMP)
 	$(PY) -m pytest tests
 
 test-unit: $(STAMP)
@@ -74,7 +82,7 @@ test-unit: $(STAMP)
 test-integration: $(STAMP)
 	$(PY) -m pytest tests/integration
 
-test-e2e: $(STAMP)
+test-e2e: $(STAMP) $(KSERVE_STAMP)
 	$(PY) -m pytest tests/e2e
 
 test-ui: $(STAMP)

@@ -238,3 +238,11 @@ def test_kserve_config_properties_fits_the_runtime_layout():
     assert int(props["default_response_timeout"]) == archive["responseTimeout"]
     # KServe's request timeout outlasts TorchServe's, so TorchServe answers a batch out of time
     assert _one("InferenceService", "kserve")["spec"]["predictor"]["timeout"] > archive["responseTimeout"]
+
+
+def test_kserve_model_server_waits_for_the_worker_as_long_as_torchserve_does():
+    """The runtime's model server polls TorchServe MODEL_LOAD_MAX_TRY times, MODEL_LOAD_DELAY s
+    apart, and then gives up on the model for good: that must cover the worker's startupTimeout."""
+    env = {item["name"]: item["value"] for item in _one("InferenceService", "kserve")["spec"]["predictor"]["model"]["env"]}
+    archive = yaml.safe_load((REPO / "handler" / "model-config.yaml").read_text())
+    assert int(env["MODEL_LOAD_MAX_TRY"]) * int(env["MODEL_LOAD_DELAY"]) > archive["startupTimeout"]

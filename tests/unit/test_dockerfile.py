@@ -124,7 +124,7 @@ def test_weights_reach_the_build_through_a_bind_mount_not_a_layer():
     assert "--mount=type=bind,source=weights" in runs
     assert not any(a.split()[0].endswith(".pt") for a in _args("COPY"))
     ignored = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()]
-    assert ".git" in ignored and ".venv" in ignored
+    assert ".git" in ignored and ".venv" in ignored and ".venv-kserve" in ignored
     assert not any(line in {"weights", "weights/", "*.pt", "weights/*.pt", "**/*.pt"} for line in ignored)
 
 
