@@ -21,7 +21,7 @@ import logging
 import sys
 import time
 from concurrent.futures import BrokenExecutor, Executor, Future
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 # Inside an extracted archive (a MAR-INF folder beside this file) the packages shipped in the
@@ -39,7 +39,7 @@ from handler.preparation import (Preparation, make_pool, prepare_request, prepar
                                  split_into_tasks, start_processes)
 from handler.request_parsing import error_body  # noqa: E402
 from handler.settings import HandlerSettings  # noqa: E402
-from model.styles import STYLES  # noqa: E402
+from model.styles import STYLE_DEFAULTS, STYLES  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +131,9 @@ class CaptionHandler:
     def handle(self, data, context):
         started = time.perf_counter()
         self.context = context
+        if _is_describe(context):  # GET /models/<name>?customized=true: TorchServe sends it alone
+            _set_content_type(context, 0)
+            return [json.dumps(self.describe_handle())]
         expansion = expand_instances(data, self.settings.max_instances)
         batch = PreparedBatch(size=len(expansion.rows))
         results: dict[int, dict] = {}
@@ -273,6 +276,23 @@ class CaptionHandler:
         self.context.set_response_status(status, reason_phrase(status), idx)
         return _error_json(document["error"])
 
+    def describe_handle(self) -> dict:
+        """The management API's `customizedMetadata` (`GET /models/<name>?customized=true`):
+        what this worker accepts and how it runs the model."""
+        engine = self.engine
+        return {
+            "styles": {style: {"num_captions": defaults.num_captions, **asdict(defaults.sampling)}
+                       for style, defaults in STYLE_DEFAULTS.items()},
+            "limits": asdict(self.limits),
+            "max_instances": self.settings.max_instances,
+            "images_per_engine_call": self.images_per_call,
+            "device": str(self.device),
+            "dtype": str(engine.dtype).removeprefix("torch."),
+            "compiled": {"encoder": bool(engine.encoder_buckets), "decode": bool(engine.static_shapes),
+                         "prefill": bool(engine.compile_prefill)},
+            "model_config": asdict(engine.config),
+        }
+
     def _release_memory(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -314,6 +334,13 @@ def _error_json(message: str) -> str:
     if isinstance(body, str):
         return body
     return json.dumps(body, ensure_ascii=False)
+
+
+def _is_describe(context) -> bool:
+    """Whether the batch is the management API's describe request (its `describe` header)."""
+    if getattr(context, "request_processor", None) is None:
+        return False
+    return context.get_request_header(0, "describe") == "True"
 
 
 def _set_content_type(context, idx: int) -> None:

@@ -338,3 +338,14 @@ def test_describe_lists_the_archive(server):
     description = server.describe(MODEL)[0]
     assert description["modelVersion"] == "1.0" and description["runtime"] == "python"
     assert json.dumps(description)  # plain JSON
+
+
+def test_customized_describe_shows_what_the_worker_serves(server):
+    response = server.manage("GET", f"/models/{MODEL}", params={"customized": "true"})
+    assert response.status_code == 200, response.text
+    (description,) = response.json()
+    facts = description["customizedMetadata"]
+    assert list(facts["styles"]) == ["concise", "narrative", "descriptive"]
+    assert (facts["device"], facts["dtype"]) == ("cpu", GOLDEN_CPU_DTYPE)
+    assert facts["limits"]["max_new_tokens"] == facts["model_config"]["max_text_tokens"]
+    assert [w["status"] for w in description["workers"]] == ["READY"]

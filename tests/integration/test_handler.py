@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from handler import captioner_handler
+from model.styles import STYLES
 from tests.conftest import BF16_MIN_IDENTICAL, identical_greedy_captions
 from tests.integration import handler_harness
 from tests.integration.handler_harness import (
@@ -46,6 +47,27 @@ def test_initialize_picks_cpu_float32_and_caps_tokens(served):
     assert handler.device == torch.device("cpu")
     assert handler.engine.dtype == torch.float32
     assert handler.limits.max_new_tokens == handler.engine.config.max_text_tokens == 40
+
+
+def test_the_management_apis_describe_request_gets_the_workers_facts(served):
+    """GET /models/captioner?customized=true reaches the handler as a batch of one request with
+    no body and the header describe=True; its answer becomes the description's customizedMetadata."""
+    service, handler = served
+    (reply,) = predict(service, [{"requestId": b"describe", "headers": [{"name": b"describe", "value": b"True"}],
+                                  "parameters": []}])
+    assert reply.status == 200 and reply.content_type == "application/json"
+    facts = reply.json()
+    assert list(facts["styles"]) == list(STYLES)
+    assert facts["styles"]["concise"] == {"num_captions": 2, "temperature": 0.2, "top_k": 3, "top_p": 0.75,
+                                          "repetition_penalty": 1.4, "no_repeat_ngram_size": 2}
+    assert facts["limits"]["max_new_tokens"] == 40 and facts["limits"]["max_num_captions"] == 8
+    assert (facts["device"], facts["dtype"]) == ("cpu", "float32")
+    assert facts["compiled"] == {"encoder": False, "decode": False, "prefill": False}
+    assert facts["model_config"]["image_size"] == handler.engine.config.image_size == 64
+    assert facts["images_per_engine_call"] == 8 and facts["max_instances"] == 8
+    # the batches around it are captioning batches as before
+    replies = predict(service, batch(json_row(IMAGES["chelsea.png"], **GREEDY)))
+    assert replies[0].json() == golden("chelsea.png")
 
 
 @pytest.mark.parametrize("kind,options", [("greedy", GREEDY), ("greedy_plain", PLAIN)])
