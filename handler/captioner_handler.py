@@ -44,6 +44,8 @@ from model.styles import STYLE_DEFAULTS, STYLES  # noqa: E402
 logger = logging.getLogger(__name__)
 
 OOM_MESSAGE = "out of memory while captioning this batch; retry later or ask for fewer captions"
+EXPLAIN_MESSAGE = ("this model gives no explanations; ask for captions at /predictions/<model> "
+                   "(KServe: /v1/models/<model>:predict)")
 
 
 class CaptionHandler:
@@ -131,10 +133,12 @@ class CaptionHandler:
     def handle(self, data, context):
         started = time.perf_counter()
         self.context = context
-        if _is_describe(context):  # GET /models/<name>?customized=true: TorchServe sends it alone
+        if _header(context, 0, "describe") == "True":  # GET /models/<name>?customized=true, sent alone
             _set_content_type(context, 0)
             return [json.dumps(self.describe_handle())]
-        expansion = expand_instances(data, self.settings.max_instances)
+        # /explanations/<name> and KServe's :explain arrive as predictions marked explain=True
+        refused = {idx: (501, EXPLAIN_MESSAGE) for idx in range(len(data)) if _header(context, idx, "explain") == "True"}
+        expansion = expand_instances(data, self.settings.max_instances, refused)
         batch = PreparedBatch(size=len(expansion.rows))
         results: dict[int, dict] = {}
         self.batch_stats = None
@@ -336,11 +340,11 @@ def _error_json(message: str) -> str:
     return json.dumps(body, ensure_ascii=False)
 
 
-def _is_describe(context) -> bool:
-    """Whether the batch is the management API's describe request (its `describe` header)."""
+def _header(context, idx: int, name: str) -> str | None:
+    """A header of request `idx` (TorchServe's own `describe` and `explain` marks too)."""
     if getattr(context, "request_processor", None) is None:
-        return False
-    return context.get_request_header(0, "describe") == "True"
+        return None
+    return context.get_request_header(idx, name)
 
 
 def _set_content_type(context, idx: int) -> None:

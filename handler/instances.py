@@ -38,7 +38,7 @@ class Expansion:
     rows: list = field(default_factory=list)  # one per image, in batch order
     owner: list[int] = field(default_factory=list)  # the request each row came from
     v1_requests: set[int] = field(default_factory=set)  # requests that came as {"instances": [...]}
-    errors: dict[int, tuple[int, str]] = field(default_factory=dict)  # v1 requests refused whole
+    errors: dict[int, tuple[int, str]] = field(default_factory=dict)  # requests refused whole
 
     def siblings_of_failures(self, failed_rows) -> set[int]:
         """Rows of v1 requests that already have a failed instance: captioning them is wasted."""
@@ -46,9 +46,13 @@ class Expansion:
         return {row for row, owner in enumerate(self.owner) if owner in failed_requests} - set(failed_rows)
 
 
-def expand_instances(data: list, max_instances: int) -> Expansion:
-    expansion = Expansion()
+def expand_instances(data: list, max_instances: int, refused: dict[int, tuple[int, str]] | None = None) -> Expansion:
+    """The batch's rows, v1 requests expanded; the requests in `refused` (index: (status,
+    message)) and v1 requests that cannot be read contribute no row, only their error."""
+    expansion = Expansion(errors=dict(refused or {}))
     for idx, row in enumerate(data):
+        if idx in expansion.errors:
+            continue
         try:
             instances = instances_of(row, max_instances)
         except RequestError as exc:

@@ -340,6 +340,17 @@ def test_describe_lists_the_archive(server):
     assert json.dumps(description)  # plain JSON
 
 
+@pytest.mark.parametrize("path, body", [
+    (f"/explanations/{MODEL}", {"image": "x"}),
+    (f"/v1/models/{MODEL}:explain", {"instances": [{"image": "x"}]}),
+])
+def test_explanations_are_refused_with_501(server, path, body):
+    response = requests.post(server.url("inference", path), json=body, headers=server.auth("inference"), timeout=60)
+    assert response.status_code == 501, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    assert response.json()["error"].startswith("this model gives no explanations")
+
+
 def test_customized_describe_shows_what_the_worker_serves(server):
     response = server.manage("GET", f"/models/{MODEL}", params={"customized": "true"})
     assert response.status_code == 200, response.text

@@ -70,6 +70,20 @@ def test_the_management_apis_describe_request_gets_the_workers_facts(served):
     assert replies[0].json() == golden("chelsea.png")
 
 
+def test_explanation_requests_get_501_and_their_batch_mates_are_served(served):
+    """/explanations/captioner and KServe's :explain reach the handler as predictions with the
+    header explain=True; before, they were captioned as if they were predictions."""
+    service, _ = served
+    rows = batch(json_row(IMAGES["chelsea.png"], **GREEDY), json_row(IMAGES["rocket.jpg"], **GREEDY),
+                 v1_row(instance("coffee.png", **GREEDY)))
+    for row in (rows[0], rows[2]):
+        row["headers"] = [{"name": b"explain", "value": b"True"}]
+    replies = predict(service, rows)
+    assert [r.status for r in replies] == [501, 200, 501]
+    assert replies[0].json() == replies[2].json() == {"error": captioner_handler.EXPLAIN_MESSAGE}
+    assert replies[1].json() == golden("rocket.jpg")
+
+
 @pytest.mark.parametrize("kind,options", [("greedy", GREEDY), ("greedy_plain", PLAIN)])
 def test_golden_captions_for_every_image_and_style(served, kind, options):
     service, _ = served
