@@ -25,25 +25,25 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 
-def _env(name: str, default: str) -> str:
+def setting(name: str, default: str) -> str:
     return os.environ.get(name) or default
 
 
 def key_file() -> Path:
-    home = _env("CAPTION_HOME", "/home/model-server")
-    return Path(_env("CAPTION_RUN_DIR", f"{home}/run")) / "key_file.json"
+    home = setting("CAPTION_HOME", "/home/model-server")
+    return Path(setting("CAPTION_RUN_DIR", f"{home}/run")) / "key_file.json"
 
 
-def inference_key(path: Path) -> tuple[str | None, str | None]:
-    """``(key, problem)``: the inference key, or why there is none."""
-    if _env("CAPTION_DISABLE_TOKEN_AUTH", "false").lower() == "true":
+def api_key(path: Path, kind: str = "inference") -> tuple[str | None, str | None]:
+    """``(key, problem)``: the ``kind`` key (inference or management), or why there is none."""
+    if setting("CAPTION_DISABLE_TOKEN_AUTH", "false").lower() == "true":
         return None, None
     try:
-        entry = json.loads(path.read_text(encoding="utf-8"))["inference"]
+        entry = json.loads(path.read_text(encoding="utf-8"))[kind]
     except FileNotFoundError:
         return None, f"no {path} yet (TorchServe still starting?)"
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        return None, f"cannot read the inference key from {path}: {exc!r}"
+        return None, f"cannot read the {kind} key from {path}: {exc!r}"
     expires = entry.get("expiration time")
     if expires:
         # Java's Instant.toString: "2026-01-02T03:04:05.123456789Z"; Python 3.10 (the image's)
@@ -55,16 +55,16 @@ def inference_key(path: Path) -> tuple[str | None, str | None]:
             when = None  # unknown format: let /ping decide
         if when is not None and when <= datetime.now(timezone.utc):
             return None, (
-                f"the inference key expired at {expires}: rotate it with "
-                "GET /token?type=inference on the management port (API key from key_file.json)"
+                f"the {kind} key expired at {expires}: rotate it with "
+                f"GET /token?type={kind} on the management port (API key from key_file.json)"
             )
     return entry.get("key"), None
 
 
 def check(timeout: float = 5.0) -> tuple[bool, str]:
-    host = _env("CAPTION_HEALTH_HOST", "127.0.0.1")
-    port = _env("CAPTION_INFERENCE_PORT", "8080")
-    key, problem = inference_key(key_file())
+    host = setting("CAPTION_HEALTH_HOST", "127.0.0.1")
+    port = setting("CAPTION_INFERENCE_PORT", "8080")
+    key, problem = api_key(key_file())
     if problem:
         return False, problem
     request = urllib.request.Request(f"http://{host}:{port}/ping")

@@ -10,6 +10,7 @@ bounds, no secret values in any file, and the KServe storage layout's config.pro
 
 from __future__ import annotations
 
+import importlib
 import re
 from pathlib import Path
 
@@ -136,6 +137,18 @@ def test_deployment_rolls_out_without_downtime_and_runs_as_non_root():
         assert ":" in container["image"] and not container["image"].endswith(":latest"), container["image"]
     selector = deployment["spec"]["selector"]["matchLabels"]
     assert selector.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_pods_drain_before_they_are_stopped(monkeypatch):
+    """Kubernetes runs the preStop hooks before SIGTERM, all within the grace period."""
+    monkeypatch.syspath_prepend(str(REPO / "docker"))
+    drain = importlib.import_module("drain")
+    torchserve, proxy = _container("torchserve"), _container("auth-proxy")
+    assert torchserve["lifecycle"]["preStop"]["exec"]["command"] == ["python", "/opt/caption/src/docker/drain.py"]
+    assert "CAPTION_DRAIN_TIMEOUT_S" not in _env(torchserve) and "CAPTION_DRAIN_SETTLE_S" not in _env(torchserve)
+    # the proxy takes requests as long as the Service may still route them here
+    assert proxy["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", str(drain.SETTLE_S)]
+    assert _one("Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > drain.TIMEOUT_S > drain.SETTLE_S
 
 
 def test_ports_line_up_between_proxy_torchserve_service_and_probes():
