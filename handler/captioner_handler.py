@@ -5,8 +5,11 @@ engine (more calls of up to ``batchSize`` images when KServe v1 requests bring s
 each). Requests that cannot be parsed, carry invalid options or an unreadable image are
 answered 400 with ``{"error": ...}`` while the rest of the batch is still captioned; an
 engine call that runs out of memory fails its own images' requests with 507 (any other
-failure with 500), the batch's other calls are still answered, and the worker keeps serving. A KServe v1 request (``{"instances": [...]}``) contributes
-one image per instance and is answered ``{"predictions": [...]}`` (``handler/instances.py``).
+failure with 500), the batch's other calls are still answered, and the worker keeps serving.
+A KServe v1 request (``{"instances": [...]}``) contributes one image per instance and is
+answered ``{"predictions": [...]}`` (``handler/instances.py``). The management API's describe
+request (``?customized=true``) gets the worker's facts (``describe_handle``); explanation
+requests get 501.
 
 TorchServe requires a handler file to define exactly one class: helpers live in
 ``handler/batching.py``, ``handler/instances.py``, ``handler/preparation.py``,
