@@ -58,9 +58,11 @@ class Management:
 
 
 def model_versions(api: Management) -> list[tuple[str, str]]:
+    """(name, version) of every registered model version that has a worker (one without
+    workers holds no request, and a describe request would wait for a worker in vain)."""
     names = [entry["modelName"] for entry in api.get("/models", limit="1000")["models"]]
     return [(name, description["modelVersion"]) for name in names
-            for description in api.get(f"/models/{urllib.parse.quote(name)}/all")]
+            for description in api.get(f"/models/{urllib.parse.quote(name)}/all") if description.get("workers")]
 
 
 def barrier(api: Management, name: str, version: str) -> None:

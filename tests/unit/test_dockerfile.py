@@ -6,7 +6,8 @@
   URLs, no secrets in ENV/ARG, apt hygiene in docker/install.sh, every COPY source present.
 - docker/install.sh and docker/entrypoint.sh: `bash -n`, then their dry-run modes (print the
   commands instead of running them); the entrypoint's config generation runs for real.
-- docker/healthcheck.py against a local stand-in for TorchServe's /ping with token auth.
+- docker/healthcheck.py against a local stand-in for TorchServe's /ping with token auth, and
+  docker/drain.py against one for its management API (tests/e2e/test_drain.py: the real one).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import tomllib
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -388,3 +390,73 @@ def test_compile_cache_lives_in_a_writable_folder_that_can_be_a_volume():
     install = (REPO / "docker" / "install.sh").read_text()
     assert re.search(r'install -d -o "\$USER_ID" -g "\$USER_ID" [^\n]*\\\n\s+[^\n]*/home/\$USER_NAME/\.cache/torchinductor',
                      install)
+
+
+# --- docker/drain.py -----------------------------------------------------------------------
+
+class _Management(BaseHTTPRequestHandler):
+    """TorchServe's management API as docker/drain.py uses it: models, versions, describe."""
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802
+        srv = self.server
+        srv.seen.append((self.path, self.headers.get("Authorization")))
+        routes = {
+            "/models?limit=1000": {"models": [{"modelName": "captioner"}, {"modelName": "idle"}]},
+            "/models/captioner/all": [{"modelVersion": "1.0", "workers": [{"id": "9000"}]},
+                                      {"modelVersion": "2.0", "workers": [{"id": "9001"}]}],
+            "/models/idle/all": [{"modelVersion": "1.0", "workers": []}],
+            "/models/captioner/1.0?customized=true": [{"customizedMetadata": {}}],
+            "/models/captioner/2.0?customized=true": [{"customizedMetadata": {}}],
+        }
+        if self.path in srv.hang:
+            srv.release.wait(10)
+        body = routes.get(self.path)
+        data = json.dumps(body if body is not None else {"code": 404}).encode()
+        self.send_response(200 if body is not None else 404)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@pytest.fixture
+def management_server():
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Management)
+    srv.seen, srv.hang, srv.release = [], set(), threading.Event()
+    with serving(srv):
+        yield srv
+        srv.release.set()
+
+
+def _drain(srv, run_dir: Path, **env: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CAPTION_RUN_DIR": str(run_dir), "CAPTION_MANAGEMENT_PORT": str(srv.server_address[1]),
+           "CAPTION_DRAIN_SETTLE_S": "0", **env}
+    return subprocess.run([sys.executable, str(DOCKER / "drain.py")], capture_output=True, text=True, timeout=60,
+                          env=env)
+
+
+def test_drain_describes_every_version_that_has_workers_with_the_management_key(management_server, tmp_path):
+    _key_file(tmp_path, "inf")
+    result = _drain(management_server, tmp_path)
+    assert result.returncode == 0 and result.stdout.startswith("drained (captioner 1.0, captioner 2.0) in"), result
+    paths = [path for path, _ in management_server.seen]
+    assert sorted(p for p in paths if "customized" in p) == ["/models/captioner/1.0?customized=true",
+                                                            "/models/captioner/2.0?customized=true"]
+    assert {auth for _, auth in management_server.seen} == {"Bearer mgmt"}
+
+
+def test_drain_waits_for_the_settle_time_then_gives_up_at_its_timeout(management_server, tmp_path):
+    _key_file(tmp_path, "inf")
+    management_server.hang.add("/models/captioner/2.0?customized=true")  # a worker still computing
+    result = _drain(management_server, tmp_path, CAPTION_DRAIN_SETTLE_S="0.5", CAPTION_DRAIN_TIMEOUT_S="2")
+    assert result.returncode == 1 and result.stdout.startswith("not drained after 2."), result
+    settled = _drain(management_server, tmp_path, CAPTION_DRAIN_SETTLE_S="0.5", CAPTION_DRAIN_TIMEOUT_S="0.4")
+    assert settled.returncode == 1 and settled.stdout.startswith("not drained after 0.4"), settled
+
+
+def test_drain_without_token_auth_sends_no_key(management_server, tmp_path):
+    result = _drain(management_server, tmp_path / "no-keys", CAPTION_DISABLE_TOKEN_AUTH="true")
+    assert result.returncode == 0, result
+    assert {auth for _, auth in management_server.seen} == {None}
