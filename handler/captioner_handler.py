@@ -237,8 +237,10 @@ class CaptionHandler:
                 if not keep:
                     continue
                 indices = [batch.good[k] for k in keep]
+                contiguous = len(keep) == keep[-1] - keep[0] + 1  # a view, no copy, unless rows were skipped
+                images = pixels[keep[0]:keep[-1] + 1] if contiguous else pixels[keep]
                 try:
-                    captions = self.engine.caption(pixels[keep], [batch.plans[k] for k in keep])
+                    captions = self.engine.caption(images, [batch.plans[k] for k in keep])
                     if len(captions) != len(indices):
                         raise RuntimeError(f"engine returned {len(captions)} results for {len(indices)} images")
                 except Exception as exc:  # noqa: BLE001 - the other calls' images are still served

@@ -99,19 +99,25 @@ def test_snapshot_registers_the_model_with_the_archive_settings(kserve):
     assert [w["status"] for w in description["workers"]] == ["READY"]
 
 
-@pytest.mark.parametrize("content_type", V1_CONTENT_TYPES)
-def test_v1_requests_are_batched_and_answered_in_instance_order(kserve, content_type):
+def check_batched_and_in_instance_order(ts: TorchServe, target: TorchServe | str, content_type: str) -> None:
+    """Concurrent v1 requests to `target` (TorchServe `ts` itself, or KServe's model server in
+    front of it): golden predictions in instance order, in fewer batches than requests."""
     requests_ = [[{"image": image_b64(name), **GREEDY}] for name in IMAGE_NAMES]
     requests_.append([{"image": image_b64(name), **GREEDY, "styles": ["concise"]} for name in reversed(IMAGE_NAMES)])
-    batches_before = sum(kserve.metric_values("CaptionBatchesTotal", MODEL))
+    batches_before = sum(ts.metric_values("CaptionBatchesTotal", MODEL))
     with ThreadPoolExecutor(len(requests_)) as pool:
-        responses = list(pool.map(lambda instances: predict(kserve, instances, content_type), requests_))
+        responses = list(pool.map(lambda instances: predict(target, instances, content_type), requests_))
     for name, response in zip(IMAGE_NAMES, responses):
         assert response.status_code == 200, response.text[:300]
         assert response.json() == {"predictions": [golden(name)]}
     assert responses[-1].json() == {"predictions": [golden(n, styles=["concise"]) for n in reversed(IMAGE_NAMES)]}
-    batches = sum(kserve.metric_values("CaptionBatchesTotal", MODEL)) - batches_before
+    batches = sum(ts.metric_values("CaptionBatchesTotal", MODEL)) - batches_before
     assert batches < len(requests_), f"{len(requests_)} concurrent requests took {batches} batches"
+
+
+@pytest.mark.parametrize("content_type", V1_CONTENT_TYPES)
+def test_v1_requests_are_batched_and_answered_in_instance_order(kserve, content_type):
+    check_batched_and_in_instance_order(kserve, kserve, content_type)
 
 
 def test_a_bad_instance_fails_its_request_with_its_index(kserve):
@@ -122,17 +128,7 @@ def test_a_bad_instance_fails_its_request_with_its_index(kserve):
 
 # ------------------------------------------------------------------ through KServe's model server
 def test_through_kserve_v1_requests_are_batched_and_answered_in_instance_order(kserve, front):
-    requests_ = [[{"image": image_b64(name), **GREEDY}] for name in IMAGE_NAMES]
-    requests_.append([{"image": image_b64(name), **GREEDY, "styles": ["concise"]} for name in reversed(IMAGE_NAMES)])
-    batches_before = sum(kserve.metric_values("CaptionBatchesTotal", MODEL))
-    with ThreadPoolExecutor(len(requests_)) as pool:
-        responses = list(pool.map(lambda instances: predict(front, instances), requests_))
-    for name, response in zip(IMAGE_NAMES, responses):
-        assert response.status_code == 200, response.text[:300]
-        assert response.json() == {"predictions": [golden(name)]}
-    assert responses[-1].json() == {"predictions": [golden(n, styles=["concise"]) for n in reversed(IMAGE_NAMES)]}
-    batches = sum(kserve.metric_values("CaptionBatchesTotal", MODEL)) - batches_before
-    assert batches < len(requests_), f"{len(requests_)} concurrent requests took {batches} batches"
+    check_batched_and_in_instance_order(kserve, front, V1_CONTENT_TYPES[0])
 
 
 def test_through_kserve_a_bad_instance_is_a_500_that_keeps_the_handlers_message(front):

@@ -304,11 +304,15 @@ class _Ping(BaseHTTPRequestHandler):
             code, body = 400, {"code": 400, "message": "Token Authorization failed."}
         else:
             code, body = srv.answer
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        _reply_json(self, code, body)
+
+
+def _reply_json(handler: BaseHTTPRequestHandler, code: int, body) -> None:
+    data = json.dumps(body).encode()
+    handler.send_response(code)
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
 
 
 @pytest.fixture
@@ -414,11 +418,10 @@ class _Management(BaseHTTPRequestHandler):
         if self.path in srv.hang:
             srv.release.wait(10)
         body = routes.get(self.path)
-        data = json.dumps(body if body is not None else {"code": 404}).encode()
-        self.send_response(200 if body is not None else 404)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        if body is None:
+            _reply_json(self, 404, {"code": 404})
+        else:
+            _reply_json(self, 200, body)
 
 
 @pytest.fixture
