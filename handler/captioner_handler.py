@@ -47,6 +47,7 @@ from model.styles import STYLE_DEFAULTS, STYLES  # noqa: E402
 logger = logging.getLogger(__name__)
 
 OOM_MESSAGE = "out of memory while captioning this batch; retry later or ask for fewer captions"
+STREAM_NEXT_HEADER = "ts_stream_next"  # TorchServe's mark of a streamed reply: "false" = the last one
 EXPLAIN_MESSAGE = ("this model gives no explanations; ask for captions at /predictions/<model> "
                    "(KServe: /v1/models/<model>:predict)")
 
@@ -275,6 +276,10 @@ class CaptionHandler:
     def _respond(self, idx: int, status: int, document: dict) -> str:
         """Request `idx`'s reply: its status and content type set on the context, the JSON text."""
         _set_content_type(self.context, idx)
+        if _over_grpc(self.context, idx):
+            # gRPC StreamPredictions: this one reply ends the stream. Without the mark TorchServe
+            # 0.12's frontend fails on the reply (a NullPointerException) and restarts the worker.
+            self.context.set_response_header(idx, STREAM_NEXT_HEADER, "false")
         if status == 200:
             text = json.dumps(document, ensure_ascii=False)
             size = len(text.encode("utf-8"))
@@ -350,6 +355,16 @@ def _header(context, idx: int, name: str) -> str | None:
     if getattr(context, "request_processor", None) is None:
         return None
     return context.get_request_header(idx, name)
+
+
+def _over_grpc(context, idx: int) -> bool:
+    """Whether request `idx` came through TorchServe's gRPC API: it carries no HTTP header, only
+    the per-input content-type entries (dicts). Over REST the frontend passes the request's
+    HTTP headers (Host at least), and must not get the stream mark (it would end a stream
+    that was never started)."""
+    if getattr(context, "request_processor", None) is None:
+        return False
+    return not any(isinstance(value, str) for value in context.get_all_request_header(idx).values())
 
 
 def _set_content_type(context, idx: int) -> None:

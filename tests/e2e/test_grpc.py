@@ -83,3 +83,17 @@ def test_grpc_needs_the_inference_key(server, stubs, client):
             predict(server, stubs, client, key=key, data=image_bytes("chelsea.png"), **GREEDY)
         assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED, (key, caught.value)
         assert "Token Authorization failed" in caught.value.details()
+
+
+def test_grpc_stream_predictions_give_one_reply_and_keep_the_worker(server, stubs, client):
+    """Before the handler marked its gRPC replies, one StreamPredictions call made TorchServe's
+    frontend fail on the reply (NullPointerException), answer INTERNAL "Worker died." and
+    restart the worker: a model reload, minutes on a GPU."""
+    pb2, _ = stubs
+    (before,) = server.describe(MODEL)[0]["workers"]
+    request = pb2.PredictionsRequest(model_name=MODEL, input={"data": image_bytes("coffee.png"), **GREEDY})
+    replies = list(client.StreamPredictions(request, metadata=[("authorization", f"Bearer {server.keys['inference']}")],
+                                            timeout=120))
+    assert [json.loads(reply.prediction) for reply in replies] == [golden("coffee.png")]
+    (after,) = server.describe(MODEL)[0]["workers"]
+    assert (after["pid"], after["status"]) == (before["pid"], "READY"), (before, after)

@@ -70,6 +70,21 @@ def test_the_management_apis_describe_request_gets_the_workers_facts(served):
     assert replies[0].json() == golden("chelsea.png")
 
 
+def test_grpc_replies_are_marked_as_the_last_of_their_stream_and_rest_replies_are_not(served):
+    """A gRPC request has no HTTP header; its reply carries ts_stream_next=false, which ends a
+    StreamPredictions call (without it TorchServe's frontend fails and restarts the worker).
+    A REST reply must not carry it."""
+    service, _ = served
+    rows = batch(json_row(IMAGES["chelsea.png"], **GREEDY), json_row(IMAGES["rocket.jpg"], **GREEDY),
+                 raw_row(b"not an image"))
+    rows[1]["headers"] = [{"name": b"Host", "value": b"127.0.0.1:8080"}, {"name": b"Accept", "value": b"*/*"}]
+    replies = predict(service, rows)
+    assert [r.status for r in replies] == [200, 200, 400]
+    assert replies[0].headers.get("ts_stream_next") == replies[2].headers.get("ts_stream_next") == "false"
+    assert "ts_stream_next" not in replies[1].headers
+    assert replies[0].json() == golden("chelsea.png") and replies[1].json() == golden("rocket.jpg")
+
+
 def test_explanation_requests_get_501_and_their_batch_mates_are_served(served):
     """/explanations/captioner and KServe's :explain reach the handler as predictions with the
     header explain=True; before, they were captioned as if they were predictions."""
