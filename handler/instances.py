@@ -26,7 +26,6 @@ INSTANCES_KEY = "instances"
 # 32 instances x 3 styles x 8 captions of 128 random tokens (~840 JSON characters each) are
 # ~650 kB, under TorchServe's 1 MiB max_response_size; the handler also checks every reply.
 MAX_INSTANCES_LIMIT = 32
-_SNIFF_BYTES = 64  # a v1 body names "instances" at its start (json.dumps of a one-key object)
 
 Answer = tuple[int, dict]  # (HTTP status, JSON document)
 
@@ -104,7 +103,10 @@ def instances_of(row, max_instances: int) -> list[dict] | None:
 
 
 def _names_instances(body: bytes) -> bool:
-    return looks_like_json(body) and b'"' + INSTANCES_KEY.encode() + b'"' in body[:_SNIFF_BYTES]
+    """Whether a JSON body may be a v1 request: it names "instances" somewhere (a byte search:
+    about 15 ms for a 32 MB body, against a parse that other JSON requests do in the decode
+    pool; a false hit is parsed here, found to be no v1 request and left to request_parsing)."""
+    return looks_like_json(body) and b'"' + INSTANCES_KEY.encode() + b'"' in body
 
 
 def merge_answers(expansion: Expansion, size: int, row_answers: list[Answer], skipped=frozenset(),

@@ -289,6 +289,8 @@ def test_kserve_v1_request_that_cannot_be_read_fails_alone(served, monkeypatch):
     ({"instances": [{"styles": ["concise"]}]}, "instances[0]: the JSON body needs an 'image' field"),
     ({"instances": [{"image": "x"}] * 9}, "at most 8 instances per request, got 9"),
     (b'{"instances": [{"image": ', "malformed JSON"),
+    # as bytes, with "instances" far from the start: the same answer as the parsed dict's
+    (b'{"parameters": {"note": "' + b"x" * 200 + b'"}, "instances": [{"image": "x"}]}', "holds only 'instances'"),
     ("url-field", "a v1 request carries its options in each instance; got other fields 'styles'"),
 ])
 def test_bad_kserve_v1_requests_get_400_and_their_batch_mates_are_served(served, body, needle):
