@@ -229,10 +229,10 @@ class CaptionHandler:
         without the images `skip(batch.errors)` names (a failed v1 request's other instances)."""
         results: dict[int, dict] = {}
         stats = []
+        skipped: set[int] = set()  # grows only when a call fails
         pixels = batch.pixel_values()
         with torch.inference_mode():
             for start in range(0, len(batch.good), self.images_per_call):
-                skipped = set(skip(batch.errors))
                 keep = [k for k in range(start, min(start + self.images_per_call, len(batch.good)))
                         if batch.good[k] not in skipped]
                 if not keep:
@@ -246,6 +246,7 @@ class CaptionHandler:
                         raise RuntimeError(f"engine returned {len(captions)} results for {len(indices)} images")
                 except Exception as exc:  # noqa: BLE001 - the other calls' images are still served
                     batch.fail_shared(indices, *self._failure(exc, f"an engine call of {len(indices)} image(s)"))
+                    skipped = set(skip(batch.errors))
                     continue
                 results.update(zip(indices, captions))
                 stats.append(self.engine.last_stats)
@@ -350,11 +351,16 @@ def _error_json(message: str) -> str:
     return json.dumps(body, ensure_ascii=False)
 
 
-def _header(context, idx: int, name: str) -> str | None:
-    """A header of request `idx` (TorchServe's own `describe` and `explain` marks too)."""
+def _request_headers(context, idx: int) -> dict | None:
+    """Request `idx`'s headers as the worker passed them (None outside a worker's batch)."""
     if getattr(context, "request_processor", None) is None:
         return None
-    return context.get_request_header(idx, name)
+    return context.get_all_request_header(idx)
+
+
+def _header(context, idx: int, name: str) -> str | None:
+    """A header of request `idx` (TorchServe's own `describe` and `explain` marks too)."""
+    return (_request_headers(context, idx) or {}).get(name)
 
 
 def _over_grpc(context, idx: int) -> bool:
@@ -362,13 +368,12 @@ def _over_grpc(context, idx: int) -> bool:
     the per-input content-type entries (dicts). Over REST the frontend passes the request's
     HTTP headers (Host at least), and must not get the stream mark (it would end a stream
     that was never started)."""
-    if getattr(context, "request_processor", None) is None:
-        return False
-    return not any(isinstance(value, str) for value in context.get_all_request_header(idx).values())
+    headers = _request_headers(context, idx)
+    return headers is not None and not any(isinstance(value, str) for value in headers.values())
 
 
 def _set_content_type(context, idx: int) -> None:
-    if getattr(context, "request_processor", None) is not None:
+    if _request_headers(context, idx) is not None:
         context.set_response_content_type(idx, "application/json")
 
 
