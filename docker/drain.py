@@ -12,7 +12,9 @@ within ``terminationGracePeriodSeconds``:
    on the management API. TorchServe queues it behind the version's earlier requests and
    sends it to the worker in a batch of its own, and the handler answers it, so its answer
    means the worker has answered everything queued before it (one worker per model, as
-   deployed; with several, one of them may still be computing).
+   deployed; with several, one of them may still be computing). A full queue
+   (``job_queue_size``) refuses it with 503; with no new requests arriving the queue empties
+   a batch at a time, so the hook asks again every ``RETRY_S`` seconds.
 
 ``CAPTION_DRAIN_TIMEOUT_S`` (default 40) bounds the whole hook. Exit 0 once drained, 1 with
 the reason otherwise (Kubernetes records a failed hook as an event and stops the container
@@ -29,11 +31,13 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from http import HTTPStatus
 
 from healthcheck import api_key, key_file, setting
 
 SETTLE_S = 10  # CAPTION_DRAIN_SETTLE_S
 TIMEOUT_S = 40  # CAPTION_DRAIN_TIMEOUT_S: under the Deployment's terminationGracePeriodSeconds
+RETRY_S = 0.5  # pause before asking a version whose queue was full again
 
 
 class Management:
@@ -67,7 +71,18 @@ def model_versions(api: Management) -> list[tuple[str, str]]:
 
 def barrier(api: Management, name: str, version: str) -> None:
     """Returns once the version's worker has answered what was queued before this request."""
-    api.get(f"/models/{urllib.parse.quote(name)}/{urllib.parse.quote(version)}", customized="true")
+    path = f"/models/{urllib.parse.quote(name)}/{urllib.parse.quote(version)}"
+    while True:
+        try:
+            api.get(path, customized="true")
+            return
+        except urllib.error.HTTPError as exc:
+            exc.close()
+            if exc.code != HTTPStatus.SERVICE_UNAVAILABLE:
+                raise
+            if time.monotonic() + RETRY_S >= api.deadline:
+                raise TimeoutError(f"the queue of {name} {version} stayed full (503)") from exc
+        time.sleep(RETRY_S)
 
 
 def drain() -> tuple[bool, str]:

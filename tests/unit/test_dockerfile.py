@@ -417,6 +417,13 @@ class _Management(BaseHTTPRequestHandler):
         }
         if self.path in srv.hang:
             srv.release.wait(10)
+        if srv.full.get(self.path, 0) > 0:  # the version's job queue is full
+            srv.full[self.path] -= 1
+            _reply_json(self, 503, {"code": 503, "type": "ServiceUnavailableException"})
+            return
+        if self.path in srv.broken:
+            _reply_json(self, 500, {"code": 500, "type": "InternalServerException"})
+            return
         body = routes.get(self.path)
         if body is None:
             _reply_json(self, 404, {"code": 404})
@@ -427,7 +434,7 @@ class _Management(BaseHTTPRequestHandler):
 @pytest.fixture
 def management_server():
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _Management)
-    srv.seen, srv.hang, srv.release = [], set(), threading.Event()
+    srv.seen, srv.hang, srv.release, srv.full, srv.broken = [], set(), threading.Event(), {}, set()
     with serving(srv):
         yield srv
         srv.release.set()
@@ -457,6 +464,28 @@ def test_drain_waits_for_the_settle_time_then_gives_up_at_its_timeout(management
     assert result.returncode == 1 and result.stdout.startswith("not drained after 2."), result
     settled = _drain(management_server, tmp_path, CAPTION_DRAIN_SETTLE_S="0.5", CAPTION_DRAIN_TIMEOUT_S="0.4")
     assert settled.returncode == 1 and settled.stdout.startswith("not drained after 0.4"), settled
+
+
+def test_drain_asks_again_while_a_queue_is_full_and_says_so_at_its_timeout(management_server, tmp_path):
+    _key_file(tmp_path, "inf")
+    describe = "/models/captioner/2.0?customized=true"
+    management_server.full[describe] = 2
+    result = _drain(management_server, tmp_path)
+    assert result.returncode == 0 and result.stdout.startswith("drained (captioner 1.0, captioner 2.0) in"), result
+    assert [path for path, _ in management_server.seen].count(describe) == 3
+    management_server.full[describe] = 1000
+    full = _drain(management_server, tmp_path, CAPTION_DRAIN_TIMEOUT_S="1.2")
+    assert full.returncode == 1, full
+    assert re.fullmatch(r"not drained after 1\.\d s: the queue of captioner 2\.0 stayed full \(503\)\n", full.stdout), full
+
+
+def test_drain_does_not_ask_again_after_other_errors(management_server, tmp_path):
+    _key_file(tmp_path, "inf")
+    describe = "/models/captioner/2.0?customized=true"
+    management_server.broken.add(describe)
+    result = _drain(management_server, tmp_path)
+    assert result.returncode == 1 and "HTTP Error 500" in result.stdout, result
+    assert [path for path, _ in management_server.seen].count(describe) == 1
 
 
 def test_drain_without_token_auth_sends_no_key(management_server, tmp_path):
