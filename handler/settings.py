@@ -44,8 +44,9 @@ class HandlerSettings:
     # Opt-in int8 dynamic quantization of the decoder on CPU ("int8"): a quarter of the float32
     # weight bytes per decode step, slightly different numbers (see model/quantize.py).
     cpu_quantize: str | None = None
-    # float32 on CPU: decoder Linears reordered once into oneDNN's blocked layout, faster for the
-    # few-row products of a decode step (see model/packing.py). Ignored with cpu_quantize,
+    # On CPU (float32, and bfloat16 where oneDNN multiplies it): decoder Linears reordered once
+    # into oneDNN's blocked layout, faster for the few-row products of a decode step (see
+    # model/packing.py). Ignored with cpu_quantize,
     # compile_decode or compile_prefill (torch.compile cannot trace the packed weights).
     cpu_prepack: bool = True
     # torch.compile of the vision encoder (static N x 3 x S x S shapes) and of the decode step

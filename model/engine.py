@@ -234,7 +234,7 @@ class CaptionEngine:
         `fuse`: merge each block's q/k/v and feature/gate Linears (`model/fusion.py`).
         `quantize="int8"`: int8 dynamic quantization of the decoder (CPU, opt-in).
         `prepack`: oneDNN-packed decoder Linears (`model/packing.py`); None picks them where they
-        apply (float32 on CPU, not quantized, decoder not compiled).
+        apply (CPU, float32 or bfloat16 where oneDNN has it, not quantized, decoder not compiled).
         """
         if config is None:
             config = PRESETS["seed-full"]

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.integration
 def test_model_bench_writes_figures_and_the_baseline_ratio(tmp_path, capsys, prepack, stem):
     argv = ["model", "--weights", str(SEED_TINY / "weights.pt"), "--config", str(SEED_TINY / "config.json"),
             "--batch-sizes", "1,2", "--step-rows", "6", "--max-new-tokens", "6", "--out", str(tmp_path),
-            "--prepack" if prepack else "--no-prepack"]
+            "--dtype", "float32", "--prepack" if prepack else "--no-prepack"]  # auto is bfloat16 on AVX-512 BF16 hosts
     assert main(argv) == 0
     printed = capsys.readouterr().out
     results = json.loads((tmp_path / f"{stem}.json").read_text())
@@ -76,7 +76,7 @@ def test_model_bench_compiled_image_major_reports_the_slots_it_stepped(tmp_path,
     stepped as a whole image bucket (2 images x 6 slots), and the file says so."""
     argv = ["model", "--weights", str(SEED_TINY / "weights.pt"), "--config", str(SEED_TINY / "config.json"),
             "--compile", "--no-compile-prefill", "--dynamic-rows", "--static-layout", "images", "--batch-sizes", "2",
-            "--step-rows", "6", "--max-new-tokens", "4", "--no-baseline", "--out", str(tmp_path)]
+            "--step-rows", "6", "--max-new-tokens", "4", "--no-baseline", "--dtype", "float32", "--out", str(tmp_path)]
     assert main(argv) == 0
     results = json.loads((tmp_path / "model-cpu-float32-compiled-dynamic-images.json").read_text())
     assert results["static_layout"] == "images" and results["decode_step_slots"] == {"6": 12}
