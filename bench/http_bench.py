@@ -311,6 +311,15 @@ class Management:
             raise RuntimeError(f"describe {model}: HTTP {response.status_code} {response.text.strip()}")
         return response.json()[0]
 
+    def worker_facts(self, model: str) -> dict:
+        """How the worker runs the model: part of the handler's answer to a describe request
+        with ``customized=true`` (device, dtype, packed decoder weights, what is compiled)."""
+        response = self.call("GET", f"/models/{model}", customized="true")
+        if response.status_code != 200:
+            raise RuntimeError(f"describe {model} (customized): HTTP {response.status_code} {response.text.strip()}")
+        facts = response.json()[0].get("customizedMetadata") or {}
+        return {key: facts.get(key) for key in WORKER_FACTS}
+
     def register(self, mode: Mode, archive: str, workers: int = 1) -> dict:
         params = {"url": archive, "model_name": mode.model, "batch_size": mode.batch_size,
                   "initial_workers": workers, "synchronous": "true"}
@@ -324,6 +333,9 @@ class Management:
 
     def unregister(self, model: str) -> None:
         self.call("DELETE", f"/models/{model}")
+
+
+WORKER_FACTS = ("device", "dtype", "packed_decoder", "compiled")
 
 
 def applied_settings(description: dict) -> dict:
@@ -652,6 +664,7 @@ def run(args, argv: list[str] | None = None) -> dict:
             if mode.batch_size is None:
                 try:
                     mode.applied = applied_settings(management.describe(mode.model))
+                    mode.applied["worker"] = management.worker_facts(mode.model)
                 except (RuntimeError, requests.RequestException) as exc:
                     mode.applied = {"describe": f"unavailable: {exc}"}
                 continue
@@ -660,6 +673,7 @@ def run(args, argv: list[str] | None = None) -> dict:
             mode.applied = applied_settings(management.register(mode, archive))
             check_applied(mode, mode.applied)
             mode.applied["register_s"] = round(time.perf_counter() - started, 1)
+            mode.applied["worker"] = management.worker_facts(mode.model)
             print(f"  describe: {mode.applied}", flush=True)
         results["modes"] = [{**asdict(mode), "label": mode.label} for mode in modes]
 

@@ -42,6 +42,7 @@ from handler.preparation import (Preparation, make_pool, prepare_request, prepar
                                  split_into_tasks, start_processes)
 from handler.request_parsing import error_body  # noqa: E402
 from handler.settings import HandlerSettings  # noqa: E402
+from model.packing import is_packed  # noqa: E402
 from model.styles import STYLE_DEFAULTS, STYLES  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -303,6 +304,7 @@ class CaptionHandler:
             "images_per_engine_call": self.images_per_call,
             "device": str(self.device),
             "dtype": str(engine.dtype).removeprefix("torch."),
+            "packed_decoder": is_packed(engine.model),
             "compiled": {"encoder": bool(engine.encoder_buckets), "decode": bool(engine.static_shapes),
                          "prefill": bool(engine.compile_prefill)},
             "model_config": asdict(engine.config),

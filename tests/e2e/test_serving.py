@@ -357,6 +357,6 @@ def test_customized_describe_shows_what_the_worker_serves(server):
     (description,) = response.json()
     facts = description["customizedMetadata"]
     assert list(facts["styles"]) == ["concise", "narrative", "descriptive"]
-    assert (facts["device"], facts["dtype"]) == ("cpu", GOLDEN_CPU_DTYPE)
+    assert (facts["device"], facts["dtype"], facts["packed_decoder"]) == ("cpu", GOLDEN_CPU_DTYPE, True)
     assert facts["limits"]["max_new_tokens"] == facts["model_config"]["max_text_tokens"]
     assert [w["status"] for w in description["workers"]] == ["READY"]

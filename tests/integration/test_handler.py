@@ -61,7 +61,7 @@ def test_the_management_apis_describe_request_gets_the_workers_facts(served):
     assert facts["styles"]["concise"] == {"num_captions": 2, "temperature": 0.2, "top_k": 3, "top_p": 0.75,
                                           "repetition_penalty": 1.4, "no_repeat_ngram_size": 2}
     assert facts["limits"]["max_new_tokens"] == 40 and facts["limits"]["max_num_captions"] == 8
-    assert (facts["device"], facts["dtype"]) == ("cpu", "float32")
+    assert (facts["device"], facts["dtype"], facts["packed_decoder"]) == ("cpu", "float32", True)
     assert facts["compiled"] == {"encoder": False, "decode": False, "prefill": False}
     assert facts["model_config"]["image_size"] == handler.engine.config.image_size == 64
     assert facts["images_per_engine_call"] == 8 and facts["max_instances"] == 8

@@ -72,7 +72,11 @@ class StubHandler(BaseHTTPRequestHandler):
 
     def do_GET(self):  # noqa: N802 - describe, or the metrics endpoint
         if self.path.startswith("/models/"):
-            model = self.server.models.get(self.path.rsplit("/", 1)[-1])
+            name, _, query = self.path.rsplit("/", 1)[-1].partition("?")
+            model = self.server.models.get(name)
+            if model and query == "customized=true":  # what the handler adds
+                model = {**model, "customizedMetadata": {"device": "cpu", "dtype": "bfloat16", "packed_decoder": True,
+                                                         "compiled": {"decode": False}, "styles": {}}}
             self.answer(200, [model]) if model else self.answer(404, {"code": 404})
             return
         text = "\n".join([
@@ -293,6 +297,8 @@ def test_the_command_against_a_running_server(stub, tmp_path, capsys):
     assert [(m["model"], m["applied"]["batchSize"], m["applied"]["maxBatchDelay"]) for m in results["modes"]] == [
         ("captioner-bench-b8-d50", 8, 50), ("captioner-bench-b1", 1, 50)]
     assert all(m["applied"]["modelUrl"] == "captioner.mar" for m in results["modes"])  # from describe captioner
+    assert all(m["applied"]["worker"] == {"device": "cpu", "dtype": "bfloat16", "packed_decoder": True,
+                                          "compiled": {"decode": False}} for m in results["modes"])
     assert list(stub.models) == ["captioner"]  # the extra registrations are gone
     assert set(stub.management_auth) == {"Bearer mk"} and set(stub.auth) == {"Bearer ik"}
     assert {json.loads(b)["max_new_tokens"] for b in stub.bodies} == {4}

@@ -1,5 +1,7 @@
 """`auto` precision: bfloat16 on CPUs that multiply it in hardware, float32 on the others."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -20,14 +22,20 @@ def test_auto_on_cpu_follows_native_bfloat16(monkeypatch, avx512_bf16, amx, expe
     assert resolve_dtype("auto", "cpu") == expected
 
 
-def test_a_cpu_with_avx2_at_most_computes_in_float32():
-    """The CI host is AVX2 only (docs/benchmarks.md): no bf16 products, so auto keeps float32.
-    `get_cpu_capability` is PyTorch's own dispatch level, not the flags `precision` reads."""
-    capability = torch.backends.cpu.get_cpu_capability()
-    if capability not in ("DEFAULT", "AVX2"):
-        pytest.skip(f"this CPU dispatches {capability}: it may have bf16 products")
-    assert not precision.cpu_has_native_bfloat16()
-    assert resolve_dtype("auto", CPU) == torch.float32
+def cpu_flags() -> set[str]:
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        pytest.skip("no /proc/cpuinfo to read this CPU's flags from")
+    return {flag for line in cpuinfo.read_text().splitlines() if line.startswith("flags")
+            for flag in line.split(":", 1)[1].split()}
+
+
+def test_auto_on_this_cpu_follows_its_own_flags():
+    """The hosts differ (the project's first AVX2-only host, later an AVX-512 BF16 one): what
+    auto picks here agrees with the kernel's CPU flags, read independently of PyTorch."""
+    native = bool(cpu_flags() & {"avx512_bf16", "amx_tile"})
+    assert precision.cpu_has_native_bfloat16() == native
+    assert resolve_dtype("auto", CPU) == (torch.bfloat16 if native else torch.float32)
 
 
 @pytest.mark.parametrize("name", ["float32", "bfloat16", "float16"])
