@@ -313,11 +313,12 @@ class Management:
 
     def worker_facts(self, model: str) -> dict:
         """How the worker runs the model: part of the handler's answer to a describe request
-        with ``customized=true`` (device, dtype, packed decoder weights, what is compiled)."""
+        with ``customized=true`` (device, dtype, packed decoder weights, what is compiled). An
+        archive whose handler predates that answer is recorded as such, not an error."""
         response = self.call("GET", f"/models/{model}", customized="true")
-        if response.status_code != 200:
-            raise RuntimeError(f"describe {model} (customized): HTTP {response.status_code} {response.text.strip()}")
-        facts = response.json()[0].get("customizedMetadata") or {}
+        facts = response.json()[0].get("customizedMetadata") if response.status_code == 200 else None
+        if not isinstance(facts, dict) or "dtype" not in facts:
+            return {"unavailable": f"HTTP {response.status_code} {response.text.strip()[:200]}"}
         return {key: facts.get(key) for key in WORKER_FACTS}
 
     def register(self, mode: Mode, archive: str, workers: int = 1) -> dict:
@@ -416,16 +417,21 @@ def load_average() -> list[float]:
         return []
 
 
+# CPU features that decide the CPU path's dtype and kernels (model/precision.py, model/packing.py).
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile")
+
+
 def host_info() -> dict:
-    cpu = platform.processor() or platform.machine()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+        lines = []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    flag_lists = [line.split(":", 1)[1].split() for line in lines if line.startswith("flags")]
+    cpu = names[0] if names else platform.processor() or platform.machine()
+    flags = set(flag_lists[0]) if flag_lists else set()
+    info = {"cpu": cpu, "cores": os.cpu_count(), "cpu_flags": [f for f in SPEED_FLAGS if f in flags],
+            "python": platform.python_version(), "platform": platform.platform()}
     try:
         from importlib.metadata import version
 

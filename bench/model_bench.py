@@ -25,7 +25,7 @@ from model.engine import CaptionEngine, decode_step
 from model.image import decode_image, to_pixel_values, to_uint8_pixels
 from model.kv_cache import GroupKV, PrefixKV, SharedPrefixCache
 from model.packing import is_packed
-from model.precision import resolve_dtype
+from model.precision import cpu_has_native_bfloat16, resolve_dtype
 from model.styles import make_plan
 
 from .baseline import baseline_caption_ids
@@ -202,6 +202,7 @@ def run(args) -> dict:
                "prepack": packed, "fused": args.fuse, "dynamic_rows": engine.dynamic_rows, "compile": args.compile,
                "compile_prefill": engine.compile_prefill, "static_layout": engine.static_layout,
                "threads": torch.get_num_threads(),
+               "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_native_bf16": cpu_has_native_bfloat16(),
                "max_new_tokens": args.max_new_tokens, "torch": torch.__version__, "engine": [], "decode_step_ms": {}}
     for batch in args.batch_sizes:
         time_batch(engine, jpegs[:batch], dict(options, max_new_tokens=4))  # warm-up (and compile)

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from bench.__main__ import main
 from tests.conftest import SEED_TINY
@@ -20,6 +21,7 @@ def test_model_bench_writes_figures_and_the_baseline_ratio(tmp_path, capsys, pre
     results = json.loads((tmp_path / f"{stem}.json").read_text())
     assert (tmp_path / f"{stem}.png").stat().st_size > 10_000
     assert results["prepack"] is prepack and results["fused"] is True
+    assert results["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and isinstance(results["cpu_native_bf16"], bool)
     assert [r["batch"] for r in results["engine"]] == [1, 2]
     assert all(r["new_tokens_per_s"] > 0 and r["decode_steps_ms"] > 0 for r in results["engine"])
     assert results["decode_step_ms"]["6"] > 0

@@ -10,6 +10,7 @@ import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import parse_qsl, urlsplit
 
@@ -74,7 +75,7 @@ class StubHandler(BaseHTTPRequestHandler):
         if self.path.startswith("/models/"):
             name, _, query = self.path.rsplit("/", 1)[-1].partition("?")
             model = self.server.models.get(name)
-            if model and query == "customized=true":  # what the handler adds
+            if model and query == "customized=true" and not model.get("legacy"):  # what the handler adds
                 model = {**model, "customizedMetadata": {"device": "cpu", "dtype": "bfloat16", "packed_decoder": True,
                                                          "compiled": {"decode": False}, "styles": {}}}
             self.answer(200, [model]) if model else self.answer(404, {"code": 404})
@@ -310,3 +311,24 @@ def test_the_command_against_a_running_server(stub, tmp_path, capsys):
     assert all(r["mean_batch_size"] == 1.0 for r in results["runs"])
     assert results["ratio"]["b8-d50"]["ratio"] > 0
     assert "target >= 4x" in capsys.readouterr().out
+
+
+def test_worker_facts_of_an_archive_whose_handler_does_not_answer_describe(stub):
+    from bench.http_bench import Management
+
+    stub.models["legacy"] = {**stub.models["captioner"], "modelName": "legacy", "legacy": True}
+    management = Management(url(stub), None)
+    assert management.worker_facts("captioner")["dtype"] == "bfloat16"
+    assert management.worker_facts("legacy")["unavailable"].startswith("HTTP 200")
+
+
+def test_host_info_names_the_cpu_features_the_cpu_path_depends_on():
+    from bench.http_bench import SPEED_FLAGS, host_info
+
+    info = host_info()
+    assert info["cores"] >= 1 and info["cpu"]
+    assert set(info["cpu_flags"]) <= set(SPEED_FLAGS)
+    if Path("/proc/cpuinfo").exists():
+        flags = {f for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
+                 for f in line.split(":", 1)[1].split()}
+        assert set(info["cpu_flags"]) == flags & set(SPEED_FLAGS)
