@@ -72,6 +72,29 @@ def test_cache_writes_at_its_position_and_compaction_drops_images_without_rows()
     torch.testing.assert_close(context, expected)
 
 
+def test_cache_reads_a_slice_then_the_whole_masked_buffers_with_the_same_values():
+    """Less than half written: a slice of the own buffers; from half on: the whole buffers and a
+    mask over the unwritten positions (`WHOLE_BUFFER_FROM`); full: the whole buffers alone."""
+    torch.manual_seed(2)
+    own_len, row_image, row_group = 8, [0, 0, 1], torch.tensor([0, 0, 1])
+    prefix = PrefixKV()
+    prefix.keys, prefix.values = ([torch.randn(2, HEADS, PREFIX, HEAD_DIM, dtype=torch.float64)] for _ in range(2))
+    groups = GroupKV(prefix, torch.tensor([0, 1]))
+    groups.keys, groups.values = ([torch.randn(2, HEADS, 2, HEAD_DIM, dtype=torch.float64)] for _ in range(2))
+    cache = SharedPrefixCache(prefix, groups, row_image, row_group, own_len=own_len)
+    own_k, own_v = groups.keys[0][row_group], groups.values[0][row_group]
+    masked = []
+    for position in range(PREFIX + 2, PREFIX + own_len):
+        cache.advance(position)
+        q, k, v = (torch.randn(3, HEADS, 1, HEAD_DIM, dtype=torch.float64) for _ in range(3))
+        context = cache.attend(0, q, k, v)
+        own_k, own_v = torch.cat((own_k, k), dim=2), torch.cat((own_v, v), dim=2)
+        expected = per_row_attention(q, prefix.keys[0], prefix.values[0], own_k, own_v, torch.tensor(row_image))
+        torch.testing.assert_close(context, expected, rtol=1e-12, atol=1e-12)
+        masked.append(cache._unwritten_mask is not None)
+    assert masked == [False, True, True, True, True, False]  # 3 of 8 written; 4 to 7; all 8
+
+
 def test_static_cache_attends_over_the_shortest_span_holding_its_position():
     cache = KVCache(1, 2, HEADS, 12, HEAD_DIM, torch.float32, "cpu", spans=(6, 9, 12, 20))
     assert cache.spans == (6, 9, 12)  # the buffer's length is the last span
