@@ -317,7 +317,9 @@ class SharedPrefixCache:
         self.position = torch.zeros(1, dtype=torch.long, device=device)
         self._own_position = torch.zeros(1, dtype=torch.long, device=device)
         self.filled = filled  # own positions valid after the current step
-        self._unwritten_mask: torch.Tensor | None = None  # (1, own_len) once half the buffers are written
+        self._own_index = torch.arange(own_len, device=device)
+        self._read_len = filled  # own positions attention reads: `filled`, or all from half full on
+        self._unwritten_mask: torch.Tensor | None = None  # (1, own_len) while it reads unwritten ones
         self._set_rows(row_image)
 
     def _set_rows(self, row_image: list[int]) -> None:
@@ -335,10 +337,11 @@ class SharedPrefixCache:
         self.position.fill_(position)
         self._own_position.fill_(position - self.prefix_len)
         self.filled = position - self.prefix_len + 1
-        own_len = self.keys[0].shape[2]
+        own_len = len(self._own_index)
+        self._read_len = own_len if self.filled >= own_len * WHOLE_BUFFER_FROM else self.filled
         self._unwritten_mask = None
-        if self.filled < own_len and self.filled >= own_len * WHOLE_BUFFER_FROM:
-            written = torch.arange(own_len, device=self.position.device) < self.filled
+        if self._read_len > self.filled:
+            written = self._own_index < self.filled
             self._unwritten_mask = additive_mask(written, self.keys[0].dtype)[None]  # (own_len,) -> (1, own_len)
 
     def decode_mask(self) -> None:
@@ -348,9 +351,8 @@ class SharedPrefixCache:
         keys, values = self.keys[layer], self.values[layer]
         keys.index_copy_(2, self._own_position, k)
         values.index_copy_(2, self._own_position, v)
-        if self._unwritten_mask is None and self.filled < keys.shape[2]:
-            keys, values = keys[:, :, : self.filled], values[:, :, : self.filled]
-        return shared_prefix_attention(q, self.prefix_keys[layer], self.prefix_values[layer], keys, values,
+        return shared_prefix_attention(q, self.prefix_keys[layer], self.prefix_values[layer],
+                                       keys[:, :, : self._read_len], values[:, :, : self._read_len],
                                        self.slots, self.row_slot, self._unwritten_mask)
 
     def select_rows(self, rows: torch.Tensor) -> None:

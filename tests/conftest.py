@@ -24,6 +24,16 @@ PREPROCESS = SHARED / "fixtures" / "preprocess"
 BF16_MIN_IDENTICAL = 6
 
 
+def cpu_flags() -> set[str]:
+    """This CPU's flags as the kernel lists them in /proc/cpuinfo (skips the test where there is
+    none): read independently of PyTorch and of the project's code."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        pytest.skip("no /proc/cpuinfo to read this CPU's flags from")
+    return {flag for line in cpuinfo.read_text().splitlines() if line.startswith("flags")
+            for flag in line.split(":", 1)[1].split()}
+
+
 def identical_greedy_captions(names: list[str], responses: list[dict], expected_captions: dict) -> int:
     """How many (image, style) captions of greedy responses equal the float32 goldens."""
     return sum(response.get(style.capitalize()) == [expected_captions[name]["greedy"][style]]

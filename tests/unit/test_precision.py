@@ -1,12 +1,11 @@
 """`auto` precision: bfloat16 on CPUs that multiply it in hardware, float32 on the others."""
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from model import precision
 from model.precision import resolve_dtype
+from tests.conftest import cpu_flags
 
 pytestmark = pytest.mark.unit
 
@@ -20,14 +19,6 @@ def test_auto_on_cpu_follows_native_bfloat16(monkeypatch, avx512_bf16, amx, expe
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     assert resolve_dtype("auto", CPU) == expected
     assert resolve_dtype("auto", "cpu") == expected
-
-
-def cpu_flags() -> set[str]:
-    cpuinfo = Path("/proc/cpuinfo")
-    if not cpuinfo.exists():
-        pytest.skip("no /proc/cpuinfo to read this CPU's flags from")
-    return {flag for line in cpuinfo.read_text().splitlines() if line.startswith("flags")
-            for flag in line.split(":", 1)[1].split()}
 
 
 def test_auto_on_this_cpu_follows_its_own_flags():
