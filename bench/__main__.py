@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --compile: the static decode cache's layout (images needs --dynamic-rows)")
     model.add_argument("--quantize", choices=["int8"], help="int8 dynamic quantization of the decoder (CPU)")
     model.add_argument("--prepack", action=argparse.BooleanOptionalAction, default=None,
-                       help="oneDNN-packed decoder Linears (default: on for float32 CPU, see model/packing.py)")
+                       help="oneDNN-packed decoder Linears (default: on for CPU float32, and for bfloat16 "
+                            "where oneDNN has bf16 products; see model/packing.py)")
     model.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
                        help="merged q/k/v and feature/gate Linears (model/fusion.py)")
     model.add_argument("--batch-sizes", type=_ints, default=[1, 8])

@@ -91,8 +91,9 @@ def time_baseline(engine: CaptionEngine, jpegs: list[bytes], options: dict) -> d
     return {"images": len(jpegs), "total_s": total, "s_per_image": total / len(jpegs)}
 
 
-def eager_cache(engine: CaptionEngine, rows: int, rows_per_image: int = 6) -> SharedPrefixCache:
-    """The eager engine's cache for `rows` caption rows, six per image (the default request)."""
+def eager_cache_maker(engine: CaptionEngine, rows: int, rows_per_image: int = 6):
+    """A function making a new eager cache for `rows` caption rows, six per image (the default
+    request), over one random prefix: each timing starts with empty own buffers, as a caption does."""
     cfg = engine.config
     images = -(-rows // rows_per_image)
     shape = (images, cfg.num_heads, cfg.prefix_len, cfg.head_dim)
@@ -104,8 +105,8 @@ def eager_cache(engine: CaptionEngine, rows: int, rows_per_image: int = 6) -> Sh
                    for _ in range(cfg.depth)]
     groups.values = [torch.randn_like(k) for k in groups.keys]
     row_image = [row // rows_per_image for row in range(rows)]
-    return SharedPrefixCache(prefix, groups, row_image, torch.arange(rows, device=engine.device),
-                             2 + cfg.max_text_tokens)
+    row_group = torch.arange(rows, device=engine.device)
+    return lambda: SharedPrefixCache(prefix, groups, row_image, row_group, 2 + cfg.max_text_tokens)
 
 
 def step_positions(config, max_new_tokens: int, samples: int) -> list[int]:
@@ -125,10 +126,11 @@ def time_decode_step(engine: CaptionEngine, rows: int, max_new_tokens: int, samp
         def run_steps():
             engine.run_static_steps(rows, positions)
     else:
-        cache = eager_cache(engine, rows)
+        new_cache = eager_cache_maker(engine, rows)
         tokens = torch.full((rows,), engine.vocab.ids["a"], device=engine.device)  # any word: same cost
 
         def run_steps():
+            cache = new_cache()
             for position in positions:
                 cache.advance(position)
                 decode_step(engine.model, cache, tokens)

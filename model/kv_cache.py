@@ -26,8 +26,8 @@ from torch import nn
 # SDPA's fused CUDA kernels want an attention mask's strides (all but the last) to be multiples of
 # 8 elements; inductor copies a mask that is not into an aligned buffer before every call.
 MASK_ROW_ALIGNMENT = 8
-# The eager decode cache attends over its whole own buffers (masked) once this fraction is written.
-WHOLE_BUFFER_FROM = 0.5
+# The eager decode cache's own buffers grow by this many positions at a time.
+OWN_GROWTH = 32
 
 
 class StoreThenAttend:
@@ -102,6 +102,12 @@ def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A boolean attention mask as the float mask `scaled_dot_product_attention` adds to the
     scores: 0 where visible, -inf elsewhere (what it makes of a boolean mask itself)."""
     return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(~visible, float("-inf"))
+
+
+def own_capacity(filled: int, own_len: int) -> int:
+    """Own positions the eager cache holds for `filled` written ones: rounded up to `OWN_GROWTH`,
+    at most `own_len`."""
+    return min(own_len, -(-filled // OWN_GROWTH) * OWN_GROWTH)
 
 
 def copy_rows(mine: list[torch.Tensor], theirs: list[torch.Tensor], rows: torch.Tensor) -> None:
@@ -288,38 +294,31 @@ class ImageMajorCache(FixedAddressCache):
 
 
 class SharedPrefixCache:
-    """Eager decode cache: per row (rows, heads, own_len, hd) for `[style] [CLS]` and generated
+    """Eager decode cache: per row (rows, heads, capacity, hd) for `[style] [CLS]` and generated
     tokens, written at `position`; each image's prefix keys/values stay in the prefill's
     (images, heads, P, hd) tensors and are shared by that image's rows (no per-row copy).
 
-    Attention reads the own positions written so far as a slice of the buffers while it is
-    less than half full, then the whole buffers with an additive mask over the unwritten
-    positions (`WHOLE_BUFFER_FROM`): a slice is not contiguous, which bfloat16 products copy
-    first. One layer, 48 rows, 128 own positions, bf16: 2.9 ms sliced, 1.4 ms whole; with few
-    positions the slice is cheaper (0.7 against 1.4 ms at 10). Same values: a masked position
-    adds exp(-inf) = 0.
+    The own buffers hold the positions written so far rounded up to `OWN_GROWTH` (at most
+    `own_len`) and grow, by a copy, when a step needs more. Attention reads them whole, with an
+    additive mask over the positions not yet written: a slice of a longer buffer is not
+    contiguous, and bfloat16 products copy such an input first. One layer, 48 rows, bf16:
+    0.8 / 1.0 / 1.4 ms at 10 / 40 / 100 written positions, against 1.1 / 1.6 / 2.4 ms sliced and
+    about 1.5 ms over all 129 (`docs/benchmarks.md`). Same values: a masked position adds
+    exp(-inf) = 0.
     """
 
     def __init__(self, prefix: PrefixKV, groups: GroupKV, row_image: list[int], row_group: torch.Tensor,
                  own_len: int):
         self.prefix_keys, self.prefix_values = list(prefix.keys), list(prefix.values)
-        self.prefix_len = prefix.keys[0].shape[2]
+        self.prefix_len, self.own_len = prefix.keys[0].shape[2], own_len
         device = row_group.device
-        filled = groups.keys[0].shape[2]
-        self.keys, self.values = [], []
-        for group_k, group_v in zip(groups.keys, groups.values):
-            keys = group_k.new_zeros((len(row_group), group_k.shape[1], own_len, group_k.shape[3]))
-            values = torch.zeros_like(keys)
-            keys[:, :, :filled] = group_k.index_select(0, row_group)
-            values[:, :, :filled] = group_v.index_select(0, row_group)
-            self.keys.append(keys)
-            self.values.append(values)
+        self.filled = groups.keys[0].shape[2]  # own positions valid after the current step
+        capacity = own_capacity(self.filled, own_len)
+        self.keys = [F.pad(k.index_select(0, row_group), (0, 0, 0, capacity - self.filled)) for k in groups.keys]
+        self.values = [F.pad(v.index_select(0, row_group), (0, 0, 0, capacity - self.filled)) for v in groups.values]
         self.position = torch.zeros(1, dtype=torch.long, device=device)
-        self._own_position = torch.zeros(1, dtype=torch.long, device=device)
-        self.filled = filled  # own positions valid after the current step
         self._own_index = torch.arange(own_len, device=device)
-        self._read_len = filled  # own positions attention reads: `filled`, or all from half full on
-        self._unwritten_mask: torch.Tensor | None = None  # (1, own_len) while it reads unwritten ones
+        self._unwritten_mask: torch.Tensor | None = None  # (1, capacity) while some are unwritten
         self._set_rows(row_image)
 
     def _set_rows(self, row_image: list[int]) -> None:
@@ -332,27 +331,31 @@ class SharedPrefixCache:
     def rows(self) -> int:
         return self.keys[0].shape[0]
 
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
     def advance(self, position: int) -> None:
         """Set the (absolute) position the next decode step writes at."""
         self.position.fill_(position)
-        self._own_position.fill_(position - self.prefix_len)
         self.filled = position - self.prefix_len + 1
-        own_len = len(self._own_index)
-        self._read_len = own_len if self.filled >= own_len * WHOLE_BUFFER_FROM else self.filled
+        if self.filled > self.capacity:
+            grown = own_capacity(self.filled, self.own_len)
+            self.keys = [F.pad(k, (0, 0, 0, grown - k.shape[2])) for k in self.keys]
+            self.values = [F.pad(v, (0, 0, 0, grown - v.shape[2])) for v in self.values]
         self._unwritten_mask = None
-        if self._read_len > self.filled:
-            written = self._own_index < self.filled
-            self._unwritten_mask = additive_mask(written, self.keys[0].dtype)[None]  # (own_len,) -> (1, own_len)
+        if self.capacity > self.filled:
+            written = self._own_index[: self.capacity] < self.filled
+            self._unwritten_mask = additive_mask(written, self.keys[0].dtype)[None]  # (capacity,) -> (1, capacity)
 
     def decode_mask(self) -> None:
         return None
 
     def attend(self, layer: int, q, k, v, mask=None) -> torch.Tensor:
         keys, values = self.keys[layer], self.values[layer]
-        keys.index_copy_(2, self._own_position, k)
-        values.index_copy_(2, self._own_position, v)
-        return shared_prefix_attention(q, self.prefix_keys[layer], self.prefix_values[layer],
-                                       keys[:, :, : self._read_len], values[:, :, : self._read_len],
+        keys.narrow(2, self.filled - 1, 1).copy_(k)
+        values.narrow(2, self.filled - 1, 1).copy_(v)
+        return shared_prefix_attention(q, self.prefix_keys[layer], self.prefix_values[layer], keys, values,
                                        self.slots, self.row_slot, self._unwritten_mask)
 
     def select_rows(self, rows: torch.Tensor) -> None:

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from model import kv_cache
 from model.kv_cache import (GroupKV, ImageMajorCache, KVCache, PrefixKV, SharedPrefixCache, image_slots,
                             shared_prefix_attention)
 
@@ -72,9 +73,10 @@ def test_cache_writes_at_its_position_and_compaction_drops_images_without_rows()
     torch.testing.assert_close(context, expected)
 
 
-def test_cache_reads_a_slice_then_the_whole_masked_buffers_with_the_same_values():
-    """Less than half written: a slice of the own buffers; from half on: the whole buffers and a
-    mask over the unwritten positions (`WHOLE_BUFFER_FROM`); full: the whole buffers alone."""
+def test_cache_grows_its_own_buffers_and_masks_the_unwritten_positions_with_the_same_values(monkeypatch):
+    """The own buffers hold the written positions rounded up to `OWN_GROWTH` (at most own_len),
+    grow when a step needs more, and are read whole with a mask over the unwritten positions."""
+    monkeypatch.setattr(kv_cache, "OWN_GROWTH", 3)
     torch.manual_seed(2)
     own_len, row_image, row_group = 8, [0, 0, 1], torch.tensor([0, 0, 1])
     prefix = PrefixKV()
@@ -82,8 +84,9 @@ def test_cache_reads_a_slice_then_the_whole_masked_buffers_with_the_same_values(
     groups = GroupKV(prefix, torch.tensor([0, 1]))
     groups.keys, groups.values = ([torch.randn(2, HEADS, 2, HEAD_DIM, dtype=torch.float64)] for _ in range(2))
     cache = SharedPrefixCache(prefix, groups, row_image, row_group, own_len=own_len)
+    assert cache.capacity == 3
     own_k, own_v = groups.keys[0][row_group], groups.values[0][row_group]
-    masked = []
+    capacities, masked = [], []
     for position in range(PREFIX + 2, PREFIX + own_len):
         cache.advance(position)
         q, k, v = (torch.randn(3, HEADS, 1, HEAD_DIM, dtype=torch.float64) for _ in range(3))
@@ -91,8 +94,12 @@ def test_cache_reads_a_slice_then_the_whole_masked_buffers_with_the_same_values(
         own_k, own_v = torch.cat((own_k, k), dim=2), torch.cat((own_v, v), dim=2)
         expected = per_row_attention(q, prefix.keys[0], prefix.values[0], own_k, own_v, torch.tensor(row_image))
         torch.testing.assert_close(context, expected, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(cache.keys[0][:, :, : own_k.shape[2]], own_k, rtol=0, atol=0)
+        assert cache.keys[0].is_contiguous() and cache.values[0].is_contiguous()
+        capacities.append(cache.capacity)
         masked.append(cache._unwritten_mask is not None)
-    assert masked == [False, True, True, True, True, False]  # 3 of 8 written; 4 to 7; all 8
+    assert capacities == [3, 6, 6, 6, 8, 8]  # 3 to 8 written: grown twice, to at most own_len
+    assert masked == [False, True, True, False, True, False]
 
 
 def test_static_cache_attends_over_the_shortest_span_holding_its_position():
