@@ -341,8 +341,9 @@ class SharedPrefixCache:
         self.filled = position - self.prefix_len + 1
         if self.filled > self.capacity:
             grown = own_capacity(self.filled, self.own_len)
-            self.keys = [F.pad(k, (0, 0, 0, grown - k.shape[2])) for k in self.keys]
-            self.values = [F.pad(v, (0, 0, 0, grown - v.shape[2])) for v in self.values]
+            for buffers in (self.keys, self.values):
+                for layer, buffer in enumerate(buffers):  # one layer at a time: one extra buffer at most
+                    buffers[layer] = F.pad(buffer, (0, 0, 0, grown - buffer.shape[2]))
         self._unwritten_mask = None
         if self.capacity > self.filled:
             written = self._own_index[: self.capacity] < self.filled
