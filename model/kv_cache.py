@@ -106,8 +106,9 @@ def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def own_capacity(filled: int, own_len: int) -> int:
     """Own positions the eager cache holds for `filled` written ones: rounded up to `OWN_GROWTH`,
-    at most `own_len`."""
-    return min(own_len, -(-filled // OWN_GROWTH) * OWN_GROWTH)
+    or `own_len` once less than `OWN_GROWTH` would be left (no growth by a handful of positions)."""
+    rounded = -(-filled // OWN_GROWTH) * OWN_GROWTH
+    return own_len if own_len - rounded < OWN_GROWTH else rounded
 
 
 def copy_rows(mine: list[torch.Tensor], theirs: list[torch.Tensor], rows: torch.Tensor) -> None:

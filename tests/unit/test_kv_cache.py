@@ -78,7 +78,7 @@ def test_cache_grows_its_own_buffers_and_masks_the_unwritten_positions_with_the_
     grow when a step needs more, and are read whole with a mask over the unwritten positions."""
     monkeypatch.setattr(kv_cache, "OWN_GROWTH", 3)
     torch.manual_seed(2)
-    own_len, row_image, row_group = 8, [0, 0, 1], torch.tensor([0, 0, 1])
+    own_len, row_image, row_group = 10, [0, 0, 1], torch.tensor([0, 0, 1])
     prefix = PrefixKV()
     prefix.keys, prefix.values = ([torch.randn(2, HEADS, PREFIX, HEAD_DIM, dtype=torch.float64)] for _ in range(2))
     groups = GroupKV(prefix, torch.tensor([0, 1]))
@@ -98,8 +98,15 @@ def test_cache_grows_its_own_buffers_and_masks_the_unwritten_positions_with_the_
         assert cache.keys[0].is_contiguous() and cache.values[0].is_contiguous()
         capacities.append(cache.capacity)
         masked.append(cache._unwritten_mask is not None)
-    assert capacities == [3, 6, 6, 6, 8, 8]  # 3 to 8 written: grown twice, to at most own_len
-    assert masked == [False, True, True, False, True, False]
+    assert capacities == [3, 6, 6, 6, 10, 10, 10, 10]  # 3 to 10 written: 9 would leave 1, so 10
+    assert masked == [False, True, True, False, True, True, True, False]
+
+
+def test_own_capacity_rounds_up_to_the_growth_step_and_never_grows_by_a_handful():
+    assert kv_cache.OWN_GROWTH == 32
+    assert [kv_cache.own_capacity(filled, 129) for filled in (2, 32, 33, 64, 65, 96, 97, 129)] == [
+        32, 32, 64, 64, 96, 96, 129, 129]
+    assert kv_cache.own_capacity(3, 17) == 17  # a short caption: one buffer for all of it
 
 
 def test_static_cache_attends_over_the_shortest_span_holding_its_position():
