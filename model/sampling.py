@@ -7,10 +7,15 @@ the smallest set of highest-probability tokens whose cumulative probability exce
 top token always kept); sample. Temperature 0 means greedy: argmax after the penalties.
 
 Sampling draws Gumbel noise from a counter-based hash of (seed, row key, step, token id), so
-a row's tokens depend only on its own request, never on the batch it ran in. No per-row
-Python loop and no host synchronisation: everything is tensor ops, and only the temperature
-and the top-k read every vocabulary entry; the penalty and the n-gram ban touch just the
-tokens in each row's history, and the rest works on the (rows, k) candidate set.
+given its logits a row's tokens depend only on its own request, not on the batch it ran in.
+Ties (frequent in bfloat16 logits) are decided by value and token id, never by the order
+`topk` lists tied tokens in, which changes with the batch's candidate count. One exception
+remains: tokens tied with the k-th value beyond the candidate cut (the batch's largest top-k,
+rounded up) are kept only by a batch whose cut is further out.
+
+No per-row Python loop and no host synchronisation: everything is tensor ops, and only the
+temperature and the top-k read every vocabulary entry; the penalty and the n-gram ban touch
+just the tokens in each row's history, and the rest works on the (rows, k) candidate set.
 """
 
 from __future__ import annotations
@@ -167,12 +172,21 @@ def ban_repeated_ngrams_(scores: torch.Tensor, history: torch.Tensor, match: tor
 
 
 def keep_top_k_top_p(values: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """values (R, K) sorted descending -> (R, K) mask of candidates kept by top-k then top-p."""
+    """values (R, K) sorted descending -> (R, K) mask of candidates kept by top-k then top-p.
+
+    Ties: top-k keeps every candidate equal to the k-th value (the seed's `>= kth`); top-p
+    gives each run of equal values the mass before its first member, so a run at the nucleus
+    boundary is kept whole. (The seed keeps whichever members its unstable sort put first;
+    `topk`'s order among ties changes with K, the batch's candidate count, so a positional rule
+    made a sampled row depend on its batch whenever bfloat16 logits tied there.)"""
     k = values.shape[1]
     kth = values.gather(1, (top_k.clamp(1, k) - 1)[:, None])
     keep = (top_k[:, None] <= 0) | (values >= kth)
     probs = torch.softmax(values.masked_fill(~keep, float("-inf")), dim=-1)
     mass_before = F.pad(probs.cumsum(-1)[:, :-1], (1, 0))
+    position = torch.arange(k, device=values.device).expand_as(values)
+    run_start = torch.where(values != F.pad(values[:, :-1], (1, 0), value=float("nan")), position, 0).cummax(-1).values
+    mass_before = mass_before.gather(1, run_start)  # a tied run shares its first member's mass
     nucleus = (top_p > 0) & (top_p < 1)
     return keep & (~nucleus[:, None] | (mass_before <= top_p[:, None]))
 
@@ -194,7 +208,15 @@ def select_next(logits, params: RowParams, history, length, step) -> torch.Tenso
     keep = keep_top_k_top_p(values, params.top_k, params.top_p)
     noise = gumbel_noise(row_stream(params.seed, params.row_key, step), token_ids)
     sampled = token_ids.gather(1, torch.where(keep, values + noise, float("-inf")).argmax(-1, keepdim=True))[:, 0]
-    return torch.where(greedy, token_ids[:, 0], sampled)
+    return torch.where(greedy, lowest_id_of_the_best(values, token_ids, scaled.shape[-1]), sampled)
+
+
+def lowest_id_of_the_best(values: torch.Tensor, token_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Greedy choice among candidates (R, K) sorted descending: of the tokens tied for the best
+    value, the lowest id, as `argmax` over the whole vocabulary picks (the seed's greedy), and
+    not whichever `topk` happened to list first: its order among ties depends on K, so the
+    batch's candidate count would decide ties (common in bfloat16 logits)."""
+    return torch.where(values == values[:, :1], token_ids, vocab_size).amin(-1)
 
 
 class TokenState:

@@ -15,6 +15,7 @@ from model.reference import next_token
 from model.sampling import (
     TokenState,
     gumbel_noise,
+    keep_top_k_top_p,
     make_row_params,
     ban_repeated_ngrams_,
     penalise_repeats_,
@@ -115,6 +116,44 @@ def banned_tokens(history, length, ngram, max_ngram=3, vocab=200) -> list[int]:
     scores = torch.zeros(history.shape[0], vocab)
     ban_repeated_ngrams_(scores, history, repeated_ngram_positions(history, length, torch.tensor(ngram), max_ngram))
     return [row.isinf().nonzero()[:, 0].tolist() for row in scores]
+
+
+def select_with_neighbour(logits: torch.Tensor, row: dict, neighbour_top_k: int, step: int = 0) -> int:
+    """Row 0's token when it shares the batch with a row whose top_k sets the candidate count."""
+    neighbour = dict(temperature=1.0, top_k=neighbour_top_k, top_p=1.0, repetition_penalty=1.0, ngram=0, seed=1,
+                     row_key=1, max_new_tokens=8)
+    params = make_row_params([dict(row, max_new_tokens=8), neighbour], logits.shape[1], "cpu")
+    state = TokenState(2, 2, "cpu")
+    return int(select_next(logits, params, state.history, state.length, step)[0])
+
+
+def test_a_greedy_tie_goes_to_the_lowest_token_id_whatever_the_batch():
+    """bfloat16 logits tie often. `topk` lists tied tokens in an order that depends on how many
+    it returns (the batch's largest top_k), so its first one made a request's greedy caption
+    depend on its batch; the lowest id is what `argmax` over the vocabulary (the seed) picks."""
+    greedy = dict(temperature=0.0, top_k=3, top_p=0.75, repetition_penalty=1.0, ngram=0, seed=0, row_key=0)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        logits = torch.randn(2, 300, generator=generator)
+        tied = torch.randperm(300, generator=generator)[:3]
+        logits[0, tied] = 10.0
+        expected = next_token(logits[0], [CLS_ID], SamplingParams(0.0, 3, 0.75, 1.0, 0), 0, 0, 0)
+        assert expected == int(tied.min())
+        assert {select_with_neighbour(logits, greedy, k) for k in (3, 30, 0)} == {expected}
+
+
+def test_a_tied_run_at_the_nucleus_boundary_is_kept_whole_in_any_order():
+    """Tokens with equal scores share the mass before their run, so which of them top-p keeps
+    does not depend on the order `topk` happened to list them in."""
+    values = torch.tensor([[2.0, 1.0, 1.0, 1.0, 0.0]])  # probabilities .45, .16, .16, .16, .06
+    keep = keep_top_k_top_p(values, torch.tensor([0]), torch.tensor([0.5]))
+    assert keep.tolist() == [[True, True, True, True, False]]
+    sampled = dict(temperature=1.0, top_k=0, top_p=0.5, repetition_penalty=1.0, ngram=0, seed=7, row_key=0)
+    logits = torch.full((2, 300), -5.0)
+    logits[0, [40, 12, 250, 7]] = torch.tensor([2.0, 1.0, 1.0, 1.0])
+    drawn = {k: [select_with_neighbour(logits, sampled, k, step) for step in range(30)] for k in (0, 4)}
+    assert drawn[0] == drawn[4]  # 300 candidates or 4: the same tokens
+    assert set(drawn[0]) == {40, 12, 250, 7}  # the whole tied run kept
 
 
 def test_ngram_ban_matches_the_seed_rule():
