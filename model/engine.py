@@ -51,10 +51,10 @@ from .tokenizer import VOCAB_PATH, Vocabulary
 logger = logging.getLogger(__name__)
 
 # The static step's graph also depends on two sizes of the sampling settings: the top-k
-# candidate count and the longest no-repeat n-gram. Raising them to these floors gives every
-# batch of default-like requests (any styles; top_k <= 64, n-grams <= 4) the same graph, with
-# the same tokens: a wider candidate set or n-gram loop changes no row's choice.
-STATIC_MIN_CANDIDATES = 64
+# candidate count (at least `MIN_CANDIDATES` on every path: model/sampling.py) and the longest
+# no-repeat n-gram. Raising the n-gram size to this floor gives every batch of default-like
+# requests (any styles; top_k <= 64, n-grams <= 4) the same graph, with the same tokens: a
+# longer n-gram loop changes no row's choice.
 STATIC_MIN_NGRAM = 4
 # A compiled prefill treats the image and group counts as symbolic sizes, one graph for every
 # batch; torch.compile would specialise a count of 1 into a second graph, so smaller batches
@@ -326,13 +326,12 @@ class CaptionEngine:
         return self._static_states[rows]
 
     def _static_row_params(self, params: RowParams) -> RowParams:
-        """`params` copied into its row bucket's fixed-address tensors, sizes raised to the floors."""
+        """`params` copied into its row bucket's fixed-address tensors, the n-gram size raised to its floor."""
         rows = len(params.temperature)
         if rows not in self._static_params:
             self._static_params[rows] = params.static_copy()
             self._mark_rows_dynamic(*self._static_params[rows].tensors())
         held = self._static_params[rows].load(params)
-        held.candidates = min(max(held.candidates, STATIC_MIN_CANDIDATES), self.config.output_size)
         held.max_ngram = max(held.max_ngram, STATIC_MIN_NGRAM)
         return held
 

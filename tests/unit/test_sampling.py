@@ -152,7 +152,7 @@ def test_a_tied_run_at_the_nucleus_boundary_is_kept_whole_in_any_order():
     logits = torch.full((2, 300), -5.0)
     logits[0, [40, 12, 250, 7]] = torch.tensor([2.0, 1.0, 1.0, 1.0])
     drawn = {k: [select_with_neighbour(logits, sampled, k, step) for step in range(30)] for k in (0, 4)}
-    assert drawn[0] == drawn[4]  # 300 candidates or 4: the same tokens
+    assert drawn[0] == drawn[4]  # 300 candidates or 64: the same tokens
     assert set(drawn[0]) == {40, 12, 250, 7}  # the whole tied run kept
 
 
