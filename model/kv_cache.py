@@ -314,9 +314,9 @@ class SharedPrefixCache:
         self.prefix_len, self.own_len = prefix.keys[0].shape[2], own_len
         device = row_group.device
         self.filled = groups.keys[0].shape[2]  # own positions valid after the current step
-        capacity = own_capacity(self.filled, own_len)
-        self.keys = [F.pad(k.index_select(0, row_group), (0, 0, 0, capacity - self.filled)) for k in groups.keys]
-        self.values = [F.pad(v.index_select(0, row_group), (0, 0, 0, capacity - self.filled)) for v in groups.values]
+        self.keys = [k.index_select(0, row_group) for k in groups.keys]
+        self.values = [v.index_select(0, row_group) for v in groups.values]
+        self._grow(own_capacity(self.filled, own_len))
         self.position = torch.zeros(1, dtype=torch.long, device=device)
         self._own_index = torch.arange(own_len, device=device)
         self._unwritten_mask: torch.Tensor | None = None  # (1, capacity) while some are unwritten
@@ -341,14 +341,17 @@ class SharedPrefixCache:
         self.position.fill_(position)
         self.filled = position - self.prefix_len + 1
         if self.filled > self.capacity:
-            grown = own_capacity(self.filled, self.own_len)
-            for buffers in (self.keys, self.values):
-                for layer, buffer in enumerate(buffers):  # one layer at a time: one extra buffer at most
-                    buffers[layer] = F.pad(buffer, (0, 0, 0, grown - buffer.shape[2]))
+            self._grow(own_capacity(self.filled, self.own_len))
         self._unwritten_mask = None
         if self.capacity > self.filled:
             written = self._own_index[: self.capacity] < self.filled
             self._unwritten_mask = additive_mask(written, self.keys[0].dtype)[None]  # (capacity,) -> (1, capacity)
+
+    def _grow(self, capacity: int) -> None:
+        """Own buffers zero-padded to `capacity` positions, one layer at a time (one extra buffer at most)."""
+        for buffers in (self.keys, self.values):
+            for layer, buffer in enumerate(buffers):
+                buffers[layer] = F.pad(buffer, (0, 0, 0, capacity - buffer.shape[2]))
 
     def decode_mask(self) -> None:
         return None

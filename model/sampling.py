@@ -189,12 +189,16 @@ def keep_top_k_top_p(values: torch.Tensor, top_k: torch.Tensor, top_p: torch.Ten
     kth = values.gather(1, (top_k.clamp(1, k) - 1)[:, None])
     keep = (top_k[:, None] <= 0) | (values >= kth)
     probs = torch.softmax(values.masked_fill(~keep, float("-inf")), dim=-1)
-    mass_before = F.pad(probs.cumsum(-1)[:, :-1], (1, 0))
-    position = torch.arange(k, device=values.device).expand_as(values)
-    run_start = torch.where(values != F.pad(values[:, :-1], (1, 0), value=float("nan")), position, 0).cummax(-1).values
-    mass_before = mass_before.gather(1, run_start)  # a tied run shares its first member's mass
+    mass_before = F.pad(probs.cumsum(-1)[:, :-1], (1, 0)).gather(1, tie_run_starts(values))
     nucleus = (top_p > 0) & (top_p < 1)
     return keep & (~nucleus[:, None] | (mass_before <= top_p[:, None]))
+
+
+def tie_run_starts(values: torch.Tensor) -> torch.Tensor:
+    """values (R, K) sorted descending -> (R, K) the position of the first value equal to each."""
+    position = torch.arange(values.shape[1], device=values.device).expand_as(values)
+    starts_run = F.pad(values[:, 1:] != values[:, :-1], (1, 0), value=True)
+    return torch.where(starts_run, position, 0).cummax(-1).values
 
 
 def select_next(logits, params: RowParams, history, length, step) -> torch.Tensor:
@@ -214,15 +218,15 @@ def select_next(logits, params: RowParams, history, length, step) -> torch.Tenso
     keep = keep_top_k_top_p(values, params.top_k, params.top_p)
     noise = gumbel_noise(row_stream(params.seed, params.row_key, step), token_ids)
     sampled = token_ids.gather(1, torch.where(keep, values + noise, float("-inf")).argmax(-1, keepdim=True))[:, 0]
-    return torch.where(greedy, lowest_id_of_the_best(values, token_ids, scaled.shape[-1]), sampled)
+    return torch.where(greedy, lowest_id_of_the_best(values, token_ids), sampled)
 
 
-def lowest_id_of_the_best(values: torch.Tensor, token_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+def lowest_id_of_the_best(values: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     """Greedy choice among candidates (R, K) sorted descending: of the tokens tied for the best
     value, the lowest id, as `argmax` over the whole vocabulary picks (the seed's greedy), and
     not whichever `topk` happened to list first: its order among ties depends on K, so the
     batch's candidate count would decide ties (common in bfloat16 logits)."""
-    return torch.where(values == values[:, :1], token_ids, vocab_size).amin(-1)
+    return torch.where(values == values[:, :1], token_ids, torch.iinfo(token_ids.dtype).max).amin(-1)
 
 
 class TokenState:
