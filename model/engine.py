@@ -433,11 +433,11 @@ class CaptionEngine:
         if not self.static_shapes:
             cache.select_rows(source)
             state.select(source)
-            return cache, state, params.select(source), origin
+            return cache, state, params.select(moved.source), origin
         smaller_cache, smaller_state = self._static_cache(moved.key), self._static_state(moved.rows)
         smaller_cache.load_rows(cache, source)
         smaller_state.load_rows(state, source, padding)
-        return smaller_cache, smaller_state, self._static_row_params(params.select(source)), origin
+        return smaller_cache, smaller_state, self._static_row_params(params.select(moved.source)), origin
 
     # -- public API -------------------------------------------------------------------------
 

@@ -9,9 +9,12 @@ top token always kept); sample. Temperature 0 means greedy: argmax after the pen
 Sampling draws Gumbel noise from a counter-based hash of (seed, row key, step, token id), so
 given its logits a row's tokens depend only on its own request, not on the batch it ran in.
 Ties (frequent in bfloat16 logits) are decided by value and token id, never by the order
-`topk` lists tied tokens in, which changes with the batch's candidate count. One exception
-remains: tokens tied with the k-th value beyond the candidate cut (`candidate_count`: at least
-`MIN_CANDIDATES`) are kept only by a batch whose cut is further out.
+`topk` lists tied tokens in, which changes with the number of candidates gathered. Each row
+gathers its own count of top candidates (`candidate_count`), whatever its batch: rows that
+need different counts are selected in groups (`CandidateGroup`), so a request without a top-k
+(the whole vocabulary) neither slows its batch-mates' selection nor moves their candidate cut.
+With static shapes (one CUDA graph for the batch) every row gathers the batch's largest count;
+there a tie with a row's k-th value that runs past its own cut can still be cut differently.
 
 No per-row Python loop and no host synchronisation: everything is tensor ops, and only the
 temperature and the top-k read every vocabulary entry; the penalty and the n-gram ban touch
@@ -20,18 +23,18 @@ just the tokens in each row's history, and the rest works on the (rows, k) candi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from .config import CLS_ID, SEP_ID
 
-# The fewest top tokens gathered for rows with a top-k. The same count for every batch of
-# default-like requests (top_k <= 64; the styles use 3, 30 and 15), so a request draws from the
-# same candidates alone or batched, eager or compiled: a tie with its k-th score would have to
-# run past the 64th token to be cut differently. topk over 48 rows of the vocabulary: 1.5 ms
-# for 64, 1.0 for 32 (2-core AVX-512 host).
+# The fewest top tokens gathered for a row with a top-k: the same count for every row of the
+# default styles (top-k 3, 30, 15) and requests with top_k <= 64, so those draw from the same
+# candidates eager or compiled, alone or batched (a compiled step gathers the batch's largest
+# count for every row). topk over 48 rows of the vocabulary: 1.5 ms for 64, 1.0 for 32 (2-core
+# AVX-512 host).
 MIN_CANDIDATES = 64
 _MASK32 = 0xFFFFFFFF
 _HASH_MULTIPLIER = 0x45D9F3B  # < 2**27, so products of 32-bit values fit in int64
@@ -40,7 +43,12 @@ _NOISE_BITS = 23  # (bits + 0.5) / 2**23 is exact in float32 and strictly inside
 
 @dataclass
 class RowParams:
-    """Per-row sampling parameters (all shape (R,)) and the host-side sizes they imply."""
+    """Per-row sampling parameters (all shape (R,)) and the host-side sizes they imply.
+
+    `row_counts` (host) is each row's own candidate count. When they differ, `groups` splits the
+    rows by count for `select_next`; a static copy (one graph for the batch) has neither, and
+    gathers `candidates`, the largest, for every row.
+    """
 
     temperature: torch.Tensor
     top_k: torch.Tensor
@@ -50,17 +58,34 @@ class RowParams:
     seed: torch.Tensor
     row_key: torch.Tensor
     max_new_tokens: torch.Tensor
-    candidates: int  # top tokens considered (`candidate_count`)
+    candidates: int  # the largest row count: what every row gathers when there are no groups
     max_ngram: int
+    row_counts: tuple[int, ...] = ()
+    groups: tuple[CandidateGroup, ...] = field(default=(), init=False)
+
+    def __post_init__(self):
+        if any(count != self.candidates for count in self.row_counts):
+            self.groups = tuple(self._group(count) for count in sorted(set(self.row_counts)))
+
+    def _group(self, count: int) -> CandidateGroup:
+        rows = [row for row, own in enumerate(self.row_counts) if own == count]
+        index = torch.tensor(rows, device=self.temperature.device)
+        members = self._with((tensor.index_select(0, index) for tensor in self.tensors()), candidates=count)
+        return CandidateGroup(index, members)
 
     def tensors(self) -> list[torch.Tensor]:
         return [getattr(self, name) for name in _ROW_FIELDS]
 
-    def _with(self, tensors) -> "RowParams":
-        return RowParams(**dict(zip(_ROW_FIELDS, tensors)), candidates=self.candidates, max_ngram=self.max_ngram)
+    def _with(self, tensors, candidates: int | None = None, row_counts: tuple[int, ...] = ()) -> "RowParams":
+        return RowParams(**dict(zip(_ROW_FIELDS, tensors)), candidates=candidates or self.candidates,
+                         max_ngram=self.max_ngram, row_counts=row_counts)
 
-    def select(self, rows: torch.Tensor) -> "RowParams":
-        return self._with(tensor.index_select(0, rows) for tensor in self.tensors())
+    def select(self, rows: list[int]) -> "RowParams":
+        """Only `rows` (compaction), each keeping its own candidate count."""
+        index = torch.tensor(rows, device=self.temperature.device)
+        row_counts = tuple(self.row_counts[row] for row in rows) if self.row_counts else ()
+        return self._with((tensor.index_select(0, index) for tensor in self.tensors()),
+                          candidates=max(row_counts, default=self.candidates), row_counts=row_counts)
 
     def static_copy(self) -> "RowParams":
         """A copy in fixed-address tensors (inputs a CUDA graph reads in place), refilled by `load`."""
@@ -77,6 +102,14 @@ class RowParams:
         return self
 
 
+@dataclass
+class CandidateGroup:
+    """Rows of a batch that gather the same number of candidates, and their parameters."""
+
+    rows: torch.Tensor  # (G,) row indices into the batch
+    params: RowParams
+
+
 _ROW_FIELDS = ("temperature", "top_k", "top_p", "repetition_penalty", "ngram", "seed", "row_key", "max_new_tokens")
 
 
@@ -88,16 +121,17 @@ def make_row_params(rows: list[dict], vocab_size: int, device) -> RowParams:
         name: torch.tensor(values, dtype=torch.float32 if name in floats else torch.long, device=device)
         for name, values in column.items()
     }
-    return RowParams(**tensors, candidates=candidate_count(column["top_k"], vocab_size), max_ngram=max(column["ngram"]))
+    row_counts = tuple(candidate_count(top_k, vocab_size) for top_k in column["top_k"])
+    return RowParams(**tensors, candidates=max(row_counts), max_ngram=max(column["ngram"]), row_counts=row_counts)
 
 
-def candidate_count(top_ks: list[int], vocab_size: int) -> int:
-    """Top tokens to gather: the largest top-k rounded up to a power of two, at least
+def candidate_count(top_k: int, vocab_size: int) -> int:
+    """Top tokens a row gathers: its top-k rounded up to a power of two, at least
     `MIN_CANDIDATES` (a handful of distinct sizes, so compiled graphs are reused), or the whole
-    vocabulary when a row has no top-k."""
-    if any(k <= 0 for k in top_ks):
+    vocabulary without a top-k."""
+    if top_k <= 0:
         return vocab_size
-    return min(max(1 << (max(top_ks) - 1).bit_length(), MIN_CANDIDATES), vocab_size)
+    return min(max(1 << (top_k - 1).bit_length(), MIN_CANDIDATES), vocab_size)
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
@@ -214,11 +248,22 @@ def select_next(logits, params: RowParams, history, length, step) -> torch.Tenso
     penalise_repeats_(scaled, history, length, params.repetition_penalty)
     if params.max_ngram > 0:
         ban_repeated_ngrams_(scaled, history, repeated_ngram_positions(history, length, params.ngram, params.max_ngram))
+    if not params.groups:  # one candidate count for every row
+        return choose_among_top(scaled, params, step)
+    tokens = torch.empty(len(scaled), dtype=torch.long, device=scaled.device)
+    for group in params.groups:  # e.g. a row without a top-k sorts its whole vocabulary, the others 64
+        tokens.index_copy_(0, group.rows, choose_among_top(scaled.index_select(0, group.rows), group.params, step))
+    return tokens
+
+
+def choose_among_top(scaled: torch.Tensor, params: RowParams, step) -> torch.Tensor:
+    """scores (R, V) after the penalties -> tokens (R,): greedy, or sampled from the
+    `params.candidates` best after top-k and top-p."""
     values, token_ids = scaled.topk(params.candidates, dim=-1)
     keep = keep_top_k_top_p(values, params.top_k, params.top_p)
     noise = gumbel_noise(row_stream(params.seed, params.row_key, step), token_ids)
     sampled = token_ids.gather(1, torch.where(keep, values + noise, float("-inf")).argmax(-1, keepdim=True))[:, 0]
-    return torch.where(greedy, lowest_id_of_the_best(values, token_ids), sampled)
+    return torch.where(params.temperature == 0, lowest_id_of_the_best(values, token_ids), sampled)
 
 
 def lowest_id_of_the_best(values: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:

@@ -106,11 +106,10 @@ def test_bfloat16_engine_mostly_reproduces_the_float32_goldens(golden_pixels, ex
 
 
 def test_bfloat16_mixed_batch_equals_each_request_alone(golden_pixels):
-    """bfloat16 logits tie often, and `topk` orders tied tokens by how many it returns (the
-    batch's candidate count): greedy ties go to the lowest token id, a tied run at the top-p
-    boundary is kept whole, and at least 64 candidates are gathered, whatever the batch. (A tie
-    running past the candidate cut could still differ: model/sampling.py.) Before, 2 of these
-    25 captions changed with the batch."""
+    """bfloat16 logits tie often, and `topk` orders tied tokens by how many it returns: greedy
+    ties go to the lowest token id, a tied run at the top-p boundary is kept whole, and each row
+    gathers its own candidate count (the third plan has no top-k), whatever the batch. Before,
+    2 of these 25 captions changed with the batch."""
     from tests.conftest import SEED_TINY
 
     _, pixels = golden_pixels
