@@ -138,7 +138,7 @@ class CaptionHandler:
     def handle(self, data, context):
         started = time.perf_counter()
         self.context = context
-        if _header(context, 0, "describe") == "True":  # GET /models/<name>?customized=true, sent alone
+        if _is_describe(data, context):
             _set_content_type(context, 0)
             return [json.dumps(self.describe_handle())]
         # /explanations/<name> and KServe's :explain arrive as predictions marked explain=True
@@ -358,6 +358,13 @@ def _request_headers(context, idx: int) -> dict | None:
     if getattr(context, "request_processor", None) is None:
         return None
     return context.get_all_request_header(idx)
+
+
+def _is_describe(data, context) -> bool:
+    """GET /models/<name>?customized=true: one request, no input, marked describe=True. The
+    frontend also passes a prediction's own HTTP headers through, so the mark alone could come
+    from a client; a prediction always has input, and may share its batch."""
+    return len(data) == 1 and not data[0] and _header(context, 0, "describe") == "True"
 
 
 def _header(context, idx: int, name: str) -> str | None:

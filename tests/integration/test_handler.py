@@ -70,6 +70,21 @@ def test_the_management_apis_describe_request_gets_the_workers_facts(served):
     assert replies[0].json() == golden("chelsea.png")
 
 
+def test_a_predictions_own_describe_header_gets_a_prediction(served):
+    """The frontend passes a prediction's HTTP headers through to the worker: `describe: True`
+    sent by a client must neither answer with the worker's facts nor, at the head of a batch,
+    fail the whole batch (one reply for three requests)."""
+    service, _ = served
+    marked = {"name": b"describe", "value": b"True"}
+    rows = batch(json_row(IMAGES["chelsea.png"], **GREEDY), json_row(IMAGES["chelsea.png"], **GREEDY), json_row(None))
+    rows[0]["headers"] = [marked]
+    replies = predict(service, rows)
+    assert [r.status for r in replies] == [200, 200, 400]
+    assert replies[0].json() == replies[1].json() == golden("chelsea.png")
+    alone = predict(service, [{"requestId": b"r", "headers": [marked], "parameters": json_row(None)}])
+    assert alone[0].status == 400 and "styles" not in alone[0].json()
+
+
 def test_grpc_replies_are_marked_as_the_last_of_their_stream_and_rest_replies_are_not(served):
     """A gRPC request has no HTTP header; its reply carries ts_stream_next=false, which ends a
     StreamPredictions call (without it TorchServe's frontend fails and restarts the worker).
