@@ -31,6 +31,17 @@ MAX_ASPECT_RATIO = 10
 # is reported as not an image. Filtered against the installed Pillow at call time.
 ACCEPTED_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF", "AVIF")
 
+# Scans a JPEG may have. A progressive JPEG has about 10 (libjpeg's default script); Pillow sets
+# no bound, and each scan costs a pass over the whole image: a 40-megapixel file whose last scan
+# was repeated took 24 ms more per repeat (61 bytes each), so 1.5 MB of repeats would hold a
+# decode thread for about 10 minutes (`responseTimeout`). At this bound, under 3 s.
+MAX_JPEG_SCANS = 100
+# The first marker after a scan's entropy-coded data: 0xFF (and any fill 0xFFs) followed by a
+# byte that is not a stuffed 0x00 or a restart marker (0xD0-0xD7).
+_MARKER_AFTER_SCAN = re.compile(rb"\xff+[^\x00\xd0-\xd7\xff]")
+_STANDALONE_MARKERS = frozenset({0x01, 0xD8, *range(0xD0, 0xD8)})  # no length field
+_SOS, _EOI = 0xDA, 0xD9
+
 SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 HIGH_DEPTH_MODES = SIXTEEN_BIT_MODES | {"I", "F"}
 
@@ -57,6 +68,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
         raise ImageError("empty image body")
     image = open_lazily(data, max_pixels)
     check_pixel_count(image.size, max_pixels)
+    if image.format in ("JPEG", "MPO") and jpeg_scan_count(data, MAX_JPEG_SCANS) > MAX_JPEG_SCANS:
+        raise ImageError(f"JPEG has more than {MAX_JPEG_SCANS} scans (a progressive JPEG has about 10)")
     try:
         image.load()
     except MemoryError:
@@ -85,6 +98,33 @@ def open_lazily(data: bytes, max_pixels: int) -> Image.Image:
         raise
     except Exception as error:  # a plugin choking on a malformed header
         raise ImageError(f"truncated or corrupt image: {error}") from error
+
+
+def jpeg_scan_count(data: bytes, limit: int) -> int:
+    """The scans (SOS segments) of the JPEG's first image, counted from its markers without
+    decoding anything, up to `limit` + 1. Malformed structure stops the count: the decoder
+    reports it."""
+    position, scans = 2, 0  # after SOI
+    while position + 4 <= len(data) and scans <= limit:
+        if data[position] != 0xFF:
+            break
+        marker = data[position + 1]
+        if marker == 0xFF:  # a fill byte before a marker
+            position += 1
+            continue
+        if marker == _EOI:
+            break
+        if marker in _STANDALONE_MARKERS:
+            position += 2
+            continue
+        position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")  # marker + length field + payload
+        if marker == _SOS:
+            scans += 1
+            after_scan = _MARKER_AFTER_SCAN.search(data, position)
+            if after_scan is None:
+                break
+            position = after_scan.end() - 2  # the 0xFF just before the marker byte
+    return scans
 
 
 def registered_formats() -> set[str]:

@@ -125,7 +125,8 @@ def test_curl_default_form_content_type_is_rejected_by_torchserve(server):
     ({"json": {"image": image_b64("chelsea.png"), "max_new_tokens": 1000}}, "max_new_tokens"),
     ({"json": {"image": "%%%"}}, "base64"),
     ({"json": {"styles": ["concise"]}}, "image"),
-    ({"data": b"definitely not an image", "headers": {"Content-Type": "application/octet-stream"}}, ""),
+    ({"data": b"definitely not an image", "headers": {"Content-Type": "application/octet-stream"}},
+     "not a recognised image"),
     ({"data": b"{not json", "headers": {"Content-Type": "application/json"}}, "JSON"),
 ])
 def test_bad_requests_get_400_with_a_json_message(server, payload, needle):

@@ -31,8 +31,10 @@ WARMUP_SECONDS = min(8.0, max(3.0, SOAK_SECONDS / 5))
 CLIENTS = int(os.environ.get("SOAK_CLIENTS", "4"))
 CLIENT_TIMEOUT = 60  # s per request
 # RSS growth allowed between the end of warm-up and the end of the run. The worker holds the
-# model and PyTorch (~400 MB); allocator noise is a few MB. A leak of even 1 KB per request over
-# a long soak exceeds it.
+# model and PyTorch (~400 MB); allocator noise is a few MB. What it catches depends on the
+# requests sent: CI's 25 s (~170 requests) only a leak of about 300 KB per request or more; a
+# 150 s soak (~3,500) about 14 KB; the long form's second-half bound below (8 MB over ~1,700)
+# about 5 KB.
 RSS_GROWTH_LIMIT_MB = float(os.environ.get("SOAK_RSS_GROWTH_MB", "48"))
 # Long form only (two minutes or more of samples): growth over the second half of the run.
 SECOND_HALF_GROWTH_LIMIT_MB = 8.0

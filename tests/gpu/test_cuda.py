@@ -43,6 +43,7 @@ def test_greedy_golden_on_cuda(cuda_engine, golden, golden_pixels, compiled):
         engine = CaptionEngine(cuda_engine.model, cuda_engine.vocab, compile_encoder=True, compile_decode=True,
                                compile_prefill=True)
     rows, ids = engine.generate(pixels.cuda(), [make_plan({"temperature": 0, "num_captions": 1})] * len(names))
+    assert len(rows) == len(ids) == len(names) * len(STYLES)
     for row, row_ids in zip(rows, ids):
         assert [101] + row_ids + [102] == golden["images"][names[row.image]]["greedy"][row.style]["ids"]
 

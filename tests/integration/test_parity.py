@@ -61,6 +61,7 @@ def test_greedy_captions_through_the_cli(expected_captions):
                "--dtype", "float32"]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, check=True)
     captions = json.loads(result.stdout)
+    assert sorted(captions) == images  # every image, each once
     for path, by_style in captions.items():
         name = path.rsplit("/", 1)[-1]
         assert by_style == {s.capitalize(): [expected_captions[name]["greedy"][s]] for s in STYLES}

@@ -18,10 +18,12 @@ from PIL import Image, ImageFile
 
 from model.image import (
     DEFAULT_MAX_PIXELS,
+    MAX_JPEG_SCANS,
     ImageError,
     center_crop,
     decode_image,
     image_to_uint8_tensor,
+    jpeg_scan_count,
     load_pixel_values,
     normalize,
     resize_shorter_side,
@@ -36,6 +38,9 @@ FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures"
 PREPROCESS_DIR = FIXTURES / "preprocess"
 SEED_TINY_DIR = FIXTURES / "seed-tiny"
 TOLERANCE = 0.02  # about one uint8 step (0.017) in normalised units
+# Against the original transform's goldens: the same numbers (max difference 0 with PyTorch's
+# AVX-512, AVX2 and default CPU kernels); the slack allows only float rounding.
+GOLDEN_TOLERANCE = 1e-6
 
 RED, BLUE = (220, 20, 20), (20, 20, 220)
 
@@ -109,7 +114,7 @@ def test_preprocess_matches_original_transform_at_384(name):
     assert actual.shape == expected.shape == (3, 384, 384)
     assert actual.dtype == torch.float32
     max_diff = (actual - expected).abs().max().item()
-    assert max_diff <= TOLERANCE, f"{name}: max abs difference {max_diff:.6f} > {TOLERANCE}"
+    assert max_diff <= GOLDEN_TOLERANCE, f"{name}: max abs difference {max_diff:.6f} > {GOLDEN_TOLERANCE}"
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (SEED_TINY_DIR / "images").iterdir()))
@@ -118,7 +123,7 @@ def test_preprocess_matches_seed_tiny_golden_at_64(name):
     actual = load_pixel_values(SEED_TINY_DIR / "images" / name, 64)
     assert actual.shape == expected.shape == (3, 64, 64)
     max_diff = (actual - expected).abs().max().item()
-    assert max_diff <= TOLERANCE, f"{name}: max abs difference {max_diff:.6f} > {TOLERANCE}"
+    assert max_diff <= GOLDEN_TOLERANCE, f"{name}: max abs difference {max_diff:.6f} > {GOLDEN_TOLERANCE}"
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (PREPROCESS_DIR / "images").iterdir()))
@@ -336,6 +341,37 @@ def test_pillow_bomb_warning_turned_into_an_error_is_still_an_image_error(forbid
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with pytest.raises(ImageError, match="100000000 pixels; the limit is 40000000"):
             decode_image(png_header_only(10000, 10000))
+
+
+def progressive_jpeg(image: Image.Image, repeats_of_last_scan: int = 0, **options) -> bytes:
+    """A progressive JPEG whose last scan is repeated (each repeat a valid pass the decoder runs)."""
+    data = encode(image, "JPEG", progressive=True, quality=90, **options)
+    last_scan, end = data.rindex(b"\xff\xda"), data.rindex(b"\xff\xd9")
+    return data[:end] + data[last_scan:end] * repeats_of_last_scan + data[end:]
+
+
+@pytest.mark.parametrize("mode, options, scans", [("RGB", {}, 10), ("L", {}, 6), ("RGB", {"restart_marker_blocks": 1}, 10)])
+def test_jpeg_scans_are_counted_from_the_markers(mode, options, scans):
+    """libjpeg's progressive script (10 scans in colour, 6 in grey); restart markers and stuffed
+    0xFF bytes inside a scan are not markers; a baseline JPEG has one scan."""
+    noise = Image.effect_noise((96, 64), 80).convert(mode)
+    assert jpeg_scan_count(progressive_jpeg(noise, **options), MAX_JPEG_SCANS) == scans
+    assert jpeg_scan_count(encode(noise, "JPEG", quality=95), MAX_JPEG_SCANS) == 1
+    assert jpeg_scan_count(progressive_jpeg(noise, 500), 20) == 21  # counting stops past the limit
+
+
+def test_a_jpeg_scan_bomb_is_refused_before_decoding(forbid_pixel_decoding):
+    """Pillow decodes any number of scans, each a pass over the whole image: repeats of a
+    progressive JPEG's last scan cost a few bytes each and seconds of decoding per thousand."""
+    image = Image.effect_noise((96, 64), 80).convert("RGB")
+    with pytest.raises(ImageError, match=f"JPEG has more than {MAX_JPEG_SCANS} scans"):
+        decode_image(progressive_jpeg(image, MAX_JPEG_SCANS))
+
+
+def test_a_progressive_jpeg_within_the_scan_limit_decodes():
+    image = Image.effect_noise((96, 64), 80).convert("RGB")
+    assert decode_image(progressive_jpeg(image)).tobytes() == Image.open(io.BytesIO(progressive_jpeg(image))).tobytes()
+    assert decode_image(progressive_jpeg(image, MAX_JPEG_SCANS - 10)).size == (96, 64)  # 100 scans: allowed
 
 
 def test_small_bomb_within_a_raised_limit_decodes():

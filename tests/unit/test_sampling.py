@@ -20,6 +20,7 @@ from model.sampling import (
     ban_repeated_ngrams_,
     penalise_repeats_,
     repeated_ngram_positions,
+    row_stream,
     select_next,
     select_step,
 )
@@ -177,6 +178,17 @@ def test_a_row_gathers_its_own_candidate_count_whatever_its_batch():
     kept = params.select([2, 0])  # compaction: each row keeps its own count
     assert kept.candidates == 300 and [g.rows.tolist() for g in kept.groups] == [[1], [0]]
     assert not params.select([0, 1]).groups and params.select([0, 1]).candidates == 64
+
+
+def test_the_noise_stream_depends_on_seed_row_and_step():
+    """Every input of the hash moves the stream: the seed's low and high 32 bits, the row key
+    and the step (a stream that ignored one would give equal captions where they must differ)."""
+    seeds = torch.tensor([0, 1, 2**32, 2**32 + 1, 2**63 - 1, 0, 0])
+    keys = torch.tensor([0, 0, 0, 0, 0, 1, 64])
+    streams = row_stream(seeds, keys, 3)
+    assert len(set(streams.tolist())) == len(seeds)
+    assert not torch.equal(row_stream(seeds, keys, 4), streams)
+    assert torch.equal(row_stream(seeds, keys, 3), streams)  # and nothing else does
 
 
 def test_ngram_ban_matches_the_seed_rule():
