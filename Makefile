@@ -8,12 +8,16 @@
 # `make serve` also reads INFERENCE_PORT, MANAGEMENT_PORT, METRICS_PORT, GRPC_INFERENCE_PORT,
 # GRPC_MANAGEMENT_PORT (other ports than config.properties'), OMP_NUM_THREADS (CPU threads of
 # the worker; default all cores but one) and ARCHIVE_FORMAT (zip-store or default): see
-# scripts/serve.py.
+# scripts/serve.py. TORCH_INDEX_URL: where the environment's torch comes from, e.g.
+# https://download.pytorch.org/whl/cu126 on a GPU node whose NVIDIA driver is older than 580
+# (PyPI's torch 2.13.0 is built for CUDA 13.0), or https://download.pytorch.org/whl/cpu.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
+TORCH_INDEX_URL ?=
+TORCH_PIN := $(shell sed -n 's/^ *"\(torch==[^"]*\)".*/\1/p' pyproject.toml)
 # KServe's model server for tests/e2e/test_kserve.py, apart from the project's environment.
 KSERVE_VENV ?= .venv-kserve
 KSERVE_STAMP := $(KSERVE_VENV)/.installed
@@ -28,6 +32,7 @@ BENCH_ARGS ?=
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
+	$(if $(TORCH_INDEX_URL),$(PIP) install -q '$(TORCH_PIN)' --index-url $(TORCH_INDEX_URL))
 	$(PIP) install -q -e '.[test,ui]'
 	touch $(STAMP)
 

@@ -78,12 +78,9 @@ class CaptionHandler:
         self.settings = settings = HandlerSettings.from_model_yaml(getattr(context, "model_yaml_config", None))
         code_dir = _check_code_origin(model_dir)
 
-        gpu_id = props.get("gpu_id")
-        if gpu_id is not None and torch.cuda.is_available():
-            self.device = torch.device(f"cuda:{int(gpu_id)}")
+        self.device = worker_device(props.get("gpu_id"))
+        if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        else:
-            self.device = torch.device("cpu")
         self.normalize_on_device = self.device.type == "cuda"
         if settings.threads:
             torch.set_num_threads(settings.threads)
@@ -358,6 +355,24 @@ def _request_headers(context, idx: int) -> dict | None:
     if getattr(context, "request_processor", None) is None:
         return None
     return context.get_all_request_header(idx)
+
+
+def worker_device(gpu_id) -> torch.device:
+    """The device TorchServe gave this worker: `gpu_id` (set when number_of_gpu > 0 and it found
+    NVIDIA GPUs), else the CPU. A GPU that PyTorch cannot use is an error, not a silent CPU
+    worker that answers /ping as healthy and captions a hundred times slower."""
+    if gpu_id is None:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            f"TorchServe assigned GPU {gpu_id} to this worker, but PyTorch {torch.__version__} cannot use CUDA "
+            f"(built for CUDA {torch.version.cuda or 'none: a CPU-only build'}; is the NVIDIA driver older than that "
+            "build needs?). Install a PyTorch build for this driver, or set number_of_gpu=0 in config.properties "
+            "to serve on the CPU.")
+    if int(gpu_id) >= torch.cuda.device_count():
+        raise RuntimeError(f"TorchServe assigned GPU {gpu_id} to this worker, but PyTorch sees "
+                           f"{torch.cuda.device_count()} GPU(s): number_of_gpu is larger than the GPUs visible")
+    return torch.device(f"cuda:{int(gpu_id)}")
 
 
 def _is_describe(data, context) -> bool:

@@ -150,6 +150,9 @@ class TorchServe:
             "grpc_management_port": str(self.ports["grpc_management"]),
             "model_store": str(self.model_store),
             "metrics_config": str(METRICS_YAML),
+            # This tier checks the CPU worker's numbers (float32 goldens, `dtype float32`): on a
+            # GPU node the shipped number_of_gpu=1 would hand the worker GPU 0 (bfloat16, compiled).
+            "number_of_gpu": "0",
             **self.overrides,
         }
         self.config_path.write_text(derive_config(self.source_config, overrides))

@@ -394,11 +394,23 @@ def test_a_request_that_kills_its_decode_process_fails_alone(tmp_path, monkeypat
     assert replies[0].status == 200 and replies[0].json() == golden("rocket.jpg")
 
 
-def test_gpu_id_without_cuda_falls_back_to_cpu(tmp_path):
-    if torch.cuda.is_available():
-        pytest.skip("needs a machine without CUDA")
-    _, handler = make_service(make_model_dir(tmp_path), gpu=0)
-    assert handler.device == torch.device("cpu")
+def test_a_gpu_that_pytorch_cannot_use_stops_the_worker_with_a_clear_error(tmp_path, monkeypatch):
+    """TorchServe hands out gpu_id only where it found NVIDIA GPUs; serving on the CPU there
+    (e.g. a driver too old for PyTorch's CUDA build) would be a silent hundredfold slowdown."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="assigned GPU 0 .* cannot use CUDA .* number_of_gpu=0"):
+        make_service(make_model_dir(tmp_path), gpu=0)
+
+
+def test_the_worker_device_is_the_gpu_torchserve_assigned(monkeypatch):
+    from handler.captioner_handler import worker_device
+
+    assert worker_device(None) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert worker_device("1") == torch.device("cuda:1") and worker_device(0) == torch.device("cuda:0")
+    with pytest.raises(RuntimeError, match="assigned GPU 2 .* sees 2 GPU"):
+        worker_device(2)
 
 
 def test_uint8_pixels_normalised_by_the_engine_give_the_golden_captions(tmp_path):
