@@ -55,6 +55,9 @@ STORE = REPO / "model-store"
 ARCHIVE = STORE / f"{MODEL}.mar"
 WORK = REPO / "build" / "serve"
 STAMP = WORK / f"{MODEL}.json"
+# torch.compile's generated code (GPU workers compile at start: 121 s cold on an H100, seconds
+# with this cache). Its default lives in the temporary folder, which is this run's own and goes.
+COMPILE_CACHE = REPO / "build" / "compile-cache"
 SHIPPED_CONFIG = REPO / "config.properties"
 DEFAULT_WEIGHTS = REPO / "weights" / "weights.pt"
 KEY_FILE = REPO / "key_file.json"
@@ -267,6 +270,12 @@ def thread_settings(env: dict[str, str]) -> str:
 
 
 # ---------------------------------------------------------------------------------- server
+def compile_cache_env(env: dict[str, str]) -> dict[str, str]:
+    """TORCHINDUCTOR_CACHE_DIR for the workers: the user's own, else `COMPILE_CACHE`, kept
+    between runs (the workers inherit TorchServe's environment)."""
+    return {"TORCHINDUCTOR_CACHE_DIR": env.get("TORCHINDUCTOR_CACHE_DIR") or str(COMPILE_CACHE)}
+
+
 def private_tmp() -> Path:
     """A temporary folder of this instance only; worker sockets there must fit AF_UNIX's 108 bytes."""
     base = Path(tempfile.gettempdir())
@@ -438,6 +447,7 @@ def serve(weights_arg: str | None, archive_format: str) -> int:
     say(thread_settings(env))
     tmp = private_tmp()
     env.update(TEMP=str(tmp), TMPDIR=str(tmp))  # -> java.io.tmpdir (archive, worker sockets), launcher pid file
+    env.update(compile_cache_env(env))
     env.pop("TS_CONFIG_FILE", None)  # would replace --ts-config
     KEY_FILE.unlink(missing_ok=True)  # the keys of a previous run: wait for this run's
     command = [str(Path(sys.executable).parent / "torchserve"), "--start", "--foreground", "--ncs",

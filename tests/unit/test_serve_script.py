@@ -47,3 +47,9 @@ def test_a_process_that_only_names_the_frontend_is_not_another_instance(tmp_path
     finally:
         watcher.kill()
         watcher.wait()
+
+
+def test_the_compile_cache_outlives_the_run():
+    """The run's temporary folder goes when it stops; torch.compile's cache must not go with it."""
+    assert serve.compile_cache_env({}) == {"TORCHINDUCTOR_CACHE_DIR": str(serve.REPO / "build" / "compile-cache")}
+    assert serve.compile_cache_env({"TORCHINDUCTOR_CACHE_DIR": "/data/cache"}) == {"TORCHINDUCTOR_CACHE_DIR": "/data/cache"}
