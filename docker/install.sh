@@ -29,13 +29,16 @@ TORCH_INDEX_URL=${TORCH_INDEX_URL:-}
 USER_NAME=model-server
 USER_ID=1000
 
-# Ubuntu 22.04 packages: Java 17 for the TorchServe frontend, Python 3.10 for the workers,
-# tini as PID 1 (forwards SIGTERM to the whole TorchServe process group).
-APT_PACKAGES=(openjdk-17-jre-headless python3 python3-venv ca-certificates tini)
+# Ubuntu 22.04 packages: Java 17 for the TorchServe frontend, Python 3.11 for the workers (the
+# Python this project is tested with; the current transformers, numpy and pillow need >= 3.11,
+# so the system's 3.10 would get older ones), tini as PID 1 (forwards SIGTERM to the whole
+# TorchServe process group).
+PYTHON=python3.11
+APT_PACKAGES=(openjdk-17-jre-headless "$PYTHON" "$PYTHON-venv" ca-certificates tini)
 # GPU: torch.compile's Triton kernels build their launchers with the system C compiler against
 # Python's headers when a worker first compiles (handler compile_encoder / compile_decode: gpu).
 if [[ "$VARIANT" == gpu ]]; then
-  APT_PACKAGES+=(gcc libc6-dev python3-dev)
+  APT_PACKAGES+=(gcc libc6-dev "$PYTHON-dev")
 fi
 
 run() {
@@ -70,7 +73,7 @@ step_torch() {
     cpu) index=(--index-url "${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}") ;;
     *) echo "install.sh: CAPTION_VARIANT must be gpu or cpu, not '$VARIANT'" >&2; exit 2 ;;
   esac
-  run python3 -m venv "$VENV"
+  run "$PYTHON" -m venv "$VENV"
   run "$VENV/bin/pip" install --no-cache-dir --upgrade pip
   run "$VENV/bin/pip" install --no-cache-dir "${index[@]}" "torch==$TORCH_VERSION"
 }

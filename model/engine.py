@@ -42,7 +42,7 @@ from .kv_cache import GroupKV, ImageMajorCache, KVCache, PrefixKV, SharedPrefixC
 from .layouts import DEFAULT_ROWS_PER_IMAGE, LAYOUTS, STATIC_LAYOUTS, STATIC_ROW_BUCKETS
 from .packing import is_packed, prepack_available, prepack_decoder
 from .quantize import quantize_decoder
-from .sampling import ROW_KEY_STRIDE, RowParams, TokenState, make_row_params, select_next, select_step
+from .sampling import MIN_CANDIDATES, ROW_KEY_STRIDE, RowParams, TokenState, make_row_params, select_next, select_step
 from .slots import Placement, in_order
 from .styles import STYLES, CaptionPlan, make_plan, response_key
 from .text import tidy_caption
@@ -54,7 +54,8 @@ logger = logging.getLogger(__name__)
 # candidate count (at least `MIN_CANDIDATES` on every path: model/sampling.py) and the longest
 # no-repeat n-gram. Raising the n-gram size to this floor gives every batch of default-like
 # requests (any styles; top_k <= 64, n-grams <= 4) the same graph, with the same tokens: a
-# longer n-gram loop changes no row's choice.
+# longer n-gram loop changes no row's choice. Batches needing other sizes step uncompiled
+# (`compiled_selection`).
 STATIC_MIN_NGRAM = 4
 # A compiled prefill treats the image and group counts as symbolic sizes, one graph for every
 # batch; torch.compile would specialise a count of 1 into a second graph, so smaller batches
@@ -154,6 +155,12 @@ def decode_select_step(model: CaptionModel, cache: KVCache, params: RowParams, s
     buffers and returns nothing, so replays never overwrite a tensor the caller still holds."""
     logits = decode_step(model, cache, state.last_tokens())
     select_step(logits, params, state)
+
+
+def compiled_selection(params: RowParams) -> bool:
+    """Whether a static step with these row parameters runs compiled: the sizes every batch of
+    default-like requests has (top_k <= 64, no-repeat n-grams <= 4; `STATIC_MIN_NGRAM`)."""
+    return params.candidates == MIN_CANDIDATES and params.max_ngram == STATIC_MIN_NGRAM
 
 
 def encoder_batch(images: int) -> int:
@@ -341,10 +348,42 @@ class CaptionEngine:
 
     @torch.inference_mode()
     def generate(self, pixel_values: torch.Tensor, plans: list[CaptionPlan]) -> tuple[list[Row], list[list[int]]]:
-        """Token ids (without `[CLS]`, cut at `[SEP]`) for every caption row of the batch."""
+        """Token ids (without `[CLS]`, cut at `[SEP]`) for every caption row of the batch.
+
+        With static shapes, a batch with more rows (or images) than the layout's largest shape
+        runs in parts, each a run of its images that fits (`max_rows`, `max_images` in
+        `model/layouts.py`): beyond the largest bucket a cache of the exact size would be
+        allocated, and kept, for every new row count (a GPU's memory, 10 MB per bf16 row).
+        """
+        self.last_stats = {"images": 0, "rows": 0, "new_tokens": 0, "row_buckets": []}
+        rows, ids, groups_before = [], [], 0
+        for part in self._parts(plans):
+            part_rows, part_ids = self._generate(pixel_values[part], plans[part])
+            rows += [Row(r.image + part.start, r.group + groups_before, r.style) for r in part_rows]
+            ids += part_ids
+            groups_before += sum(len(plan.styles) for plan in plans[part])
+        return rows, ids
+
+    def _parts(self, plans: list[CaptionPlan]) -> list[slice]:
+        """Consecutive runs of the batch's images that one engine call places (all of it without static shapes)."""
+        if not self.static_shapes:
+            return [slice(0, len(plans))]
+        parts, start, rows = [], 0, 0
+        for image, plan in enumerate(plans):
+            plan_rows_count = sum(plan.num_captions[style] for style in plan.styles)
+            if image > start and (rows + plan_rows_count > self.layout.max_rows
+                                  or image - start >= self.layout.max_images):
+                parts.append(slice(start, image))
+                start, rows = image, 0
+            rows += plan_rows_count
+        return parts + [slice(start, len(plans))]
+
+    def _generate(self, pixel_values: torch.Tensor, plans: list[CaptionPlan]) -> tuple[list[Row], list[list[int]]]:
+        """`generate` for images that one call places; its figures added to `last_stats`."""
         rows, groups, settings = plan_rows(plans, self.config.max_text_tokens)
         placement = self._place([r.image for r in rows])
-        self.last_stats = {"images": len(plans), "row_buckets": [placement.rows]}
+        self.last_stats["images"] += len(plans)
+        self.last_stats["row_buckets"].append(placement.rows)
         # Padding slots (static shapes only) copy a real row but end after one token.
         row_caps = [row["max_new_tokens"] for row in settings]
         settings = [dict(settings[s], max_new_tokens=1) if pad else settings[s]
@@ -361,7 +400,8 @@ class CaptionEngine:
                                    row_group, params, max_new)
         ids = [cut_at_end(h[1:]) for h in history.tolist()]
         # a row's new tokens: its words, plus the [SEP] that ended it unless its own cap did
-        self.last_stats.update(rows=len(rows), new_tokens=sum(min(len(i) + 1, cap) for i, cap in zip(ids, row_caps)))
+        self.last_stats["rows"] += len(rows)
+        self.last_stats["new_tokens"] += sum(min(len(i) + 1, cap) for i, cap in zip(ids, row_caps))
         return rows, ids
 
     def _decode(self, prefix, group_kv, group_logits, placement: Placement, row_image: list[int], row_group,
@@ -408,9 +448,15 @@ class CaptionEngine:
         state.append(select_next(logits, params, state.history, state.length, state.length - 1), params)
 
     def static_step(self, cache: KVCache, params: RowParams, state: TokenState) -> None:
-        """One static-shape step: `decode_select_step`, a CUDA-graph replay when compiled."""
+        """One static-shape step: `decode_select_step`, a CUDA-graph replay when compiled.
+
+        The compiled step serves the selection sizes of default-like requests (`compiled_selection`);
+        a batch needing more candidates or longer n-grams steps uncompiled (slower steps, but no
+        compilation stalling the worker mid-traffic, and no graphs without bound for the sizes
+        clients can ask for)."""
         torch.compiler.cudagraph_mark_step_begin()  # the previous replay's buffers may be reused
-        self._decode_select(self.model, cache, params, state)
+        step = self._decode_select if compiled_selection(params) else decode_select_step
+        step(self.model, cache, params, state)
 
     def _compaction(self, active: list[int], cache) -> Placement | None:
         """Where the `active` (unfinished) rows of `cache` move, or None to go on as they are.

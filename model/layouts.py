@@ -40,6 +40,9 @@ class RowMajor:
     name = "rows"
     needs_symbolic_sizes = False
     shapes = len(STATIC_ROW_BUCKETS)  # cache shapes, one CUDA graph per shape and span
+    # The most one engine call places: a larger batch runs in parts (a cache of its own exact
+    # size would be allocated, recorded and kept).
+    max_rows = max_images = STATIC_ROW_BUCKETS[-1]
 
     @staticmethod
     def place(row_image: list[int]) -> Placement:
@@ -72,6 +75,8 @@ class ImageMajor:
     name = "images"
     needs_symbolic_sizes = True
     shapes = len(STATIC_IMAGE_BUCKETS) * len(STATIC_PER_IMAGE_BUCKETS)
+    max_images = STATIC_IMAGE_BUCKETS[-1]
+    max_rows = max_images * STATIC_PER_IMAGE_BUCKETS[-1]
 
     @staticmethod
     def place(row_image: list[int]) -> Placement:

@@ -162,6 +162,25 @@ def test_static_warmup_records_every_bucket_compaction_can_reach(tiny_engine, ca
     assert set(static._static_caches) == {8, 12, 16, 24, 32, 48}
 
 
+def test_a_batch_beyond_the_largest_static_shape_runs_in_parts(tiny_engine, golden_pixels, monkeypatch):
+    """Static shapes: more rows than the largest bucket would allocate (and keep) a cache of the
+    exact size; the batch runs as runs of images that fit, with the rows, tokens and figures of
+    one eager call."""
+    from model.layouts import STATIC_ROW_BUCKETS, RowMajor
+
+    _, pixels = golden_pixels
+    monkeypatch.setattr(RowMajor, "max_rows", 12)  # instead of 768 rows
+    plans = [make_plan({"seed": 1, "max_new_tokens": 6}), make_plan({"seed": 2, "max_new_tokens": 6}),
+             make_plan({"seed": 3, "styles": ["concise"], "num_captions": 1, "max_new_tokens": 6})]
+    static = CaptionEngine(tiny_engine.model, tiny_engine.vocab, static_shapes=True)
+    assert static._parts(plans) == [slice(0, 2), slice(2, 3)]  # 12 rows, then 1
+    expected_rows, expected_ids = tiny_engine.generate(pixels, plans)
+    assert static.generate(pixels, plans) == (expected_rows, expected_ids)
+    assert {key: static.last_stats[key] for key in ("images", "rows", "new_tokens")} == \
+        {key: tiny_engine.last_stats[key] for key in ("images", "rows", "new_tokens")}
+    assert static.last_stats["row_buckets"][0] == 12 and set(static._static_caches) <= set(STATIC_ROW_BUCKETS)
+
+
 def test_compiled_encoder_runs_power_of_two_batches_only(plain_tiny_engine, golden_pixels):
     """After warm-up a partial batch (3 images) pads to the 4-image graph: no new compilation,
     and each image's tokens are those of the plain encoder."""
@@ -169,8 +188,11 @@ def test_compiled_encoder_runs_power_of_two_batches_only(plain_tiny_engine, gold
 
     _, pixels = golden_pixels
     engine = CaptionEngine(plain_tiny_engine.model, plain_tiny_engine.vocab, compile_encoder=True)
+    torch._dynamo.reset()  # earlier tests' graphs would serve some batch sizes: count from none
+    before = counters["stats"]["unique_graphs"]
     engine.warmup(batch_sizes=(1, 4), max_new_tokens=2)  # encoder batches 1, 2 and 4
     graphs = counters["stats"]["unique_graphs"]
+    assert graphs - before == 3  # one static graph per batch size: the encoder is compiled
     with torch.inference_mode():
         tokens = engine.encode(pixels)
         expected = plain_tiny_engine.model.encode_images(pixels)
@@ -190,6 +212,12 @@ def test_compiled_static_step_is_shared_by_batches_of_other_styles(plain_tiny_en
     graphs = counters["stats"]["unique_graphs"]
     concise = [make_plan({"seed": s, "styles": ["concise"], "num_captions": 6, "max_new_tokens": 6}) for s in (1, 2, 3)]
     assert compiled.generate(pixels, concise)[1] == plain_tiny_engine.generate(pixels, concise)[1]
+    assert counters["stats"]["unique_graphs"] == graphs
+    # Sizes a client may ask for beyond those (the whole vocabulary, long n-grams): stepped
+    # uncompiled, no graph compiled for them mid-traffic, the same tokens.
+    for options in ({"top_k": 0}, {"top_k": 100}, {"no_repeat_ngram_size": 6}):
+        plans = [make_plan({"seed": 5, "max_new_tokens": 5, **options})] * 3
+        assert compiled.generate(pixels, plans)[1] == plain_tiny_engine.generate(pixels, plans)[1]
     assert counters["stats"]["unique_graphs"] == graphs
 
 
@@ -244,8 +272,11 @@ def test_compiled_prefill_compiles_once_for_every_batch_and_equals_eager(plain_t
     _, pixels = golden_pixels
     compiled = CaptionEngine(plain_tiny_engine.model, plain_tiny_engine.vocab, compile_prefill=True)
     first = [make_plan({"seed": 1, "max_new_tokens": 6})] * 3
+    torch._dynamo.reset()  # count from no graph (earlier tests' would serve)
+    before = counters["stats"]["unique_graphs"]
     assert compiled.generate(pixels, first)[1] == plain_tiny_engine.generate(pixels, first)[1]
     graphs = counters["stats"]["unique_graphs"]
+    assert graphs - before == 2  # the two prefill passes, compiled
     for count, options in ((1, {"styles": ["concise"]}), (2, {}), (1, {}), (3, {"styles": ["narrative"]})):
         plans = [make_plan({"seed": 2, "max_new_tokens": 6, **options})] * count
         assert compiled.generate(pixels[:count], plans)[1] == plain_tiny_engine.generate(pixels[:count], plans)[1]

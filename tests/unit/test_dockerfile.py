@@ -148,10 +148,10 @@ def test_install_system_step_follows_apt_hygiene():
     out = _install("system").stdout
     install = next(line for line in out.splitlines() if "apt-get install" in line)
     assert "--no-install-recommends" in install and " -y " in install
-    for package in ("openjdk-17-jre-headless", "python3", "python3-venv", "tini"):
+    for package in ("openjdk-17-jre-headless", "python3.11", "python3.11-venv", "tini"):
         assert package in install.split()
-    # the GPU image compiles (Triton needs a C compiler and Python headers); the CPU one does not
-    assert {"gcc", "python3-dev"} <= set(install.split())
+    # the GPU image compiles (Triton needs a C compiler and the venv's Python headers); the CPU one does not
+    assert {"gcc", "python3.11-dev"} <= set(install.split())
     cpu_install = next(line for line in _install("system", CAPTION_VARIANT="cpu").stdout.splitlines()
                        if "apt-get install" in line)
     assert "gcc" not in cpu_install.split()
