@@ -14,6 +14,7 @@ import io
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
@@ -182,36 +183,37 @@ def high_depth_to_grey(image: Image.Image) -> Image.Image:
     ``convert("RGB")`` would clip such values at 255 (a 16-bit photo turns white), so:
     16-bit modes divide by 257 (65535 -> 255); ``I`` and ``F`` keep values already in
     0..255, divide 0..65535 by 257, and stretch any other range to 0..255; ``F`` images in
-    0..1 are multiplied by 255. NaN and infinities become 0.
+    0..1 are multiplied by 255. NaN and infinities become 0. One float64 copy of the pixels,
+    worked on in place (a 40-megapixel image: 320 MB, not five such tensors).
     """
     values = grey_values(image)
-    levels = scale_to_byte_range(values, sixteen_bit=image.mode in SIXTEEN_BIT_MODES, unit_float=image.mode == "F")
-    grey = levels.round().clamp(0, 255).to(torch.uint8)
+    scale_to_byte_range_(values, sixteen_bit=image.mode in SIXTEEN_BIT_MODES, unit_float=image.mode == "F")
+    grey = values.round_().clamp_(0, 255).to(torch.uint8)
     return Image.frombytes("L", image.size, grey.numpy().tobytes())
 
 
 def grey_values(image: Image.Image) -> torch.Tensor:
-    if image.mode == "F":
-        raw, dtype = image.tobytes("raw", "F"), torch.float32
-    else:
-        raw, dtype = image.convert("I").tobytes("raw", "I"), torch.int32
-    values = torch.frombuffer(bytearray(raw), dtype=dtype).to(torch.float64)
-    return torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+    """The pixels as float64 (height * width,), NaN and infinities as 0."""
+    pixels = np.asarray(image)  # uint16, int32 or float32, in the mode's byte order
+    values = torch.from_numpy(pixels.astype(np.float64).reshape(-1))
+    del pixels
+    return torch.nan_to_num_(values, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def scale_to_byte_range(values: torch.Tensor, *, sixteen_bit: bool, unit_float: bool) -> torch.Tensor:
+def scale_to_byte_range_(values: torch.Tensor, *, sixteen_bit: bool, unit_float: bool) -> torch.Tensor:
+    """In place: `values` onto 0..255 (`high_depth_to_grey`'s rules)."""
     if sixteen_bit:
-        return values / 257.0
+        return values.div_(257.0)
     low, high = values.min().item(), values.max().item()
     if unit_float and 0.0 <= low and high <= 1.0:
-        return values * 255.0
+        return values.mul_(255.0)
     if 0.0 <= low and high <= 255.0:
         return values
     if 0.0 <= low and high <= 65535.0:
-        return values / 257.0
+        return values.div_(257.0)
     if high == low:  # one value outside 0..65535: no range to stretch, saturate it
-        return values.clamp(0.0, 255.0)
-    return (values - low) * (255.0 / (high - low))
+        return values.clamp_(0.0, 255.0)
+    return values.sub_(low).mul_(255.0 / (high - low))
 
 
 # ---------------------------------------------------------------------------------------

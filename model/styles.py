@@ -55,6 +55,12 @@ class _Range:
     kind: type
     low: float
     high: float | str  # a str names a Limits field
+    zero_means: str = ""  # for a float whose 0 is a switch: what it means; positive values start at MIN_POSITIVE
+
+
+# The smallest positive temperature or top_p: below it, logits / temperature overflow float32
+# (to inf: empty or random captions) or the value itself rounds to 0, which means something else.
+MIN_POSITIVE = 1e-6
 
 
 # The repetition penalty divides the scores of seen tokens: 0 (or a float32 underflow to 0)
@@ -63,9 +69,9 @@ MIN_REPETITION_PENALTY = 0.01
 
 # Every sampling override.
 _SAMPLING_RANGES = {
-    "temperature": _Range(float, 0.0, "max_temperature"),
+    "temperature": _Range(float, 0.0, "max_temperature", zero_means="greedy"),
     "top_k": _Range(int, 0, "max_top_k"),
-    "top_p": _Range(float, 0.0, 1.0),
+    "top_p": _Range(float, 0.0, 1.0, zero_means="no top-p"),
     "repetition_penalty": _Range(float, MIN_REPETITION_PENALTY, "max_repetition_penalty"),
     "no_repeat_ngram_size": _Range(int, 0, "max_ngram"),
 }
@@ -146,6 +152,9 @@ def make_plan(options: dict | None = None, limits: Limits = Limits()) -> Caption
         if options.get(name) is not None:
             high = getattr(limits, bounds.high) if isinstance(bounds.high, str) else bounds.high
             overrides[name] = _number(name, options[name], bounds.kind, bounds.low, high)
+            if bounds.zero_means and 0 < overrides[name] < MIN_POSITIVE:
+                raise OptionError(f"'{name}' must be 0 ({bounds.zero_means}) or at least {MIN_POSITIVE}, "
+                                  f"got {options[name]}")
     num = options.get("num_captions")
     num = None if num is None else _number("num_captions", num, int, 1, limits.max_num_captions)
     max_new = options.get("max_new_tokens")

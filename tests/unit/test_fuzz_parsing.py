@@ -94,9 +94,9 @@ def mutated_images(draw) -> bytes:
 
 image_bytes = st.one_of(mutated_images(), st.sampled_from(SEED_IMAGES), st.binary(max_size=256))
 
-# Integers stay within float range: make_plan overflows beyond it (see test_make_plan_huge_integer).
+# Integers well beyond int64 and float range (test_make_plan_huge_integer: 10**400).
 json_scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(-(2**80), 2**80), st.floats(), st.text(max_size=20)
+    st.none(), st.booleans(), st.integers(-(2**1400), 2**1400), st.floats(), st.text(max_size=20)
 )
 json_values = st.recursive(
     json_scalars,
@@ -195,4 +195,8 @@ def test_any_options_give_a_plan_or_a_client_error(options):
 
 
 def test_make_plan_huge_integer():
-    only_client_errors(lambda: make_plan(parse_request({"body": b"x", "seed": "9" * 400}).options))
+    """10**400 is no float; every numeric option refuses it as a client error."""
+    for name in ("seed", "num_captions", "max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty",
+                 "no_repeat_ngram_size"):
+        with pytest.raises(OptionError, match=f"'{name}' must be"):
+            make_plan(parse_request({"body": b"x", name: "9" * 400}).options)

@@ -51,12 +51,21 @@ def test_styles_as_comma_string():
         ({"repetition_penalty": 1e-300}, "'repetition_penalty' must be between 0.01 and 10.0"),
         ({"repetition_penalty": 10.5}, "'repetition_penalty' must be between 0.01 and 10.0"),
         ({"colour": "red"}, "unknown option(s): 'colour'"),
+        # logits / 1e-40 overflow float32 (empty or random captions); 1e-300 is 0 in float32
+        ({"temperature": 1e-40}, "'temperature' must be 0 (greedy) or at least 1e-06, got 1e-40"),
+        ({"top_p": 1e-300}, "'top_p' must be 0 (no top-p) or at least 1e-06, got 1e-300"),
     ],
 )
 def test_bad_options(options, message):
     with pytest.raises(OptionError) as error:
         make_plan(options)
     assert message in str(error.value)
+
+
+def test_zero_and_the_smallest_positive_temperature_and_top_p_are_accepted():
+    for value in (0, 0.0, 1e-6):
+        sampling = make_plan({"temperature": value, "top_p": value}).sampling["concise"]
+        assert (sampling.temperature, sampling.top_p) == (value, value)
 
 
 def test_smallest_positive_repetition_penalty_is_accepted():
