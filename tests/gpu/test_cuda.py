@@ -109,6 +109,24 @@ def test_dynamic_rows_compile_once_per_span_on_cuda(cuda_engine, golden_pixels):
     assert counters["inductor"]["cudagraph_skips"] == 0
 
 
+def test_sizes_beyond_the_compiled_ones_step_uncompiled_between_graph_replays_on_cuda(cuda_engine, golden_pixels):
+    """A batch needing the whole vocabulary (top_k 0) or a long n-gram runs its static steps
+    uncompiled, between other batches' CUDA-graph replays: no new graph, eager's tokens, and
+    the compiled batches after it still replay correctly."""
+    from torch._dynamo.utils import counters
+
+    _, pixels = golden_pixels
+    compiled = CaptionEngine(cuda_engine.model, cuda_engine.vocab, compile_decode=True, dynamic_rows=True)
+    compiled.warmup(batch_sizes=(1, 3), max_new_tokens=2)
+    graphs = counters["stats"]["unique_graphs"]
+    default = [make_plan({"seed": s, "max_new_tokens": 8}) for s in (1, 2, 3)]
+    for options in ({}, {"top_k": 0}, {"no_repeat_ngram_size": 6}, {}):
+        plans = [make_plan({"seed": 4, "max_new_tokens": 8, **options})] * 3
+        assert compiled.generate(pixels.cuda(), plans)[1] == cuda_engine.generate(pixels.cuda(), plans)[1]
+    assert compiled.generate(pixels.cuda(), default)[1] == cuda_engine.generate(pixels.cuda(), default)[1]
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
 def test_image_major_layout_on_cuda(cuda_engine, golden, golden_pixels):
     """`static_layout="images"` compiled on CUDA: the greedy golden ids, eager's sampled tokens
     through compaction and a mixed batch, one compilation per span, no CUDA-graph skips."""
