@@ -77,6 +77,23 @@ def repo_like_root(tmp_path, server) -> Path:
     return tmp_path
 
 
+OPTIONS_BLOCK = re.compile(r"^Options go in a JSON body:\n```bash\n(.*?)^```", re.MULTILINE | re.DOTALL)
+
+
+def test_readme_json_options_pipeline(server, repo_like_root):
+    """"What `make serve` does": the python | curl pipeline that sends options in a JSON body,
+    as written (only the port substituted; $KEY is the inference key, as the banner sets it)."""
+    block = OPTIONS_BLOCK.search((REPO / "README.md").read_text(encoding="utf-8")).group(1)
+    command = block.replace("http://127.0.0.1:8080", f"http://127.0.0.1:{server.ports['inference']}")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "KEY": server.keys["inference"]}
+    result = subprocess.run(["bash", "-c", command], cwd=repo_like_root, env=env, text=True, capture_output=True,
+                            timeout=300)
+    assert result.returncode == 0, (command, result.stderr)
+    answer = json.loads(result.stdout)
+    assert list(answer) == ["Concise"] and len(answer["Concise"]) == 1 and answer["Concise"][0], answer
+
+
 def test_readme_has_the_steps_this_test_runs():
     commands = [command for command, _ in readme_steps()]
     assert sum(c.startswith("curl ") for c in commands) >= 10, commands
