@@ -77,7 +77,7 @@ def repo_like_root(tmp_path, server) -> Path:
     return tmp_path
 
 
-OPTIONS_BLOCK = re.compile(r"^Options go in a JSON body:\n```bash\n(.*?)^```", re.MULTILINE | re.DOTALL)
+OPTIONS_BLOCK = re.compile(r"^Options go in a JSON body[^\n]*:\n```bash\n(.*?)^```", re.MULTILINE | re.DOTALL)
 
 
 def test_readme_json_options_pipeline(server, repo_like_root):
