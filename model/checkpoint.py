@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import pickle
 import re
-import zipfile
 from pathlib import Path
 
 import torch
@@ -23,6 +22,10 @@ from .config import CaptionConfig
 _BACKBONE_V4 = re.compile(r"^vision_encoder\.backbone\.layer\.(\d+)\.")
 _BACKBONE_V5 = "vision_encoder.backbone.model.layer.{}."
 _SHOWN_KEYS = 8
+# What a checkpoint's tensors may be: the seed's bfloat16, or a float32/float16 copy of it.
+CHECKPOINT_DTYPES = (torch.bfloat16, torch.float32, torch.float16)
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's (zip) format
+_LFS_POINTER_PREFIX = b"version https://git-lfs"
 
 
 class CheckpointError(ValueError):
@@ -63,6 +66,12 @@ def validate_state_dict(state_dict: dict, config: CaptionConfig) -> None:
     ]
     if wrong:
         problems.append(f"{len(wrong)} mis-shaped key(s): " + "; ".join(wrong[:_SHOWN_KEYS]))
+    unusable = [f"{k} ({str(v.dtype).removeprefix('torch.')}, {str(v.layout).removeprefix('torch.')}"
+                f"{', meta' if v.is_meta else ''})" for k, v in sorted(state_dict.items())
+                if v.dtype not in CHECKPOINT_DTYPES or v.layout != torch.strided or v.is_meta]
+    if unusable:
+        problems.append(f"{len(unusable)} key(s) not dense floating-point weights "
+                        f"({', '.join(str(d).removeprefix('torch.') for d in CHECKPOINT_DTYPES)}): {_listing(unusable)}")
     if problems:
         raise CheckpointError("checkpoint does not match the model config: " + " | ".join(problems))
 
@@ -72,10 +81,23 @@ def read_state_dict(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    with open(path, "rb") as file:
+        head = file.read(len(_LFS_POINTER_PREFIX))
+    if head.startswith(_LFS_POINTER_PREFIX):
+        raise CheckpointError(f"{path} is a Git LFS pointer file, not the checkpoint: fetch the LFS object "
+                              "(git lfs pull, or python -m weights fetch)")
+    if not head.startswith(_ZIP_MAGIC):
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint in torch.save's zip format ({len(head)} first "
+                              f"bytes {head[:8]!r}); a legacy-format file can be re-saved with torch.save")
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, OSError) as exc:
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {exc}") from exc
+    except pickle.UnpicklingError as exc:  # weights_only refused something that is not plain tensors
+        reason = re.search(r"WeightsUnpickler error: ([^\n]*)", str(exc))
+        raise CheckpointError(f"{path} holds objects other than tensors and was refused unread"
+                              f"{': ' + reason.group(1) if reason else ''}") from exc
+    except Exception as exc:  # noqa: BLE001 - a corrupt file fails anywhere in the unpickler
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): "
+                              f"{type(exc).__name__}: {exc}") from exc
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
         raise CheckpointError(f"{path} does not hold a state dict of tensors (got {type(loaded).__name__})")
     return loaded

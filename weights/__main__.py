@@ -60,6 +60,10 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     print(f"OK: {path} is a structurally valid checkpoint (not the official weights)")
+    if path.stat().st_size == official["size_bytes"]:
+        print(f"warning: {path} has the official checkpoint's size but not its sha256: weights of your own, or a "
+              "damaged copy of the official file (a flipped byte inside a tensor loads without error). "
+              "Check a copy of the official file with --official.", file=sys.stderr)
     return 0
 
 

@@ -59,8 +59,15 @@ def test_truncated_file(tmp_path):
 
 def test_not_a_checkpoint(tmp_path):
     (tmp_path / "text.pt").write_text("hello")
-    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
+    with pytest.raises(CheckpointError, match="not a PyTorch checkpoint in torch.save's zip format"):
         load_state_dict(tmp_path / "text.pt", PRESETS["seed-tiny"])
+    (tmp_path / "pointer.pt").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 3\n")
+    with pytest.raises(CheckpointError, match="Git LFS pointer file"):
+        load_state_dict(tmp_path / "pointer.pt", PRESETS["seed-tiny"])
+    data = (SEED_TINY / "weights.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
+        load_state_dict(tmp_path / "cut.pt", PRESETS["seed-tiny"])
     torch.save([1, 2, 3], tmp_path / "list.pt")
     with pytest.raises(CheckpointError, match="does not hold a state dict"):
         load_state_dict(tmp_path / "list.pt", PRESETS["seed-tiny"])
@@ -93,8 +100,33 @@ def test_checkpoints_are_read_weights_only(tmp_path):
             return (print, ("executed",))
 
     torch.save({"x": Evil()}, tmp_path / "evil.pt", _use_new_zipfile_serialization=True)
-    with pytest.raises(CheckpointError, match="not a readable"):
+    with pytest.raises(CheckpointError, match="objects other than tensors and was refused unread: Unsupported global"):
         load_state_dict(tmp_path / "evil.pt", PRESETS["seed-tiny"])
+
+
+def test_any_failure_inside_the_unpickler_is_a_checkpoint_error(tmp_path, monkeypatch):
+    """Corrupt bytes inside data.pkl fail as KeyError, TypeError, IndexError ... in torch.load."""
+    for error in (KeyError("storages"), TypeError("bad"), IndexError("out of range")):
+        def corrupt(*args, error=error, **kwargs):
+            raise error
+        monkeypatch.setattr(torch, "load", corrupt)
+        with pytest.raises(CheckpointError, match=f"truncated or corrupt.*{type(error).__name__}"):
+            load_state_dict(SEED_TINY / "weights.pt", PRESETS["seed-tiny"])
+
+
+@pytest.mark.parametrize("change, named", [
+    (lambda t: t.to(torch.int8), "int8, strided"),
+    (lambda t: t.to(torch.float64), "float64, strided"),
+    (lambda t: t.to_sparse(), "bfloat16, sparse_coo"),
+])
+def test_weights_that_are_not_dense_floats_are_refused_by_name(tmp_path, change, named):
+    """Such files pass a shape check, then fail in the worker (an int8 weight cannot be a
+    Parameter) or load as something else (a sparse weight)."""
+    state = torch.load(SEED_TINY / "weights.pt", weights_only=True)
+    state["text_transformer.output.bias"] = change(state["text_transformer.output.bias"])
+    torch.save(state, tmp_path / "odd.pt")
+    with pytest.raises(CheckpointError, match=rf"1 key\(s\) not dense floating-point.*text_transformer.output.bias \({named}"):
+        load_state_dict(tmp_path / "odd.pt", PRESETS["seed-tiny"])
 
 
 @pytest.mark.parametrize("raw, message", [

@@ -345,14 +345,28 @@ def test_cli_verify_hands_other_checkpoints_to_the_model_loader(tmp_path, monkey
     mine.write_bytes(b"not the official bytes")
     assert cli.main(["verify", str(mine)]) == 0
     assert seen == [(mine, None)]
-    assert "structurally valid" in capsys.readouterr().out
+    out = capsys.readouterr()
+    assert "structurally valid" in out.out and "official checkpoint's size" not in out.err
+
+
+def test_cli_verify_warns_when_a_file_has_the_official_size_but_not_its_bytes(payload, digest, tmp_path,
+                                                                             monkeypatch, capsys):
+    """A damaged copy of the official file (a flipped byte inside a tensor loads fine) must not
+    pass silently as a checkpoint of one's own."""
+    monkeypatch.setattr(cli, "official_file", lambda: {"name": "w", "size_bytes": len(payload), "sha256": digest})
+    monkeypatch.setattr(cli, "validate_structure", lambda path, config: None)
+    damaged = tmp_path / "weights.pt"
+    damaged.write_bytes(payload[:-1] + bytes([payload[-1] ^ 1]))
+    assert cli.main(["verify", str(damaged)]) == 0
+    assert "has the official checkpoint's size but not its sha256" in capsys.readouterr().err
+    assert cli.main(["verify", "--official", str(damaged)]) == cli.EXIT_FAILED
 
 
 def test_cli_verify_rejects_a_file_that_is_no_checkpoint(tmp_path, capsys):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"junk")
     assert cli.main(["verify", str(junk)]) == cli.EXIT_FAILED
-    assert "not a readable PyTorch checkpoint" in capsys.readouterr().err
+    assert "not a PyTorch checkpoint in torch.save's zip format" in capsys.readouterr().err
 
 
 def test_manifest_mismatches_names_the_differences():
