@@ -74,6 +74,7 @@ STOP_TIMEOUT_S = 60
 READY_MARGIN_S = 60  # past the archive's startupTimeout, make serve gives up waiting for READY
 MODEL_YAML = REPO / "handler" / "model-config.yaml"
 FRONTEND_CLASS = "org.pytorch.serve.ModelServer"  # in the JVM's command line
+LOAD_FAILED = "Failed to load model"  # TorchServe's worker, when the handler's initialize raised
 
 
 class Failure(Exception):
@@ -306,7 +307,30 @@ def log_tail(name: str, lines: int = 15) -> str:
         return f"(no logs/{name})"
 
 
-def wait_ready(process: subprocess.Popen, props: dict[str, str], timeout_s: float) -> dict:
+def log_size(name: str) -> int:
+    """Bytes of logs/NAME now (TorchServe appends to its logs across runs): where this run's lines start."""
+    try:
+        return (REPO / "logs" / name).stat().st_size
+    except OSError:
+        return 0
+
+
+def load_failure(log_offset: int) -> str | None:
+    """The worker's "Failed to load model" line, if this run's part of logs/model_log.log has one
+    (TorchServe then retries the worker with growing pauses until startupTimeout)."""
+    try:
+        with open(REPO / "logs" / "model_log.log", "rb") as log:
+            log.seek(log_offset)
+            text = log.read().decode(errors="replace")
+    except OSError:
+        return None
+    return next((line.split("MODEL_LOG - ", 1)[-1] for line in text.splitlines()
+                 if f"{LOAD_FAILED} {MODEL}" in line), None)
+
+
+def wait_ready(process: subprocess.Popen, props: dict[str, str], timeout_s: float, log_offset: int = 0) -> dict:
+    """Until the model has a READY worker; a worker that fails to load ends the wait at once,
+    with the worker log (its error would repeat at every retry for minutes)."""
     import requests
 
     management = local_url(props["management_address"])
@@ -328,6 +352,10 @@ def wait_ready(process: subprocess.Popen, props: dict[str, str], timeout_s: floa
                     status = "the worker is loading the model" if workers else "no worker yet"
             except (requests.RequestException, ValueError, IndexError):
                 pass
+        failure = load_failure(log_offset)
+        if failure:
+            raise Failure(f"the worker could not load {MODEL}: {failure}\nThe end of logs/model_log.log:\n"
+                          f"{log_tail('model_log.log', 40)}")
         now = time.monotonic()
         if now - started > timeout_s:
             raise Failure(f"{MODEL} was not ready after {timeout_s:.0f} s ({status}); the end of "
@@ -450,6 +478,7 @@ def serve(weights_arg: str | None, archive_format: str) -> int:
     env.update(compile_cache_env(env))
     env.pop("TS_CONFIG_FILE", None)  # would replace --ts-config
     KEY_FILE.unlink(missing_ok=True)  # the keys of a previous run: wait for this run's
+    log_offset = log_size("model_log.log")  # this run's worker lines come after
     command = [str(Path(sys.executable).parent / "torchserve"), "--start", "--foreground", "--ncs",
                "--ts-config", str(config), "--model-store", str(STORE), "--models", f"{MODEL}={ARCHIVE.name}"]
     say(f"starting TorchServe: {' '.join(command)}")
@@ -466,7 +495,7 @@ def serve(weights_arg: str | None, archive_format: str) -> int:
         # whole group in order (the launcher, the JVM and its workers) instead of each dying on
         # its own. Started inside the try: a Ctrl-C right after the start still stops it.
         process = subprocess.Popen(command, cwd=REPO, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
-        wait_ready(process, props, ready_timeout_s())
+        wait_ready(process, props, ready_timeout_s(), log_offset)
         print(banner(props), flush=True)
         code = process.wait()
         say(f"TorchServe exited with status {code}")

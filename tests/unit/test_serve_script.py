@@ -53,3 +53,29 @@ def test_the_compile_cache_outlives_the_run():
     """The run's temporary folder goes when it stops; torch.compile's cache must not go with it."""
     assert serve.compile_cache_env({}) == {"TORCHINDUCTOR_CACHE_DIR": str(serve.REPO / "build" / "compile-cache")}
     assert serve.compile_cache_env({"TORCHINDUCTOR_CACHE_DIR": "/data/cache"}) == {"TORCHINDUCTOR_CACHE_DIR": "/data/cache"}
+
+
+def test_a_worker_that_fails_to_load_ends_the_wait_with_its_error(tmp_path, monkeypatch):
+    """TorchServe retries a worker whose initialize raised, for up to startupTimeout; make serve
+    stops at the first failure of this run (earlier runs' lines in the appended log do not count)."""
+    (tmp_path / "logs").mkdir()
+    log = tmp_path / "logs" / "model_log.log"
+    log.write_text("2026-01-01 [INFO ] W-9000-captioner_1.0-stdout MODEL_LOG - Failed to load model captioner, "
+                   "exception an earlier run\n")
+    monkeypatch.setattr(serve, "REPO", tmp_path)
+    monkeypatch.setattr(serve, "KEY_FILE", tmp_path / "key_file.json")
+    offset = serve.log_size("model_log.log")
+    assert serve.load_failure(offset) is None and serve.load_failure(0).endswith("an earlier run")
+    with open(log, "a") as out:
+        out.write("2026-01-01 [INFO ] W-9000-captioner_1.0-stdout MODEL_LOG - Failed to load model captioner, "
+                  "exception TorchServe assigned GPU 0 to this worker, but PyTorch cannot use CUDA\n")
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        started = time.monotonic()
+        with pytest.raises(serve.Failure, match="could not load captioner: Failed to load model captioner, exception "
+                                                "TorchServe assigned GPU 0"):
+            serve.wait_ready(process, {"management_address": "http://127.0.0.1:9"}, timeout_s=600, log_offset=offset)
+        assert time.monotonic() - started < 10
+    finally:
+        process.kill()
+        process.wait()
