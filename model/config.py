@@ -83,10 +83,16 @@ class CaptionConfig:
 
     @classmethod
     def from_dict(cls, raw: dict) -> "CaptionConfig":
+        """A config from its JSON form; a field of the wrong type, or sizes that cannot fit together
+        (e.g. an image size the patch grid does not divide), is a ValueError naming it."""
         _check_fields(cls, raw, "model config")
         vision = raw.get("vision", {})
         _check_fields(VisionConfig, vision, "model config vision")
-        return cls(**{**raw, "vision": VisionConfig(**vision)})
+        config = cls(**{**raw, "vision": VisionConfig(**vision)})
+        _check_types(config.vision, "model config vision")
+        _check_types(config, "model config")
+        _check_sizes(config)
+        return config
 
     @classmethod
     def from_json(cls, path: str | Path) -> "CaptionConfig":
@@ -109,6 +115,34 @@ def _check_fields(kind: type, raw, what: str) -> None:
     unknown = set(raw) - {f.name for f in dataclasses.fields(kind)}
     if unknown:
         raise ValueError(f"unknown {what} fields: {sorted(unknown)}")
+
+
+def _check_types(config, what: str) -> None:
+    for item in dataclasses.fields(config):
+        value, kind = getattr(config, item.name), item.type
+        if kind in ("int", "float", "bool", "str"):
+            expected = {"int": int, "float": (int, float), "bool": bool, "str": str}[kind]
+            if isinstance(value, bool) != (kind == "bool") or not isinstance(value, expected):
+                raise ValueError(f"{what} field {item.name!r} must be a JSON {kind}, got {value!r}")
+            if kind in ("int", "float") and value <= 0:
+                raise ValueError(f"{what} field {item.name!r} must be positive, got {value!r}")
+
+
+def _check_sizes(config: CaptionConfig) -> None:
+    vision, problems = config.vision, []
+    if config.embed_dim % config.num_heads or config.head_dim % 2:
+        problems.append(f"embed_dim {config.embed_dim} must split into num_heads {config.num_heads} heads of an "
+                        "even size (RoPE rotates pairs)")
+    if vision.hidden_size % vision.num_attention_heads:
+        problems.append(f"vision hidden_size {vision.hidden_size} must divide by its "
+                        f"num_attention_heads {vision.num_attention_heads}")
+    if config.image_size % (vision.patch_size * PATCH_UNSHUFFLE):
+        problems.append(f"image_size {config.image_size} must be a multiple of {vision.patch_size * PATCH_UNSHUFFLE} "
+                        f"(patch_size {vision.patch_size} x the projector's {PATCH_UNSHUFFLE}x{PATCH_UNSHUFFLE} fold)")
+    if config.rope_table_dtype not in ("bfloat16", "float16", "float32"):
+        problems.append(f"rope_table_dtype must be bfloat16, float16 or float32, not {config.rope_table_dtype!r}")
+    if problems:
+        raise ValueError("model config: " + "; ".join(problems))
 
 
 PRESETS = {

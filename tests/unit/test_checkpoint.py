@@ -134,6 +134,14 @@ def test_weights_that_are_not_dense_floats_are_refused_by_name(tmp_path, change,
     ({"vision": {"rope_thetaa": 100.0}}, "unknown model config vision fields: ['rope_thetaa']"),
     ({"vision": [1, 2]}, "model config vision must be a JSON object, got list"),
     ([1], "model config must be a JSON object, got list"),
+    # sizes a worker would only trip over at load or at the first image (export used to pass them)
+    ({"image_size": 80}, "image_size 80 must be a multiple of 32"),
+    ({"embed_dim": "64"}, "field 'embed_dim' must be a JSON int, got '64'"),
+    ({"num_heads": 0}, "field 'num_heads' must be positive"),
+    ({"embed_dim": 60, "num_heads": 4}, "embed_dim 60 must split into num_heads 4 heads of an even size"),
+    ({"vision": {"num_attention_heads": 5}}, "vision hidden_size 384 must divide by its num_attention_heads 5"),
+    ({"vision": {"use_gated_mlp": 1}}, "vision field 'use_gated_mlp' must be a JSON bool, got 1"),
+    ({"rope_table_dtype": "int8"}, "rope_table_dtype must be bfloat16, float16 or float32"),
 ])
 def test_bad_config_fields_are_value_errors_naming_them(tmp_path, raw, message):
     path = tmp_path / "config.json"
