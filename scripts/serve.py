@@ -32,6 +32,7 @@ Environment:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import os
@@ -126,6 +127,13 @@ def _code_files():
                 yield path
 
 
+def code_digests() -> dict[str, str]:
+    """sha256 of each file of the code the archive packs, by path: contents decide, not file
+    times (a rename, a deletion or a copy that keeps times would not look newer)."""
+    return {str(path.relative_to(REPO)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(_code_files())}
+
+
 def stale_reason(weights: Path, archive_format: str) -> str | None:
     """Why model-store/captioner.mar must be (re)built, or None when it is up to date."""
     if not ARCHIVE.is_file():
@@ -137,12 +145,14 @@ def stale_reason(weights: Path, archive_format: str) -> str | None:
     if stamp.get("source") != _identity(weights, archive_format):
         return f"it was built from {stamp.get('source', {}).get('weights', 'another checkpoint')} " \
                f"({stamp.get('source', {}).get('format', '?')}), not this one"
-    built = ARCHIVE.stat().st_mtime_ns
-    if stamp.get("archive_mtime_ns") != built:
+    if stamp.get("archive_mtime_ns") != ARCHIVE.stat().st_mtime_ns:
         return "the archive was replaced since make built it"
-    newer = [p for p in _code_files() if p.stat().st_mtime_ns > built]
-    if newer:
-        return f"{newer[0].relative_to(REPO)} changed since it was built"
+    packed, now = stamp.get("code", {}), code_digests()
+    changed = sorted(name for name in packed.keys() | now.keys() if packed.get(name) != now.get(name))
+    if changed:
+        name = changed[0]
+        what = "is new" if name not in packed else "was removed" if name not in now else "changed"
+        return f"{name} {what} since it was built"
     return None
 
 
@@ -154,13 +164,15 @@ def ensure_archive(weights: Path, archive_format: str) -> Path:
     from export import ExportError, build_archive
 
     say(f"building {ARCHIVE.relative_to(REPO)}: {reason}")
+    code = code_digests()  # before the build: an edit made during it is seen as a change next time
     try:
         result = build_archive(weights, None, model_name=MODEL, output=STORE, archive_format=archive_format,
                                progress=say)
     except ExportError as exc:
         raise Failure(f"the archive cannot be built: {exc}", 2) from exc
     WORK.mkdir(parents=True, exist_ok=True)
-    record = {"source": _identity(weights, archive_format), "archive_mtime_ns": result.path.stat().st_mtime_ns}
+    record = {"source": _identity(weights, archive_format), "archive_mtime_ns": result.path.stat().st_mtime_ns,
+              "code": code}
     STAMP.write_text(json.dumps(record, indent=1) + "\n")
     say(f"built {result.path.relative_to(REPO)} ({result.size_bytes / 1e6:.0f} MB) in {result.seconds:.0f} s")
     return result.path

@@ -1,5 +1,7 @@
 """scripts/serve.py's own logic, without starting TorchServe: how long it waits for READY."""
 
+import json
+import os
 import subprocess
 import sys
 import time
@@ -79,3 +81,35 @@ def test_a_worker_that_fails_to_load_ends_the_wait_with_its_error(tmp_path, monk
     finally:
         process.kill()
         process.wait()
+
+
+def test_the_archive_is_stale_when_the_code_it_packs_changes_whatever_the_file_times(tmp_path, monkeypatch):
+    """Contents decide: an edit, a new file, a deletion or a rename (which keeps the file's time)."""
+    for name, text in (("model/a.py", "a = 1\n"), ("handler/b.py", "b = 2\n"), ("export/c.py", "c = 3\n")):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    weights, archive = tmp_path / "weights.pt", tmp_path / "store" / "captioner.mar"
+    weights.write_bytes(b"w")
+    archive.parent.mkdir()
+    archive.write_bytes(b"mar")
+    monkeypatch.setattr(serve, "REPO", tmp_path)
+    monkeypatch.setattr(serve, "ARCHIVE", archive)
+    monkeypatch.setattr(serve, "STAMP", tmp_path / "stamp.json")
+
+    def record():
+        serve.STAMP.write_text(json.dumps({"source": serve._identity(weights, "zip-store"),
+                                           "archive_mtime_ns": archive.stat().st_mtime_ns,
+                                           "code": serve.code_digests()}))
+
+    record()
+    assert serve.stale_reason(weights, "zip-store") is None
+    os.utime(tmp_path / "model/a.py", ns=(10**18, 10**18))  # newer, same bytes: nothing to rebuild
+    assert serve.stale_reason(weights, "zip-store") is None
+    (tmp_path / "model/a.py").write_text("a = 2\n")
+    assert serve.stale_reason(weights, "zip-store") == "model/a.py changed since it was built"
+    record()
+    (tmp_path / "handler/b.py").rename(tmp_path / "handler/renamed.py")
+    assert serve.stale_reason(weights, "zip-store") == "handler/b.py was removed since it was built"
+    record()
+    (tmp_path / "export/new.py").write_text("")
+    assert serve.stale_reason(weights, "zip-store") == "export/new.py is new since it was built"
