@@ -123,11 +123,12 @@ class CaptionHandler:
         logger.info(
             "caption handler ready: model=%s device=%s dtype=%s threads=%d compile_encoder=%s "
             "compile_decode=%s compile_prefill=%s dynamic_rows=%s static_layout=%s image_size=%d code=%s "
-            "load=%.1fs warmup=%.1fs",
+            "load=%.1fs warmup=%.1fs torch=%s cuda=%s transformers=%s",
             context.model_name, self.device, str(dtype).removeprefix("torch."), torch.get_num_threads(),
             self.engine.encoder_buckets, self.engine.static_shapes, self.engine.compile_prefill,
             self.engine.dynamic_rows, self.engine.static_layout, self.image_size,
             code_dir, loaded - started, time.perf_counter() - loaded,
+            torch.__version__, torch.version.cuda, _version_of("transformers"),
         )
         self.initialized = True
 
@@ -355,6 +356,15 @@ def _request_headers(context, idx: int) -> dict | None:
     if getattr(context, "request_processor", None) is None:
         return None
     return context.get_all_request_header(idx)
+
+
+def _version_of(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def worker_device(gpu_id) -> torch.device:

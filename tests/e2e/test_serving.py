@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import torch
 
 from tests.e2e.seed import GOLDEN_CPU_DTYPE, IMAGE_NAMES, MODEL, content_type, golden, image_b64, image_bytes
 
@@ -47,6 +48,7 @@ def test_model_loaded_at_start_with_the_archive_settings(server):
     assert ready and f"code={server.tmp}/models/" in ready[-1], ready
     # float32 on any CPU: the goldens are float32's (`tests/e2e/seed.py`, GOLDEN_CPU_DTYPE).
     assert f"dtype={GOLDEN_CPU_DTYPE}" in ready[-1], ready
+    assert f"torch={torch.__version__} " in ready[-1] and "transformers=5." in ready[-1], ready  # versions in the log
 
 
 # ------------------------------------------------------------------ request forms
