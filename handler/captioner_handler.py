@@ -33,17 +33,24 @@ _HERE = Path(__file__).resolve().parent
 if (_HERE / "MAR-INF").is_dir() and (not sys.path or sys.path[0] != str(_HERE)):
     sys.path.insert(0, str(_HERE))
 
-import torch  # noqa: E402
+# TorchServe's loader takes an ImportError raised while importing this file for "no such
+# handler" and tries its built-in handlers instead, reporting "No module named
+# 'ts.torch_handler.captioner_handler'": a missing dependency is re-raised as what it is.
+try:
+    import torch  # noqa: E402
 
-from handler import metrics as handler_metrics  # noqa: E402
-from handler.batching import PreparedBatch, is_out_of_memory, reason_phrase  # noqa: E402
-from handler.instances import Answer, expand_instances, merge_answers  # noqa: E402
-from handler.preparation import (Preparation, make_pool, prepare_request, prepare_requests,  # noqa: E402
-                                 split_into_tasks, start_processes)
-from handler.request_parsing import error_body  # noqa: E402
-from handler.settings import HandlerSettings  # noqa: E402
-from model.packing import is_packed  # noqa: E402
-from model.styles import STYLE_DEFAULTS, STYLES  # noqa: E402
+    from handler import metrics as handler_metrics  # noqa: E402
+    from handler.batching import PreparedBatch, is_out_of_memory, reason_phrase  # noqa: E402
+    from handler.instances import Answer, expand_instances, merge_answers  # noqa: E402
+    from handler.preparation import (Preparation, make_pool, prepare_request, prepare_requests,  # noqa: E402
+                                     split_into_tasks, start_processes)
+    from handler.request_parsing import error_body  # noqa: E402
+    from handler.settings import HandlerSettings  # noqa: E402
+    from model.packing import is_packed  # noqa: E402
+    from model.styles import STYLE_DEFAULTS, STYLES  # noqa: E402
+except ImportError as exc:
+    raise RuntimeError(f"the caption handler cannot import its dependencies ({exc}); install the "
+                       "project's requirements in the worker's Python (pyproject.toml)") from exc
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +96,7 @@ class CaptionHandler:
         torch.get_num_threads()
         dtype = settings.dtype_for(self.device)
 
-        from model.engine import CaptionEngine  # the heavy import, after sys.path is settled
+        from model.engine import CaptionEngine  # the engine, from the same (archive) packages as above
 
         weights = model_dir / (settings.weights or _serialized_file(context) or "weights.pt")
         self.engine = CaptionEngine.from_files(

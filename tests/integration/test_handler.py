@@ -18,6 +18,7 @@ from tests.conftest import BF16_MIN_IDENTICAL, identical_greedy_captions
 from tests.integration import handler_harness
 from tests.integration.handler_harness import (
     IMAGES,
+    REPO,
     batch,
     golden,
     json_row,
@@ -392,6 +393,19 @@ def test_a_request_that_kills_its_decode_process_fails_alone(tmp_path, monkeypat
     assert "decoding process died" in replies[1].json()["error"]
     replies = predict(service, batch(json_row(IMAGES["rocket.jpg"], **GREEDY)))
     assert replies[0].status == 200 and replies[0].json() == golden("rocket.jpg")
+
+
+def test_a_missing_dependency_is_named_not_taken_for_a_missing_handler():
+    """TorchServe's loader answers an ImportError from the handler file by trying its built-in
+    handlers ("No module named 'ts.torch_handler.captioner_handler'"); the handler turns it into
+    an error that names the missing package."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['transformers'] = None\n"  # importing it now raises ImportError
+            "try:\n    import handler.captioner_handler\nexcept RuntimeError as exc:\n    print(exc)\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert "cannot import its dependencies" in result.stdout and "transformers" in result.stdout, result
 
 
 def test_a_gpu_that_pytorch_cannot_use_stops_the_worker_with_a_clear_error(tmp_path, monkeypatch):
