@@ -39,7 +39,19 @@ from model.config import PRESETS, CaptionConfig
 HANDLER_FILE = Path(handler_package.__path__[0]) / "captioner_handler.py"
 DEFAULT_MODEL_CONFIG = Path(handler_package.__path__[0]) / "model-config.yaml"
 PACKAGES = {"model": Path(model_package.__path__[0]), "handler": Path(handler_package.__path__[0])}
-_IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyo", ".*", "model-config.yaml")
+PACKAGE_DATA = "assets"  # model/assets/: the vocabulary
+
+
+def _not_shipped(folder: str, names: list[str]) -> set[str]:
+    """copytree's filter: only Python sources and package data go into the archive, not caches,
+    editor backups, notes or the model-config.yaml (shipped at the root by itself)."""
+    def shipped(name: str) -> bool:
+        if name.startswith(".") or name == "__pycache__":
+            return False
+        if (Path(folder) / name).is_dir() or Path(folder).name == PACKAGE_DATA:
+            return True
+        return name.endswith(".py")
+    return {name for name in names if not shipped(name)}
 
 
 class ExportError(Exception):
@@ -96,7 +108,7 @@ def build_archive(
     try:
         stage = work / "stage"
         for name, source in PACKAGES.items():
-            shutil.copytree(source, stage / name, ignore=_IGNORE)
+            shutil.copytree(source, stage / name, ignore=_not_shipped)
         config_name = settings.model_config
         if "/" in config_name or config_name in (weights.name, "model-config.yaml", HANDLER_FILE.name):
             raise ExportError(f"{model_config}: handler.model_config {config_name!r} must be a plain file "

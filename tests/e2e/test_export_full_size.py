@@ -59,9 +59,11 @@ def test_archive_contents(full_archive, full_checkpoint):
         assert archive.read("captioner_handler.py") == (REPO / "handler" / "captioner_handler.py").read_bytes()
     expected_code = {f"{package}/{p.relative_to(REPO / package)}" for package in ("model", "handler")
                      for p in (REPO / package).rglob("*")
-                     if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"
-                     and not p.name.startswith(".") and p.name != "model-config.yaml"}
+                     if p.is_file() and "__pycache__" not in p.parts and not p.name.startswith(".")
+                     and (p.suffix == ".py" or p.parent.name == "assets")}
     assert expected_code <= names
+    # only sources and package data: no editor backups, notes or caches from the working tree
+    assert {n for n in names if n.startswith(("model/", "handler/"))} == expected_code
     assert {"model/engine.py", "model/checkpoint.py", "handler/request_parsing.py", "handler/settings.py"} <= names
     top_level = {n for n in names if "/" not in n}
     assert top_level == {full_checkpoint.name, "caption_config.json", "model-config.yaml", "captioner_handler.py"}
