@@ -65,7 +65,7 @@ verify-weights: $(STAMP)
 ui: $(STAMP)
 	CAPTION_KEY_FILE=$${CAPTION_KEY_FILE:-$(CURDIR)/key_file.json} $(PY) -m streamlit run ui/app.py \
 	  --server.headless true --server.address 127.0.0.1 --server.port $(UI_PORT) \
-	  --browser.gatherUsageStats false --client.toolbarMode minimal
+	  --browser.gatherUsageStats false --client.toolbarMode minimal --server.maxUploadSize 24
 
 # The model benchmark (engine vs the seed's algorithm); e.g. BENCH_ARGS="--batch-sizes 1,8".
 bench: $(STAMP)

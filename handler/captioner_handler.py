@@ -165,6 +165,7 @@ class CaptionHandler:
         responses = [self._respond(idx, status, document) for idx, (status, document) in enumerate(answers)]
         handler_metrics.emit_batch(
             context, batch_size=len(data), requests=len(data), errors=sum(status != 200 for status, _ in answers),
+            server_errors=sum(status >= 500 for status, _ in answers),
             decode_ms=batch.decode_ms, stats=self.batch_stats,
             handler_ms=(time.perf_counter() - started) * 1000,
         )

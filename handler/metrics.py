@@ -20,12 +20,16 @@ from ts.metrics.metric_type_enum import MetricTypes
 logger = logging.getLogger(__name__)
 
 # name -> (unit, type). Counters accumulate (use rate() in Prometheus; the ratio
-# CaptionRequestsTotal / CaptionBatchesTotal is the mean batch size); gauges hold the last batch.
+# CaptionRequestsTotal / CaptionBatchesTotal is the mean batch size, CaptionHandlerMsTotal /
+# CaptionBatchesTotal the mean batch time); gauges hold the last batch only (at GPU rates one of
+# hundreds between scrapes).
 METRICS = {
     "CaptionBatchesTotal": ("count", MetricTypes.COUNTER),
     "CaptionRequestsTotal": ("count", MetricTypes.COUNTER),
     "CaptionTokensTotal": ("count", MetricTypes.COUNTER),
     "CaptionErrorsTotal": ("count", MetricTypes.COUNTER),
+    "CaptionServerErrorsTotal": ("count", MetricTypes.COUNTER),
+    "CaptionHandlerMsTotal": ("ms", MetricTypes.COUNTER),
     "CaptionBatchSize": ("count", MetricTypes.GAUGE),
     "CaptionDecodeImageMs": ("ms", MetricTypes.GAUGE),
     "CaptionEncodeMs": ("ms", MetricTypes.GAUGE),
@@ -49,15 +53,17 @@ def emit(context, name: str, value: float) -> None:
         logger.warning("could not record metric %s", name, exc_info=True)
 
 
-def emit_batch(context, *, batch_size: int, requests: int, errors: int, decode_ms: float, stats: dict | None,
-               handler_ms: float) -> None:
-    """All metrics of one handled batch. `stats` is the engine's ``last_stats`` (None when the
-    batch never reached the model)."""
+def emit_batch(context, *, batch_size: int, requests: int, errors: int, server_errors: int, decode_ms: float,
+               stats: dict | None, handler_ms: float) -> None:
+    """All metrics of one handled batch. `errors`: requests answered with an error status,
+    `server_errors` the 5xx among them (a client's bad input is not the service failing).
+    `stats` is the engine's ``last_stats`` (None when the batch never reached the model)."""
     emit(context, "CaptionBatchesTotal", 1)
     emit(context, "CaptionBatchSize", batch_size)
     emit(context, "CaptionRequestsTotal", requests)
-    if errors:
-        emit(context, "CaptionErrorsTotal", errors)
+    emit(context, "CaptionErrorsTotal", errors)
+    emit(context, "CaptionServerErrorsTotal", server_errors)
+    emit(context, "CaptionHandlerMsTotal", round(handler_ms, 3))
     emit(context, "CaptionDecodeImageMs", round(decode_ms, 3))
     if stats:
         for key, name in (("encode_ms", "CaptionEncodeMs"), ("prefill_ms", "CaptionPrefillMs"),

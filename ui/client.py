@@ -38,6 +38,7 @@ import requests
 DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_MODEL = "captioner"
 DEFAULT_TIMEOUT = 120.0
+CONNECT_TIMEOUT = 5.0  # an address that does not answer fails in seconds, not after the read timeout
 MIN_TIMEOUT_S, MAX_TIMEOUT_S = 1.0, 600.0  # the page's timeout field; 600 s is the archive's responseTimeout
 
 STYLES = ("concise", "narrative", "descriptive")  # the service's canonical order
@@ -349,10 +350,15 @@ def caption(settings: Settings, image: bytes, options: CaptionOptions = CaptionO
         return CaptionResult(kind=CONFIG, message=f"Nothing was sent: {exc}.")
     post = (session or requests).post
     started = time.perf_counter()
+    connect_timeout = min(CONNECT_TIMEOUT, settings.timeout)
     try:
-        response = post(prepared.url, data=prepared.body, headers=prepared.headers, timeout=settings.timeout,
-                        allow_redirects=False)
+        response = post(prepared.url, data=prepared.body, headers=prepared.headers,
+                        timeout=(connect_timeout, settings.timeout), allow_redirects=False)
         body = response.content
+    except requests.ConnectTimeout:
+        return CaptionResult(kind=CONNECTION, detail="no answer to connect",
+                             message=f"Cannot reach the caption server at {settings.url} (no answer within "
+                                     f"{connect_timeout:g} s). Is the address right, and the server up?")
     except requests.Timeout:
         return CaptionResult(kind=TIMEOUT, latency_s=time.perf_counter() - started,
                              message=f"No answer from {settings.url} within {settings.timeout:g} s. The server may "

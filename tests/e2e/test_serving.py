@@ -296,7 +296,8 @@ def test_handler_metrics_on_the_prometheus_endpoint(server):
     text = server.metrics()
     for name in ("CaptionBatchSize", "CaptionBatchesTotal", "CaptionRequestsTotal", "CaptionTokensTotal",
                  "CaptionDecodeImageMs", "CaptionEncodeMs", "CaptionPrefillMs", "CaptionGenerateMs",
-                 "CaptionHandlerMs", "ts_inference_requests_total"):
+                 "CaptionHandlerMs", "CaptionErrorsTotal", "CaptionServerErrorsTotal", "CaptionHandlerMsTotal",
+                 "ts_inference_requests_total"):
         assert f"# TYPE {name} " in text, name
     assert f'CaptionTokensTotal{{ModelName="{MODEL}",Level="Model",' in text
 

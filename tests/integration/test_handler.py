@@ -367,13 +367,15 @@ def test_metrics_are_emitted_with_the_declared_dimensions(served, caplog):
     assert not [line for line in lines if "Failed" in line], lines
     emitted = {line.split("]", 1)[1].split(".", 1)[0]: line for line in lines if line.startswith("[METRICS]")}
     for name in ("CaptionBatchSize", "CaptionBatchesTotal", "CaptionRequestsTotal", "CaptionErrorsTotal",
-                 "CaptionDecodeImageMs", "CaptionEncodeMs", "CaptionPrefillMs", "CaptionGenerateMs",
-                 "CaptionTokensTotal", "CaptionHandlerMs"):
+                 "CaptionServerErrorsTotal", "CaptionHandlerMsTotal", "CaptionDecodeImageMs", "CaptionEncodeMs",
+                 "CaptionPrefillMs", "CaptionGenerateMs", "CaptionTokensTotal", "CaptionHandlerMs"):
         assert name in emitted, (name, sorted(emitted))
         assert "|#ModelName:captioner,Level:Model|" in emitted[name]
     assert emitted["CaptionBatchSize"].startswith("[METRICS]CaptionBatchSize.Count:3|")
     assert "#type:GAUGE" in emitted["CaptionBatchSize"]
     assert emitted["CaptionErrorsTotal"].startswith("[METRICS]CaptionErrorsTotal.Count:1|")
+    assert emitted["CaptionServerErrorsTotal"].startswith("[METRICS]CaptionServerErrorsTotal.Count:0|")  # a 400
+    assert "#type:COUNTER" in emitted["CaptionHandlerMsTotal"]
     assert "#type:COUNTER" in emitted["CaptionTokensTotal"]
 
 

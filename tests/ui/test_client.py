@@ -132,6 +132,20 @@ def test_timeout(stub):
     assert result.kind == client.TIMEOUT and "0.3 s" in result.message
 
 
+def test_an_address_that_does_not_answer_fails_within_the_connect_timeout():
+    """Connecting gets seconds; only the answer gets the whole (long) read timeout."""
+    seen = {}
+
+    class Session:
+        def post(self, url, **kwargs):
+            seen.update(kwargs)
+            raise client.requests.ConnectTimeout("no answer")
+
+    result = client.caption(settings("http://10.255.255.1:8080", timeout=120), SAMPLE, session=Session())
+    assert seen["timeout"] == (client.CONNECT_TIMEOUT, 120) and client.CONNECT_TIMEOUT <= 10
+    assert result.kind == client.CONNECTION and f"no answer within {client.CONNECT_TIMEOUT:g} s" in result.message
+
+
 @pytest.mark.parametrize("body, content_type", [
     ("<html><body>Welcome to nginx!</body></html>", "text/html"),
     ("not json at all", "text/plain"),
