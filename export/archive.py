@@ -20,8 +20,11 @@ intact.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -40,6 +43,7 @@ HANDLER_FILE = Path(handler_package.__path__[0]) / "captioner_handler.py"
 DEFAULT_MODEL_CONFIG = Path(handler_package.__path__[0]) / "model-config.yaml"
 PACKAGES = {"model": Path(model_package.__path__[0]), "handler": Path(handler_package.__path__[0])}
 PACKAGE_DATA = "assets"  # model/assets/: the vocabulary
+BUILD_INFO = "build_info.json"  # at the archive root: what it was built from (logged and described by the worker)
 
 
 def _not_shipped(folder: str, names: list[str]) -> set[str]:
@@ -114,6 +118,8 @@ def build_archive(
             raise ExportError(f"{model_config}: handler.model_config {config_name!r} must be a plain file "
                               "name distinct from the other archive files")
         caption_config.to_json(stage / config_name)
+        say(f"recording the build: sha256 of {weights.name} ...")
+        (stage / BUILD_INFO).write_text(json.dumps(build_info(weights, model_name, version), indent=1) + "\n")
         if not (stage / settings.vocab).is_file():
             raise ExportError(f"{model_config}: handler.vocab {settings.vocab!r} is not in the staged packages")
         if weights.name in {p.name for p in stage.iterdir()} | {HANDLER_FILE.name, model_config.name}:
@@ -134,6 +140,35 @@ def build_archive(
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return ArchiveResult(target, target.stat().st_size, time.perf_counter() - started, caption_config)
+
+
+def build_info(weights: Path, model_name: str, version: str) -> dict:
+    """What an archive was built from, for whoever runs it: the checkpoint's sha256 (the official
+    one is in weights/manifest.json), the code's git commit and whether the packed code had
+    uncommitted changes, and the library versions. No timestamp: the same inputs, the same file."""
+    digest = hashlib.sha256()
+    with open(weights, "rb") as file:
+        for block in iter(lambda: file.read(1 << 22), b""):
+            digest.update(block)
+    from importlib.metadata import version as installed
+
+    return {"model_name": model_name, "version": version, "weights_file": weights.name,
+            "weights_bytes": weights.stat().st_size, "weights_sha256": digest.hexdigest(), **_code_revision(),
+            "built_with": {name: installed(name) for name in ("torch", "transformers", "torch-model-archiver")}}
+
+
+def _code_revision() -> dict:
+    """The git commit of the packed code and whether model/ or handler/ differ from it (None
+    outside a git checkout)."""
+    root = Path(model_package.__path__[0]).parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=30, check=True).stdout.strip()
+        changes = subprocess.run(["git", "status", "--porcelain", "--", "model", "handler"], cwd=root,
+                                 capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {"code_commit": None, "code_modified": None}
+    return {"code_commit": commit, "code_modified": bool(changes)}
 
 
 def _run_archiver(*, model_name, version, handler, weights, extra, model_config, export_path, archive_format, tmp):
@@ -167,7 +202,7 @@ def _run_archiver(*, model_name, version, handler, weights, extra, model_config,
 def _verify(mar: Path, weights_name: str, config_name: str) -> None:
     with zipfile.ZipFile(mar) as archive:
         names = set(archive.namelist())
-    required = {"MAR-INF/MANIFEST.json", "captioner_handler.py", "model-config.yaml", weights_name, config_name,
+    required = {"MAR-INF/MANIFEST.json", "captioner_handler.py", "model-config.yaml", weights_name, config_name, BUILD_INFO,
                 "model/__init__.py", "model/engine.py", "model/assets/vocab.txt", "handler/__init__.py",
                 "handler/request_parsing.py", "handler/preparation.py", "handler/settings.py"}
     missing = sorted(required - names)

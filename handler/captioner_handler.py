@@ -70,6 +70,7 @@ class CaptionHandler:
         self.limits = None
         self.device = torch.device("cpu")
         self.image_size = 0
+        self.build: dict | None = None  # the archive's build_info.json (export/archive.py)
         self.normalize_on_device = False  # decoded images travel as uint8, normalised by the engine
         self.context = None
         self._decode_pool: Executor | None = None
@@ -115,6 +116,7 @@ class CaptionHandler:
         )
         config = self.engine.config
         self.image_size = config.image_size
+        self.build = _build_info(model_dir)
         # A request may not ask for more tokens than the model's position table holds.
         self.limits = replace(settings.limits,
                               max_new_tokens=min(settings.limits.max_new_tokens, config.max_text_tokens))
@@ -314,6 +316,7 @@ class CaptionHandler:
             "compiled": {"encoder": bool(engine.encoder_buckets), "decode": bool(engine.static_shapes),
                          "prefill": bool(engine.compile_prefill)},
             "model_config": asdict(engine.config),
+            "build": self.build,
         }
 
     def _release_memory(self) -> None:
@@ -364,6 +367,20 @@ def _request_headers(context, idx: int) -> dict | None:
     if getattr(context, "request_processor", None) is None:
         return None
     return context.get_all_request_header(idx)
+
+
+def _build_info(model_dir: Path) -> dict | None:
+    """The archive's build record (`export/archive.py`: weights sha256, code commit, versions),
+    logged once; None for a model directory without one."""
+    path = model_dir / "build_info.json"
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        logger.info("no readable %s in the model directory: build unknown", path.name)
+        return None
+    logger.info("archive build: weights %s sha256 %s, code %s%s", info.get("weights_file"), info.get("weights_sha256"),
+                info.get("code_commit"), " (with uncommitted changes)" if info.get("code_modified") else "")
+    return info
 
 
 def _version_of(package: str) -> str:

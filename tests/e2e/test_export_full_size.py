@@ -3,6 +3,7 @@ the test) and its load by a real TorchServe worker; refused exports of broken ch
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from export import ExportError, build_archive
 from model.config import PRESETS
@@ -66,7 +68,15 @@ def test_archive_contents(full_archive, full_checkpoint):
     assert {n for n in names if n.startswith(("model/", "handler/"))} == expected_code
     assert {"model/engine.py", "model/checkpoint.py", "handler/request_parsing.py", "handler/settings.py"} <= names
     top_level = {n for n in names if "/" not in n}
-    assert top_level == {full_checkpoint.name, "caption_config.json", "model-config.yaml", "captioner_handler.py"}
+    assert top_level == {full_checkpoint.name, "caption_config.json", "model-config.yaml", "captioner_handler.py",
+                         "build_info.json"}
+    with zipfile.ZipFile(full_archive) as archive:
+        build = json.loads(archive.read("build_info.json"))
+    assert build["weights_sha256"] == hashlib.sha256(full_checkpoint.read_bytes()).hexdigest()
+    assert (build["weights_file"], build["weights_bytes"]) == (full_checkpoint.name, full_checkpoint.stat().st_size)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    assert build["code_commit"] == head and isinstance(build["code_modified"], bool)
+    assert build["built_with"]["torch"] == torch.__version__
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc") or n.startswith(("tests/", "export/"))]
 
 

@@ -8,6 +8,7 @@ authorization. One server for the session (see conftest.py).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import random
@@ -19,7 +20,7 @@ import pytest
 import requests
 import torch
 
-from tests.e2e.seed import GOLDEN_CPU_DTYPE, IMAGE_NAMES, MODEL, content_type, golden, image_b64, image_bytes
+from tests.e2e.seed import GOLDEN_CPU_DTYPE, IMAGE_NAMES, MODEL, SEED, content_type, golden, image_b64, image_bytes
 
 pytestmark = pytest.mark.e2e
 
@@ -364,3 +365,6 @@ def test_customized_describe_shows_what_the_worker_serves(server):
     assert (facts["device"], facts["dtype"], facts["packed_decoder"]) == ("cpu", GOLDEN_CPU_DTYPE, True)
     assert facts["limits"]["max_new_tokens"] == facts["model_config"]["max_text_tokens"]
     assert [w["status"] for w in description["workers"]] == ["READY"]
+    # what the archive was built from (export/archive.py build_info.json)
+    assert facts["build"]["weights_sha256"] == hashlib.sha256((SEED / "weights.pt").read_bytes()).hexdigest()
+    assert facts["build"]["version"] == "1.0" and len(facts["build"]["code_commit"]) == 40

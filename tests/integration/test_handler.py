@@ -66,6 +66,7 @@ def test_the_management_apis_describe_request_gets_the_workers_facts(served):
     assert facts["compiled"] == {"encoder": False, "decode": False, "prefill": False}
     assert facts["model_config"]["image_size"] == handler.engine.config.image_size == 64
     assert facts["images_per_engine_call"] == 8 and facts["max_instances"] == 8
+    assert facts["build"] is None  # a model directory without the archive's build_info.json
     # the batches around it are captioning batches as before
     replies = predict(service, batch(json_row(IMAGES["chelsea.png"], **GREEDY)))
     assert replies[0].json() == golden("chelsea.png")
