@@ -20,7 +20,6 @@ intact.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -146,14 +145,12 @@ def build_info(weights: Path, model_name: str, version: str) -> dict:
     """What an archive was built from, for whoever runs it: the checkpoint's sha256 (the official
     one is in weights/manifest.json), the code's git commit and whether the packed code had
     uncommitted changes, and the library versions. No timestamp: the same inputs, the same file."""
-    digest = hashlib.sha256()
-    with open(weights, "rb") as file:
-        for block in iter(lambda: file.read(1 << 22), b""):
-            digest.update(block)
     from importlib.metadata import version as installed
 
+    from weights.fetch import sha256_of
+
     return {"model_name": model_name, "version": version, "weights_file": weights.name,
-            "weights_bytes": weights.stat().st_size, "weights_sha256": digest.hexdigest(), **_code_revision(),
+            "weights_bytes": weights.stat().st_size, "weights_sha256": sha256_of(weights), **_code_revision(),
             "built_with": {name: installed(name) for name in ("torch", "transformers", "torch-model-archiver")}}
 
 

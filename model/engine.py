@@ -370,12 +370,11 @@ class CaptionEngine:
             return [slice(0, len(plans))]
         parts, start, rows = [], 0, 0
         for image, plan in enumerate(plans):
-            plan_rows_count = sum(plan.num_captions[style] for style in plan.styles)
-            if image > start and (rows + plan_rows_count > self.layout.max_rows
+            if image > start and (rows + plan.num_rows > self.layout.max_rows
                                   or image - start >= self.layout.max_images):
                 parts.append(slice(start, image))
                 start, rows = image, 0
-            rows += plan_rows_count
+            rows += plan.num_rows
         return parts + [slice(start, len(plans))]
 
     def _generate(self, pixel_values: torch.Tensor, plans: list[CaptionPlan]) -> tuple[list[Row], list[list[int]]]:
