@@ -22,7 +22,8 @@ logger = logging.getLogger(__name__)
 # name -> (unit, type). Counters accumulate (use rate() in Prometheus; the ratio
 # CaptionRequestsTotal / CaptionBatchesTotal is the mean batch size, CaptionHandlerMsTotal /
 # CaptionBatchesTotal the mean batch time); gauges hold the last batch only (at GPU rates one of
-# hundreds between scrapes).
+# hundreds between scrapes); the histogram has every batch's time, in seconds (the frontend's
+# Prometheus client buckets it at its defaults, 5 ms to 10 s, so histogram_quantile works).
 METRICS = {
     "CaptionBatchesTotal": ("count", MetricTypes.COUNTER),
     "CaptionRequestsTotal": ("count", MetricTypes.COUNTER),
@@ -36,6 +37,7 @@ METRICS = {
     "CaptionPrefillMs": ("ms", MetricTypes.GAUGE),
     "CaptionGenerateMs": ("ms", MetricTypes.GAUGE),
     "CaptionHandlerMs": ("ms", MetricTypes.GAUGE),
+    "CaptionBatchSeconds": ("s", MetricTypes.HISTOGRAM),
 }
 
 
@@ -73,3 +75,4 @@ def emit_batch(context, *, batch_size: int, requests: int, errors: int, server_e
         if stats.get("new_tokens") is not None:
             emit(context, "CaptionTokensTotal", int(stats["new_tokens"]))
     emit(context, "CaptionHandlerMs", round(handler_ms, 3))
+    emit(context, "CaptionBatchSeconds", round(handler_ms / 1000, 6))

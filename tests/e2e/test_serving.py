@@ -298,9 +298,23 @@ def test_handler_metrics_on_the_prometheus_endpoint(server):
     for name in ("CaptionBatchSize", "CaptionBatchesTotal", "CaptionRequestsTotal", "CaptionTokensTotal",
                  "CaptionDecodeImageMs", "CaptionEncodeMs", "CaptionPrefillMs", "CaptionGenerateMs",
                  "CaptionHandlerMs", "CaptionErrorsTotal", "CaptionServerErrorsTotal", "CaptionHandlerMsTotal",
-                 "ts_inference_requests_total"):
+                 "CaptionBatchSeconds", "ts_inference_requests_total"):
         assert f"# TYPE {name} " in text, name
     assert f'CaptionTokensTotal{{ModelName="{MODEL}",Level="Model",' in text
+    # The batch-time histogram: cumulative buckets in seconds; every batch is in +Inf and _count.
+    assert "# TYPE CaptionBatchSeconds histogram" in text
+
+    def sample(series: str, label: str = "") -> float:
+        found = [line.rsplit(" ", 1)[1] for line in text.splitlines()
+                 if line.startswith(series + "{") and f'ModelName="{MODEL}"' in line and label in line]
+        assert len(found) == 1, (series, label, found)
+        return float(found[0])
+
+    batches = sample("CaptionBatchSeconds_count")
+    assert batches >= 1
+    assert sample("CaptionBatchSeconds_bucket", 'le="+Inf"') == batches
+    assert sample("CaptionBatchSeconds_bucket", 'le="0.005"') <= batches
+    assert 0 < sample("CaptionBatchSeconds_sum") / batches < 600  # seconds, not milliseconds
 
 
 # ------------------------------------------------------------------ token authorization

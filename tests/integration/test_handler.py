@@ -369,7 +369,8 @@ def test_metrics_are_emitted_with_the_declared_dimensions(served, caplog):
     emitted = {line.split("]", 1)[1].split(".", 1)[0]: line for line in lines if line.startswith("[METRICS]")}
     for name in ("CaptionBatchSize", "CaptionBatchesTotal", "CaptionRequestsTotal", "CaptionErrorsTotal",
                  "CaptionServerErrorsTotal", "CaptionHandlerMsTotal", "CaptionDecodeImageMs", "CaptionEncodeMs",
-                 "CaptionPrefillMs", "CaptionGenerateMs", "CaptionTokensTotal", "CaptionHandlerMs"):
+                 "CaptionPrefillMs", "CaptionGenerateMs", "CaptionTokensTotal", "CaptionHandlerMs",
+                 "CaptionBatchSeconds"):
         assert name in emitted, (name, sorted(emitted))
         assert "|#ModelName:captioner,Level:Model|" in emitted[name]
     assert emitted["CaptionBatchSize"].startswith("[METRICS]CaptionBatchSize.Count:3|")
@@ -378,6 +379,10 @@ def test_metrics_are_emitted_with_the_declared_dimensions(served, caplog):
     assert emitted["CaptionServerErrorsTotal"].startswith("[METRICS]CaptionServerErrorsTotal.Count:0|")  # a 400
     assert "#type:COUNTER" in emitted["CaptionHandlerMsTotal"]
     assert "#type:COUNTER" in emitted["CaptionTokensTotal"]
+    assert "#type:HISTOGRAM" in emitted["CaptionBatchSeconds"]
+    handler_ms = float(emitted["CaptionHandlerMs"].split(":", 1)[1].split("|", 1)[0])
+    batch_seconds = float(emitted["CaptionBatchSeconds"].split(":", 1)[1].split("|", 1)[0])
+    assert batch_seconds == pytest.approx(handler_ms / 1000, abs=1e-5) and batch_seconds > 0
 
 
 def test_a_request_that_kills_its_decode_process_fails_alone(tmp_path, monkeypatch):
