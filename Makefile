@@ -54,7 +54,8 @@ archive: $(STAMP)
 weights: $(STAMP)
 	$(PY) -m weights fetch
 
-# A full-size RANDOM-INIT checkpoint (nonsense captions), for smoke tests without the download.
+# A full-size RANDOM-INIT checkpoint (nonsense captions), for smoke tests without the download
+# (an existing file is kept: `python -m weights random --force` replaces it).
 weights-random: $(STAMP)
 	$(PY) -m weights random
 

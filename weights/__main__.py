@@ -70,6 +70,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 def _cmd_random(args: argparse.Namespace) -> int:
     from .random_init import WARNING, write_random_checkpoint
 
+    if args.output.exists() and not args.force:
+        print(f"error: {args.output} exists; pass --force to replace it with random weights", file=sys.stderr)
+        return EXIT_FAILED
     print(WARNING, file=sys.stderr)
     out = write_random_checkpoint(args.output, seed=args.seed)
     print(f"wrote {out} ({out.stat().st_size:,} bytes, seed {args.seed})")
@@ -109,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("random", help="write a full-size RANDOM-INIT checkpoint (nonsense captions)")
     p.add_argument("--output", type=Path, default=DEFAULT_RANDOM_OUTPUT, help="(default %(default)s)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="replace an existing file (never done without it)")
     p.set_defaults(func=_cmd_random)
     return parser
 

@@ -86,6 +86,19 @@ def test_cli_prints_the_nonsense_warning(tmp_path, monkeypatch, capsys):
     assert "RANDOM-INIT" in capsys.readouterr().err
 
 
+def test_cli_never_replaces_an_existing_file_without_force(tmp_path, monkeypatch, capsys):
+    written = []
+    monkeypatch.setattr("weights.random_init.write_random_checkpoint",
+                        lambda output, seed: written.append((output, seed)) or _touch(output))
+    official = tmp_path / "weights.pt"
+    official.write_bytes(b"the official checkpoint")
+    assert cli.main(["random", "--output", str(official)]) == cli.EXIT_FAILED
+    assert "exists; pass --force" in capsys.readouterr().err
+    assert official.read_bytes() == b"the official checkpoint" and written == []
+    assert cli.main(["random", "--output", str(official), "--force"]) == 0
+    assert written == [(official, 0)] and official.read_bytes() == b""
+
+
 def _touch(path):
     path.write_bytes(b"")
     return path
