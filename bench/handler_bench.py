@@ -47,8 +47,10 @@ class StubContext:
 def make_model_dir(path: Path, weights: Path, config: CaptionConfig, handler_overrides: dict) -> dict:
     (path / "weights.pt").symlink_to(Path(weights).resolve())
     config.to_json(path / "caption_config.json")
+    (path / "model" / "assets").mkdir(parents=True)  # the vocabulary where the archive has it
+    (path / "model" / "assets" / "vocab.txt").symlink_to(REPO / "model" / "assets" / "vocab.txt")
     model_yaml = yaml.safe_load((REPO / "handler" / "model-config.yaml").read_text())
-    model_yaml["handler"].update(vocab=str(REPO / "model" / "assets" / "vocab.txt"), **handler_overrides)
+    model_yaml["handler"].update(handler_overrides)
     return model_yaml
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from typing import Any
 
 import torch
@@ -23,6 +24,8 @@ from model.sampling import ROW_KEY_STRIDE
 from model.styles import MIN_REPETITION_PENALTY, Limits
 
 ON_GPU = "gpu"  # a compile setting that applies on CUDA devices only
+# Files that must travel inside the archive: nothing the model needs is read from elsewhere.
+ARCHIVE_FILES = ("model_config", "vocab")
 
 
 class SettingsError(ValueError):
@@ -132,6 +135,11 @@ class HandlerSettings:
         if LAYOUTS[settings.static_layout].needs_symbolic_sizes and not settings.compile_dynamic_rows:
             raise SettingsError(f"model-config.yaml handler: static_layout {settings.static_layout} needs "
                                 "compile_dynamic_rows: true")
+        for name in ARCHIVE_FILES:
+            path = PurePosixPath(getattr(settings, name))
+            if path.is_absolute() or ".." in path.parts or "\\" in str(path) or not path.parts:
+                raise SettingsError(f"model-config.yaml handler: {name} must be a path inside the archive "
+                                    f"(relative, no '..'), got {getattr(settings, name)!r}")
         if settings.cpu_quantize not in (None, "int8"):
             raise SettingsError("model-config.yaml handler: cpu_quantize must be int8 or absent")
         if (settings.threads < 0 or settings.decode_threads < 1 or settings.decode_processes < 0

@@ -44,11 +44,12 @@ def make_model_dir(path: Path, handler_overrides: dict | None = None, top_overri
     path.mkdir(parents=True, exist_ok=True)
     shutil.copy(SEED / "weights.pt", path / "weights.pt")
     shutil.copy(SEED / "config.json", path / "caption_config.json")
+    (path / "model" / "assets").mkdir(parents=True, exist_ok=True)  # where the archive has it
+    shutil.copy(REPO / "model" / "assets" / "vocab.txt", path / "model" / "assets" / "vocab.txt")
     config = yaml.safe_load((REPO / "handler" / "model-config.yaml").read_text())
     # float32: the golden captions are float32 figures (the shipped `auto` would pick bfloat16
     # on a CPU with native bf16 products).
-    config["handler"].update({"vocab": str(REPO / "model" / "assets" / "vocab.txt"), "warmup": False,
-                              "cpu_dtype": "float32"})
+    config["handler"].update({"warmup": False, "cpu_dtype": "float32"})
     config["handler"].update(handler_overrides or {})
     config.update(top_overrides or {})
     (path / "model-config.yaml").write_text(yaml.safe_dump(config))

@@ -448,7 +448,7 @@ def test_uint8_pixels_normalised_by_the_engine_give_the_golden_captions(tmp_path
 
 
 def test_invalid_handler_settings_fail_the_worker_start(tmp_path):
-    from handler.settings import SettingsError
+    from handler.settings import HandlerSettings, SettingsError
 
     with pytest.raises(SettingsError, match="compile_encdoer"):
         make_service(make_model_dir(tmp_path, {"compile_encdoer": True}))
@@ -462,6 +462,10 @@ def test_invalid_handler_settings_fail_the_worker_start(tmp_path):
         make_service(make_model_dir(tmp_path / "e", {"max_instances": 0}))
     with pytest.raises(SettingsError, match="max_repetition_penalty must be at least 0.01"):
         make_service(make_model_dir(tmp_path / "f", {"limits": {"max_repetition_penalty": 0.005}}))
+    for name, path in (("vocab", "/usr/share/dict/words"), ("vocab", "../vocab.txt"),
+                       ("model_config", "configs/../../caption_config.json"), ("vocab", "")):
+        with pytest.raises(SettingsError, match=f"{name} must be a path inside the archive"):
+            HandlerSettings.from_dict({name: path})
 
 
 def test_compile_settings_per_device():
