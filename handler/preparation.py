@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from handler.request_parsing import parse_request
-from model.image import decode_image, to_pixel_values, to_uint8_pixels
+from handler.request_parsing import TEXT_HINT, parse_request
+from model.image import ImageError, decode_image, to_pixel_values, to_uint8_pixels
 from model.styles import CaptionPlan, Limits, make_plan
 
 
@@ -58,7 +58,12 @@ def prepare_request(row, preparation: Preparation) -> tuple[CaptionPlan, np.ndar
         raise MemoryError(READING) from error
     plan = make_plan(request.options, preparation.limits)
     try:
-        image = decode_image(request.image, preparation.max_pixels)
+        try:
+            image = decode_image(request.image, preparation.max_pixels)
+        except ImageError as error:
+            if request.sent_as_text:
+                raise ImageError(f"{error}; {TEXT_HINT}") from error
+            raise
         if preparation.uint8:
             return plan, to_uint8_pixels(image, preparation.image_size).numpy()
         return plan, to_pixel_values(image, preparation.image_size).numpy()

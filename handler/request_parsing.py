@@ -58,6 +58,12 @@ class RequestError(ValueError):
 class ParsedRequest:
     image: bytes
     options: dict
+    # The image arrived as text: a JSON string body, or a text/* part TorchServe decoded.
+    sent_as_text: bool = False
+
+
+TEXT_HINT = ("it arrived as text (a JSON string or a text/* body): send the image file's bytes, "
+             "or JSON {\"image\": \"<base64>\"}")
 
 
 def parse_request(row: dict) -> ParsedRequest:
@@ -69,7 +75,8 @@ def parse_request(row: dict) -> ParsedRequest:
     payload = fields.pop(image_field)
     url_and_form_options = {key: option_from_text(key, value) for key, value in fields.items()}
     image, body_options = image_and_options(payload, image_field)
-    return ParsedRequest(image=image, options=merge_options(url_and_form_options, body_options))
+    return ParsedRequest(image=image, options=merge_options(url_and_form_options, body_options),
+                         sent_as_text=isinstance(payload, str) and not looks_like_json(payload[:64].encode("utf-8", "surrogatepass")))
 
 
 def find_image_field(fields: dict) -> str:
@@ -93,7 +100,8 @@ def image_and_options(payload, field: str) -> tuple[bytes, dict]:
     if isinstance(payload, dict):
         return image_from_json_object(payload)
     if isinstance(payload, str):
-        payload = payload.encode("utf-8")  # a text/* part: TorchServe decoded valid UTF-8
+        # a text/* part TorchServe decoded, or a JSON string (which may hold lone surrogates)
+        payload = payload.encode("utf-8", "surrogatepass")
     if isinstance(payload, (bytes, bytearray, memoryview)):
         payload = bytes(payload)
         if not payload:

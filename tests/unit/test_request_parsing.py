@@ -129,7 +129,26 @@ def test_empty_body():
 
 def test_text_body_is_passed_on_as_bytes():
     # A text/* body arrives as str; it is no image, which decode_image will say.
-    assert parse_request({"body": "not an image"}).image == b"not an image"
+    parsed = parse_request({"body": "not an image"})
+    assert parsed.image == b"not an image" and parsed.sent_as_text
+    # A JSON string may hold a lone surrogate, which strict UTF-8 cannot encode.
+    assert parse_request({"body": "\ud800abc"}).image == b"\xed\xa0\x80abc"
+    assert not parse_request({"body": json.dumps({"image": IMAGE_B64})}).sent_as_text
+    assert not parse_request({"body": bytearray(IMAGE)}).sent_as_text
+
+
+def test_an_unrecognised_text_body_gets_a_hint_and_a_binary_one_does_not():
+    from handler import preparation
+    from model.image import ImageError
+    from model.styles import Limits
+
+    prepared = preparation.Preparation(Limits(), image_size=32, max_pixels=10**6, uint8=True)
+    with pytest.raises(ImageError, match=r"not a recognised image \(5 bytes\); it arrived as text .*\"image\""):
+        preparation.prepare_request({"body": "hello"}, prepared)  # a JSON string body, or text/plain
+    with pytest.raises(ImageError, match=r"^not a recognised image \(5 bytes\)$"):
+        preparation.prepare_request({"body": bytearray(b"hello")}, prepared)
+    with pytest.raises(ImageError, match=r"^not a recognised image \(11 bytes\)$"):  # base64 of text
+        preparation.prepare_request({"body": {"image": base64.b64encode(b"hello world").decode()}}, prepared)
 
 
 # --- multipart form ---------------------------------------------------------------------------
@@ -402,6 +421,12 @@ def test_wire_text_body(monkeypatch):
     row = torchserve_row([("body", "text/plain", b"hello")], monkeypatch)
     assert row["body"] == "hello"
     assert parse_request(row).image == b"hello"
+
+
+def test_wire_json_string_body(monkeypatch):
+    row = torchserve_row([("body", "application/json", b'"aGVsbG8="')], monkeypatch)
+    assert row["body"] == "aGVsbG8="  # TorchServe decoded the JSON: a str, no longer quoted
+    assert parse_request(row).sent_as_text
 
 
 def test_wire_repeated_query_parameter_keeps_the_last(monkeypatch):
