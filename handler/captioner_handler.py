@@ -42,8 +42,8 @@ try:
     from handler import metrics as handler_metrics  # noqa: E402
     from handler.batching import PreparedBatch, is_out_of_memory, reason_phrase  # noqa: E402
     from handler.instances import Answer, expand_instances, merge_answers  # noqa: E402
-    from handler.preparation import (Preparation, make_pool, prepare_request, prepare_requests,  # noqa: E402
-                                     split_into_tasks, start_processes)
+    from handler.preparation import (Preparation, PreparationFailure, failure_of, make_pool,  # noqa: E402
+                                     prepare_request, prepare_requests, split_into_tasks, start_processes)
     from handler.request_parsing import error_body  # noqa: E402
     from handler.settings import HandlerSettings  # noqa: E402
     from model.packing import is_packed  # noqa: E402
@@ -187,6 +187,7 @@ class CaptionHandler:
             if not self._collect(batch, [idx], self._submit([data[idx]], preparation)):
                 logger.error("request %d of the batch killed its decode process", idx)
                 batch.fail(idx, 500, "internal error: the image decoding process died on this request")
+                self._replace_decode_pool()  # now, in the background: not on the next batch's time
         batch.decode_ms = (time.perf_counter() - started) * 1000
         return batch
 
@@ -198,15 +199,15 @@ class CaptionHandler:
         except BrokenExecutor:
             return False
         except Exception as exc:  # noqa: BLE001 - e.g. a result that could not be sent back
-            outcomes = [exc] * len(indices)
+            outcomes = [failure_of(exc)] * len(indices)
         for idx, outcome in zip(indices, outcomes):
             self._record(batch, idx, outcome)
         return True
 
     def _record(self, batch: PreparedBatch, idx: int, outcome) -> None:
-        """One request's (plan, pixels), or the exception its preparation raised, into `batch`."""
-        if isinstance(outcome, BaseException):
-            batch.fail(idx, *_preparation_failure(outcome))
+        """One request's (plan, pixels), or its `PreparationFailure`, into `batch`."""
+        if isinstance(outcome, PreparationFailure):
+            batch.fail(idx, outcome.status, outcome.message)
             return
         plan, pixels = outcome
         batch.good.append(idx)
@@ -218,16 +219,20 @@ class CaptionHandler:
         try:
             return self._decode_pool.submit(prepare_requests, rows, preparation, prepare_request)
         except BrokenExecutor:
-            self._decode_pool.shutdown(wait=False, cancel_futures=True)
-            self._decode_pool = self._new_decode_pool()
+            self._replace_decode_pool()
             return self._decode_pool.submit(prepare_requests, rows, preparation, prepare_request)
 
-    def _new_decode_pool(self) -> Executor:
+    def _replace_decode_pool(self) -> None:
+        """A new pool for a broken one (a process died); its processes start in the background."""
+        self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        self._decode_pool = self._new_decode_pool(wait=False)
+
+    def _new_decode_pool(self, wait: bool = True) -> Executor:
         settings = self.settings
         pool = make_pool(settings.decode_processes, settings.decode_threads, settings.decode_intra_op_threads)
         if settings.decode_processes:
-            start_processes(pool, settings.decode_processes)
-            logger.info("decode pool of %d processes started", settings.decode_processes)
+            start_processes(pool, settings.decode_processes, wait)
+            logger.info("decode pool of %d processes %s", settings.decode_processes, "started" if wait else "starting")
         return pool
 
     def inference(self, batch: PreparedBatch, skip=lambda errors: ()) -> dict[int, dict]:
@@ -322,21 +327,6 @@ class CaptionHandler:
     def _release_memory(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-
-
-def _preparation_failure(exc: BaseException) -> tuple[int, str]:
-    """The status and message of a request whose preparation raised `exc`."""
-    if isinstance(exc, (ValueError, OSError)):  # Request/Option/ImageError, or an unwrapped Pillow error
-        return int(getattr(exc, "status", 400)), _message(exc)
-    if isinstance(exc, MemoryError):  # says where: handler/preparation.py
-        return 507, f"out of memory {exc or 'while preparing the request'}"
-    logger.error("request preparation failed unexpectedly", exc_info=exc)
-    return 500, f"internal error while decoding the image ({type(exc).__name__})"
-
-
-def _message(exc: BaseException) -> str:
-    message = getattr(exc, "message", None)
-    return str(message if isinstance(message, str) and message else exc) or type(exc).__name__
 
 
 def sum_stats(stats: list[dict]) -> dict:

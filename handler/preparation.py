@@ -12,6 +12,7 @@ picklable arguments, so both pools run the same code.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import threading
@@ -26,6 +27,8 @@ from handler.request_parsing import TEXT_HINT, parse_request
 from model.image import ImageError, decode_image, to_pixel_values, to_uint8_pixels
 from model.styles import CaptionPlan, Limits, make_plan
 
+
+logger = logging.getLogger(__name__)
 
 PARENT_POLL_SECONDS = 1.0  # how often a decode process checks that its worker still exists
 
@@ -71,15 +74,40 @@ def prepare_request(row, preparation: Preparation) -> tuple[CaptionPlan, np.ndar
         raise MemoryError(DECODING) from error
 
 
+@dataclass(frozen=True)
+class PreparationFailure:
+    """A request whose preparation failed: its HTTP status and message, as plain values (what a
+    decode process sends back: an exception object might not pickle, or not unpickle, and
+    would then fail its whole task or look like a dead process)."""
+
+    status: int
+    message: str
+
+
+def failure_of(error: BaseException) -> PreparationFailure:
+    """The status and message of a request whose preparation raised `error`."""
+    if isinstance(error, (ValueError, OSError)):  # Request/Option/ImageError, or an unwrapped Pillow error
+        return PreparationFailure(int(getattr(error, "status", 400)), message_of(error))
+    if isinstance(error, MemoryError):  # says where: READING or DECODING
+        return PreparationFailure(507, f"out of memory {error or 'while preparing the request'}")
+    logger.error("request preparation failed unexpectedly", exc_info=error)
+    return PreparationFailure(500, f"internal error while decoding the image ({type(error).__name__})")
+
+
+def message_of(error: BaseException) -> str:
+    message = getattr(error, "message", None)
+    return str(message if isinstance(message, str) and message else error) or type(error).__name__
+
+
 def prepare_requests(rows: list, preparation: Preparation, prepare=prepare_request) -> list:
-    """`prepare` for each row of one task: its result, or the exception it raised (a value, so
-    that one bad request does not fail the others of its task; the handler maps it to a status)."""
+    """`prepare` for each row of one task: its result, or its `PreparationFailure` (a value, so
+    that one bad request does not fail the others of its task)."""
     outcomes = []
     for row in rows:
         try:
             outcomes.append(prepare(row, preparation))
         except Exception as error:  # noqa: BLE001 - MemoryError included: each request gets its own status
-            outcomes.append(error)
+            outcomes.append(failure_of(error))
     return outcomes
 
 
@@ -122,10 +150,14 @@ def process_id(_task: int) -> int:
     return os.getpid()
 
 
-def start_processes(pool: Executor, processes: int) -> None:
+def start_processes(pool: Executor, processes: int, wait: bool = True) -> None:
     """Start a process pool's processes now (each spawn takes about a second) rather than on
-    a first batch: a process pool spawns one per task submitted while none is idle."""
-    list(pool.map(process_id, range(processes)))
+    a first batch: a process pool spawns one per task submitted while none is idle. Without
+    `wait` they start in the background (the next tasks queue behind them)."""
+    started = [pool.submit(process_id, task) for task in range(processes)]
+    if wait:
+        for future in started:
+            future.result()
 
 
 def make_pool(processes: int, threads: int, intra_op_threads: int) -> Executor:

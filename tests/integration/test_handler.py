@@ -401,6 +401,13 @@ def test_a_request_that_kills_its_decode_process_fails_alone(tmp_path, monkeypat
     assert "decoding process died" in replies[1].json()["error"]
     replies = predict(service, batch(json_row(IMAGES["rocket.jpg"], **GREEDY)))
     assert replies[0].status == 200 and replies[0].json() == golden("rocket.jpg")
+    # The last request retried kills its pool: a new one is started at once (in the background),
+    # not left broken for the next batch to replace on its own time.
+    replies = predict(service, batch(json_row(IMAGES["chelsea.png"], **GREEDY),
+                                     raw_row(IMAGES["rocket.jpg"], mime("rocket.jpg"), query={"exit": "1"})))
+    assert [r.status for r in replies] == [200, 500]
+    from handler.preparation import process_id
+    assert handler._decode_pool.submit(process_id, 0).result(timeout=120) > 0  # raised BrokenExecutor before
 
 
 def test_a_missing_dependency_is_named_not_taken_for_a_missing_handler():
