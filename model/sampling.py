@@ -15,6 +15,10 @@ need different counts are selected in groups (`CandidateGroup`), so a request wi
 (the whole vocabulary) neither slows its batch-mates' selection nor moves their candidate cut.
 With static shapes (one CUDA graph for the batch) every row gathers the batch's largest count;
 there a tie with a row's k-th value that runs past its own cut can still be cut differently.
+Either way, tokens tied with the k-th value beyond the gathered count are left out, where the
+seed keeps every value >= the k-th: that takes a run of ties longer than the count's margin
+over k (none at all for a top-k of 64 or another power of two above it), and never changes
+with the batch on the eager path.
 
 No per-row Python loop and no host synchronisation: everything is tensor ops, and only the
 temperature and the top-k read every vocabulary entry; the penalty and the n-gram ban touch
