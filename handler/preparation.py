@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from handler.request_parsing import TEXT_HINT, parse_request
+from handler.request_parsing import TEXT_HINT, ParsedRequest, parse_request
 from model.image import ImageError, decode_image, to_pixel_values, to_uint8_pixels
 from model.styles import CaptionPlan, Limits, make_plan
 
@@ -61,17 +61,22 @@ def prepare_request(row, preparation: Preparation) -> tuple[CaptionPlan, np.ndar
         raise MemoryError(READING) from error
     plan = make_plan(request.options, preparation.limits)
     try:
-        try:
-            image = decode_image(request.image, preparation.max_pixels)
-        except ImageError as error:
-            if request.sent_as_text:
-                raise ImageError(f"{error}; {TEXT_HINT}") from error
-            raise
+        image = decode_request_image(request, preparation.max_pixels)
         if preparation.uint8:
             return plan, to_uint8_pixels(image, preparation.image_size).numpy()
         return plan, to_pixel_values(image, preparation.image_size).numpy()
     except MemoryError as error:
         raise MemoryError(DECODING) from error
+
+
+def decode_request_image(request: ParsedRequest, max_pixels: int):
+    """`decode_image`; refusing an image that arrived as text, it says what to send instead."""
+    try:
+        return decode_image(request.image, max_pixels)
+    except ImageError as error:
+        if not request.sent_as_text:
+            raise
+        raise ImageError(f"{error}; {TEXT_HINT}") from error
 
 
 @dataclass(frozen=True)

@@ -76,7 +76,12 @@ def parse_request(row: dict) -> ParsedRequest:
     url_and_form_options = {key: option_from_text(key, value) for key, value in fields.items()}
     image, body_options = image_and_options(payload, image_field)
     return ParsedRequest(image=image, options=merge_options(url_and_form_options, body_options),
-                         sent_as_text=isinstance(payload, str) and not looks_like_json(payload[:64].encode("utf-8", "surrogatepass")))
+                         sent_as_text=is_text(payload))
+
+
+def is_text(payload) -> bool:
+    """A payload TorchServe decoded as text (a text/* part, a JSON string body), not JSON."""
+    return isinstance(payload, str) and not looks_like_json(payload[:64].encode("utf-8", "surrogatepass"))
 
 
 def find_image_field(fields: dict) -> str:
