@@ -168,3 +168,26 @@ def prepare_or_exit(row, preparation):
     if "exit" in row:
         os._exit(70)
     return prepare_request(row, preparation)
+
+
+class UnrebuildableError(ValueError):
+    """An exception that pickles but cannot be rebuilt from its args (its __init__ takes others)."""
+
+    def __init__(self, status: int, detail: str):
+        super().__init__(f"{detail} ({status})")
+        self.status = status
+
+
+def prepare_or_raise(row, _preparation):
+    """A stand-in for `prepare_request` (run in a decode process) that returns the row, or raises
+    what the row's ``raise`` field names: exceptions a process could not send back as objects."""
+    kind = row.get("raise")
+    if kind == "unrebuildable":
+        raise UnrebuildableError(422, "odd")
+    if kind == "unpicklable":
+        error = ValueError("holds a lambda")
+        error.callback = lambda: None
+        raise error
+    if kind == "runtime":
+        raise RuntimeError("boom")
+    return row

@@ -410,6 +410,22 @@ def test_a_request_that_kills_its_decode_process_fails_alone(tmp_path, monkeypat
     assert handler._decode_pool.submit(process_id, 0).result(timeout=120) > 0  # raised BrokenExecutor before
 
 
+def test_failures_come_back_from_a_decode_process_as_plain_values():
+    """Whatever a request's preparation raises in a decode process, its task's outcomes cross
+    back: an exception object that cannot be rebuilt (or pickled) used to fail its whole task,
+    or look like a dead process, instead of its own request."""
+    from handler.preparation import PreparationFailure, make_pool, prepare_requests
+
+    rows = [{"id": 0}, {"raise": "unrebuildable"}, {"raise": "unpicklable"}, {"raise": "runtime"}, {"id": 4}]
+    pool = make_pool(processes=1, threads=1, intra_op_threads=1)
+    try:
+        outcomes = pool.submit(prepare_requests, rows, None, handler_harness.prepare_or_raise).result(timeout=120)
+    finally:
+        pool.shutdown()
+    assert outcomes == [{"id": 0}, PreparationFailure(422, "odd (422)"), PreparationFailure(400, "holds a lambda"),
+                        PreparationFailure(500, "internal error while decoding the image (RuntimeError)"), {"id": 4}]
+
+
 def test_a_missing_dependency_is_named_not_taken_for_a_missing_handler():
     """TorchServe's loader answers an ImportError from the handler file by trying its built-in
     handlers ("No module named 'ts.torch_handler.captioner_handler'"); the handler turns it into

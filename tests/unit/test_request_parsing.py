@@ -480,39 +480,6 @@ def test_a_task_of_several_requests_returns_each_outcome_and_errors_as_values():
     assert (outcomes[2][1] == outcomes[0][1]).all()
 
 
-class _UnpicklableError(ValueError):
-    """An exception a process could not send back: its arguments are not what it stores."""
-
-    def __init__(self, status: int, detail: str):
-        super().__init__(f"{detail} ({status})")
-        self.status = status
-
-
-def test_failures_cross_a_process_boundary_as_plain_values():
-    """Whatever a request's preparation raises, its task's outcomes pickle: an exception that
-    cannot be rebuilt from its args, or that holds something unpicklable, used to fail its whole
-    task (or look like a dead decode process) instead of its own request."""
-    import pickle
-
-    from handler import preparation
-
-    def raising(error):
-        def prepare(row, _preparation):
-            if row == "bad":
-                raise error
-            return row
-        return prepare
-
-    unpicklable = ValueError("holds a lambda")
-    unpicklable.callback = lambda: None
-    for error, expected in ((_UnpicklableError(422, "odd"), (422, "odd (422)")),
-                            (unpicklable, (400, "holds a lambda")),
-                            (RuntimeError("boom"), (500, "internal error while decoding the image (RuntimeError)")),
-                            (MemoryError(preparation.DECODING), (507, "out of memory while decoding the image"))):
-        outcomes = pickle.loads(pickle.dumps(preparation.prepare_requests(["good", "bad"], None, raising(error))))
-        assert outcomes == ["good", preparation.PreparationFailure(*expected)], error
-
-
 @pytest.mark.parametrize("count, processes, sizes", [(5, 0, [1] * 5), (64, 15, [4] * 11 + [5] * 4), (3, 8, [1] * 3),
                                                      (4, 2, [2, 2]), (0, 4, [])])
 def test_requests_are_split_into_one_task_each_for_threads_and_one_run_per_process(count, processes, sizes):
