@@ -23,6 +23,7 @@ KSERVE_VENV ?= .venv-kserve
 KSERVE_STAMP := $(KSERVE_VENV)/.installed
 WEIGHTS ?=
 CHECKPOINT = $(or $(WEIGHTS),weights/weights.pt)
+RANDOM_WEIGHTS = weights/random-init-weights.pt
 UI_PORT ?= 8501
 BENCH_ARGS ?=
 
@@ -57,7 +58,8 @@ weights: $(STAMP)
 # A full-size RANDOM-INIT checkpoint (nonsense captions), for smoke tests without the download
 # (an existing file is kept: `python -m weights random --force` replaces it).
 weights-random: $(STAMP)
-	$(PY) -m weights random
+	@if [ -f $(RANDOM_WEIGHTS) ]; then echo "$(RANDOM_WEIGHTS) exists; kept"; \
+	else $(PY) -m weights random --output $(RANDOM_WEIGHTS); fi
 
 verify-weights: $(STAMP)
 	$(PY) -m weights verify "$(CHECKPOINT)"

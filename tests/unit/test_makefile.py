@@ -1,4 +1,5 @@
-"""The Makefile's environment rule, dry-run (`make -n`): where torch comes from."""
+"""The Makefile: its environment rule, dry-run (`make -n`: where torch comes from), and the
+random-weights target run again."""
 
 import shutil
 import subprocess
@@ -29,3 +30,12 @@ def test_torch_comes_from_the_given_index_before_the_project_is_installed(tmp_pa
 
 def test_without_an_index_torch_comes_with_the_project(tmp_path):
     assert not any("--index-url" in line for line in dry_run(tmp_path))
+
+
+def test_weights_random_keeps_an_existing_checkpoint(tmp_path):
+    """`python -m weights random` refuses to replace a file; the make target, run again, keeps it."""
+    existing = tmp_path / "random-init-weights.pt"
+    existing.write_bytes(b"kept")
+    result = subprocess.run(["make", "weights-random", "STAMP=", f"RANDOM_WEIGHTS={existing}"], cwd=REPO,
+                            capture_output=True, text=True, check=True, timeout=60)
+    assert f"{existing} exists; kept" in result.stdout and existing.read_bytes() == b"kept"
