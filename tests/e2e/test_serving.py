@@ -264,6 +264,7 @@ def test_decode_processes_serve_a_batch_and_end_with_their_worker(server, model_
         children = child_pids(server.describe(name)[0]["workers"][0]["pid"])
         decoders = {pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()}
         assert len(decoders) == 2, children  # the others: multiprocessing's resource tracker
+        assert decoders <= set(server.stray_processes())  # what stop() would end, were they left
     finally:
         server.manage("DELETE", f"/models/{name}")
     deadline = time.monotonic() + 30

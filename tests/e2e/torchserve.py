@@ -231,8 +231,9 @@ class TorchServe:
         self.process = None
 
     def stray_processes(self) -> list[int]:
-        """PIDs whose command line names this instance's private folders (its JVM, its workers)."""
-        return instance_processes([str(self.workdir), str(self.tmp)])
+        """PIDs whose command line names this instance's private folders (its JVM, its workers), or
+        whose working directory lies under them (what a worker starts, e.g. decode processes)."""
+        return instance_processes([str(self.workdir), str(self.tmp)], by_cwd=True)
 
     @property
     def running(self) -> bool:
