@@ -187,7 +187,7 @@ class CaptionHandler:
             if not self._collect(batch, [idx], self._submit([data[idx]], preparation)):
                 logger.error("request %d of the batch killed its decode process", idx)
                 batch.fail(idx, 500, "internal error: the image decoding process died on this request")
-                self._replace_decode_pool()  # now, in the background: not on the next batch's time
+                self._replace_broken_pool_in_background()
         batch.decode_ms = (time.perf_counter() - started) * 1000
         return batch
 
@@ -219,19 +219,33 @@ class CaptionHandler:
         try:
             return self._decode_pool.submit(prepare_requests, rows, preparation, prepare_request)
         except BrokenExecutor:
-            self._replace_decode_pool()
+            self._replace_decode_pool(wait=True)  # a pool that cannot start fails here, not the request
             return self._decode_pool.submit(prepare_requests, rows, preparation, prepare_request)
 
-    def _replace_decode_pool(self) -> None:
-        """A new pool for a broken one (a process died); its processes start in the background."""
+    def _replace_decode_pool(self, wait: bool) -> None:
+        """A new pool for a broken one (a process died)."""
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
-        self._decode_pool = self._new_decode_pool(wait=False)
+        self._decode_pool = self._new_decode_pool(wait)
+
+    def _replace_broken_pool_in_background(self) -> None:
+        """After a batch's last retry killed its pool: a new one now, its processes starting in the
+        background, not on the next batch's time. If even starting fails (no memory, no file
+        descriptors), the broken pool stays and the next batch's `_submit` tries again: this batch
+        is decided already."""
+        try:
+            self._replace_decode_pool(wait=False)
+        except Exception:  # noqa: BLE001 - logged; the answers of this batch stand
+            logger.error("could not start a new decode pool; the next batch tries again", exc_info=True)
 
     def _new_decode_pool(self, wait: bool = True) -> Executor:
         settings = self.settings
         pool = make_pool(settings.decode_processes, settings.decode_threads, settings.decode_intra_op_threads)
         if settings.decode_processes:
-            start_processes(pool, settings.decode_processes, wait)
+            try:
+                start_processes(pool, settings.decode_processes, wait)
+            except BaseException:
+                pool.shutdown(wait=False, cancel_futures=True)  # whatever did start ends with it
+                raise
             logger.info("decode pool of %d processes %s", settings.decode_processes, "started" if wait else "starting")
         return pool
 

@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 # CaptionRequestsTotal / CaptionBatchesTotal is the mean batch size, CaptionHandlerMsTotal /
 # CaptionBatchesTotal the mean batch time); gauges hold the last batch only (at GPU rates one of
 # hundreds between scrapes); the histogram has every batch's time, in seconds (the frontend's
-# Prometheus client buckets it at its defaults, 5 ms to 10 s, so histogram_quantile works).
+# Prometheus client buckets it at its defaults, 5 ms to 10 s and +Inf: percentiles up to 10 s).
 METRICS = {
     "CaptionBatchesTotal": ("count", MetricTypes.COUNTER),
     "CaptionRequestsTotal": ("count", MetricTypes.COUNTER),

@@ -314,8 +314,10 @@ def test_handler_metrics_on_the_prometheus_endpoint(server):
     batches = sample("CaptionBatchSeconds_count")
     assert batches >= 1
     assert sample("CaptionBatchSeconds_bucket", 'le="+Inf"') == batches
-    assert sample("CaptionBatchSeconds_bucket", 'le="0.005"') <= batches
-    assert 0 < sample("CaptionBatchSeconds_sum") / batches < 600  # seconds, not milliseconds
+    # The tiny model's batches take tens to hundreds of milliseconds: in seconds every one is in
+    # the 10 s bucket; recorded in milliseconds, none would be.
+    assert sample("CaptionBatchSeconds_bucket", 'le="10.0"') == batches
+    assert 0 < sample("CaptionBatchSeconds_sum") / batches < 10
 
 
 # ------------------------------------------------------------------ token authorization

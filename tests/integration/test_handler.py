@@ -410,6 +410,27 @@ def test_a_request_that_kills_its_decode_process_fails_alone(tmp_path, monkeypat
     assert handler._decode_pool.submit(process_id, 0).result(timeout=120) > 0  # raised BrokenExecutor before
 
 
+def test_a_pool_that_cannot_start_in_the_background_does_not_fail_a_decided_batch(tmp_path, monkeypatch):
+    """The replacement started after a batch's last retry killed its pool fails to start (no
+    memory, no file descriptors): that batch's answers stand, and the next batch starts a pool."""
+    from handler import preparation
+
+    service, handler = make_service(make_model_dir(tmp_path, {"decode_processes": 1}))
+    monkeypatch.setattr(captioner_handler, "prepare_request", handler_harness.prepare_or_exit)
+
+    def start_or_fail(pool, processes, wait=True):
+        if not wait:
+            raise OSError(24, "Too many open files")
+        preparation.start_processes(pool, processes, wait)
+
+    monkeypatch.setattr(captioner_handler, "start_processes", start_or_fail)
+    replies = predict(service, batch(json_row(IMAGES["chelsea.png"], **GREEDY),
+                                     raw_row(IMAGES["rocket.jpg"], mime("rocket.jpg"), query={"exit": "1"})))
+    assert [r.status for r in replies] == [200, 500] and replies[0].json() == golden("chelsea.png")
+    replies = predict(service, batch(json_row(IMAGES["coffee.png"], **GREEDY)))
+    assert replies[0].status == 200 and replies[0].json() == golden("coffee.png")
+
+
 def test_failures_come_back_from_a_decode_process_as_plain_values():
     """Whatever a request's preparation raises in a decode process, its task's outcomes cross
     back: an exception object that cannot be rebuilt (or pickled) used to fail its whole task,
