@@ -228,10 +228,10 @@ class CaptionHandler:
         self._decode_pool = self._new_decode_pool(wait)
 
     def _replace_broken_pool_in_background(self) -> None:
-        """After a batch's last retry killed its pool: a new one now, its processes starting in the
-        background, not on the next batch's time. If even starting fails (no memory, no file
-        descriptors), the broken pool stays and the next batch's `_submit` tries again: this batch
-        is decided already."""
+        """After a retried request killed its pool: a new one now, its processes starting in the
+        background (the next retry, or the next batch, queues behind them). If even starting fails
+        (no memory, no file descriptors), the broken pool stays and the next `_submit` tries again:
+        the requests already prepared keep their answers."""
         try:
             self._replace_decode_pool(wait=False)
         except Exception:  # noqa: BLE001 - logged; the answers of this batch stand
