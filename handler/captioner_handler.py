@@ -184,7 +184,12 @@ class CaptionHandler:
                  for task in split_into_tasks(len(data), self.settings.decode_processes)]
         orphaned = [idx for task, future in tasks if not self._collect(batch, task, future) for idx in task]
         for idx in orphaned:  # again, one at a time in a fresh pool: only a request that kills it fails
-            if not self._collect(batch, [idx], self._submit([data[idx]], preparation)):
+            try:
+                future = self._submit([data[idx]], preparation)
+            except Exception as exc:  # noqa: BLE001 - no pool could start: the requests prepared keep their answers
+                batch.fail(idx, *self._failure(exc, "starting a decode pool"))
+                continue
+            if not self._collect(batch, [idx], future):
                 logger.error("request %d of the batch killed its decode process", idx)
                 batch.fail(idx, 500, "internal error: the image decoding process died on this request")
                 self._replace_broken_pool_in_background()

@@ -410,16 +410,19 @@ def test_a_request_that_kills_its_decode_process_fails_alone(tmp_path, monkeypat
     assert handler._decode_pool.submit(process_id, 0).result(timeout=120) > 0  # raised BrokenExecutor before
 
 
-def test_a_pool_that_cannot_start_in_the_background_does_not_fail_a_decided_batch(tmp_path, monkeypatch):
-    """The replacement started after a batch's last retry killed its pool fails to start (no
-    memory, no file descriptors): that batch's answers stand, and the next batch starts a pool."""
+def test_a_pool_that_cannot_start_fails_only_the_requests_that_needed_it(tmp_path, monkeypatch):
+    """No decode pool can start after a crash (no memory, no file descriptors): the requests
+    prepared before keep their captions, those that needed a new pool get a 500, and the next
+    batch starts one."""
     from handler import preparation
 
     service, handler = make_service(make_model_dir(tmp_path, {"decode_processes": 1}))
     monkeypatch.setattr(captioner_handler, "prepare_request", handler_harness.prepare_or_exit)
+    out_of_descriptors = []
 
     def start_or_fail(pool, processes, wait=True):
-        if not wait:
+        if not wait or out_of_descriptors:  # from the background start on, no process can start
+            out_of_descriptors.append(True)
             raise OSError(24, "Too many open files")
         preparation.start_processes(pool, processes, wait)
 
@@ -427,6 +430,17 @@ def test_a_pool_that_cannot_start_in_the_background_does_not_fail_a_decided_batc
     replies = predict(service, batch(json_row(IMAGES["chelsea.png"], **GREEDY),
                                      raw_row(IMAGES["rocket.jpg"], mime("rocket.jpg"), query={"exit": "1"})))
     assert [r.status for r in replies] == [200, 500] and replies[0].json() == golden("chelsea.png")
+    out_of_descriptors.clear()
+    replies = predict(service, batch(json_row(IMAGES["coffee.png"], **GREEDY)))
+    assert replies[0].status == 200 and replies[0].json() == golden("coffee.png")
+    # A retry after the crash finds no pool that can start: it fails alone; the request prepared
+    # before the crash keeps its captions.
+    replies = predict(service, batch(json_row(IMAGES["chelsea.png"], **GREEDY),
+                                     raw_row(IMAGES["rocket.jpg"], mime("rocket.jpg"), query={"exit": "1"}),
+                                     json_row(IMAGES["coffee.png"], **GREEDY)))
+    assert [r.status for r in replies] == [200, 500, 500] and replies[0].json() == golden("chelsea.png")
+    assert "OSError" in replies[2].json()["error"]
+    out_of_descriptors.clear()
     replies = predict(service, batch(json_row(IMAGES["coffee.png"], **GREEDY)))
     assert replies[0].status == 200 and replies[0].json() == golden("coffee.png")
 
