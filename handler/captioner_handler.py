@@ -363,12 +363,7 @@ MAX_ERROR_CHARS = 1000  # a message never carries a request's bulk back (respons
 def _error_json(message: str) -> str:
     if len(message) > MAX_ERROR_CHARS:
         message = message[: MAX_ERROR_CHARS - 3] + "..."
-    body = error_body(message)
-    if isinstance(body, bytes):
-        return body.decode("utf-8")
-    if isinstance(body, str):
-        return body
-    return json.dumps(body, ensure_ascii=False)
+    return error_body(message)
 
 
 def _request_headers(context, idx: int) -> dict | None:
