@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --compile: the two prefill passes compiled too")
     model.add_argument("--static-layout", choices=STATIC_LAYOUTS, default="rows",
                        help="with --compile: the static decode cache's layout (images needs --dynamic-rows)")
+    model.add_argument("--compile-step", action="store_true",
+                       help="torch.compile the eager decode step, packed products kept (the CPU's compiled path; "
+                            "the handler's cpu_compile_decode)")
     model.add_argument("--quantize", choices=["int8"], help="int8 dynamic quantization of the decoder (CPU)")
     model.add_argument("--prepack", action=argparse.BooleanOptionalAction, default=None,
                        help="oneDNN-packed decoder Linears (default: on for CPU float32, and for bfloat16 "

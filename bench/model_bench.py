@@ -21,7 +21,7 @@ from PIL import Image
 from torch._dynamo.utils import counters
 
 from model.config import PRESETS
-from model.engine import CaptionEngine, decode_step
+from model.engine import CaptionEngine
 from model.image import decode_image, to_pixel_values, to_uint8_pixels
 from model.kv_cache import GroupKV, PrefixKV, SharedPrefixCache
 from model.packing import is_packed
@@ -106,7 +106,8 @@ def eager_cache_maker(engine: CaptionEngine, rows: int, rows_per_image: int = 6)
     groups.values = [torch.randn_like(k) for k in groups.keys]
     row_image = [row // rows_per_image for row in range(rows)]
     row_group = torch.arange(rows, device=engine.device)
-    return lambda: SharedPrefixCache(prefix, groups, row_image, row_group, 2 + cfg.max_text_tokens)
+    return lambda: SharedPrefixCache(prefix, groups, row_image, row_group, 2 + cfg.max_text_tokens,
+                                     single_graph=engine.compile_step)
 
 
 def step_positions(config, max_new_tokens: int, samples: int) -> list[int]:
@@ -133,7 +134,7 @@ def time_decode_step(engine: CaptionEngine, rows: int, max_new_tokens: int, samp
             cache = new_cache()
             for position in positions:
                 cache.advance(position)
-                decode_step(engine.model, cache, tokens)
+                engine.step_logits(cache, tokens)
     run_steps()  # warm-up: every span's graph compiled and recorded
     sync(engine.device)
     start = time.perf_counter()
@@ -195,19 +196,24 @@ def run(args) -> dict:
                                       quantize=args.quantize, prepack=args.prepack, fuse=args.fuse,
                                       compile_encoder=args.compile, compile_decode=args.compile,
                                       compile_prefill=args.compile and args.compile_prefill,
-                                      dynamic_rows=args.dynamic_rows, static_layout=args.static_layout)
+                                      dynamic_rows=args.dynamic_rows, static_layout=args.static_layout,
+                                      compile_step=args.compile_step)
     packed = is_packed(engine.model)
     options = {"seed": 0, "max_new_tokens": args.max_new_tokens}
     jpegs = synthetic_jpegs(max(args.batch_sizes))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     results = {"device": str(device), "device_name": name, "dtype": dtype_name, "quantize": args.quantize,
                "prepack": packed, "fused": args.fuse, "dynamic_rows": engine.dynamic_rows, "compile": args.compile,
-               "compile_prefill": engine.compile_prefill, "static_layout": engine.static_layout,
+               "compile_step": engine.compile_step, "compile_prefill": engine.compile_prefill, "static_layout": engine.static_layout,
                "threads": torch.get_num_threads(),
                "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_native_bf16": cpu_has_native_bfloat16(),
                "max_new_tokens": args.max_new_tokens, "torch": torch.__version__, "engine": [], "decode_step_ms": {}}
     for batch in args.batch_sizes:
+        started = time.perf_counter()
         time_batch(engine, jpegs[:batch], dict(options, max_new_tokens=4))  # warm-up (and compile)
+        results.setdefault("warmup_s", {})[batch] = time.perf_counter() - started
+        if args.compile or args.compile_step:
+            print(f"batch {batch:4d}: warm-up (compiles on first use) {results['warmup_s'][batch]:.1f} s", flush=True)
         runs = [time_batch(engine, jpegs[:batch], options) for _ in range(args.repeats)]
         best = min(runs, key=lambda r: r["total_s"])
         results["engine"].append(best)
@@ -252,7 +258,8 @@ def run(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     stem = (f"model-{kind}-{dtype_name}{'-' + args.quantize if args.quantize else ''}"
             f"{'-unpacked' if args.prepack is False else ''}{'' if args.fuse else '-unfused'}"
-            f"{'-compiled' if args.compile else ''}{'-dynamic' if engine.dynamic_rows else ''}"
+            f"{'-compiled' if args.compile else ''}{'-compiled-step' if engine.compile_step else ''}"
+            f"{'-dynamic' if engine.dynamic_rows else ''}"
             f"{'-images' if engine.static_layout == 'images' else ''}")
     (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results, out / f"{stem}.png")

@@ -113,6 +113,7 @@ class CaptionHandler:
             static_layout=settings.static_layout,
             quantize=settings.cpu_quantize if self.device.type == "cpu" else None,
             prepack=None if settings.cpu_prepack else False,
+            compile_step=settings.cpu_compile_decode and self.device.type == "cpu",
         )
         config = self.engine.config
         self.image_size = config.image_size
@@ -131,10 +132,12 @@ class CaptionHandler:
                                max_rows=batch_size * len(STYLES) * self.limits.max_num_captions)
         logger.info(
             "caption handler ready: model=%s device=%s dtype=%s threads=%d compile_encoder=%s "
-            "compile_decode=%s compile_prefill=%s dynamic_rows=%s static_layout=%s image_size=%d code=%s "
+            "compile_decode=%s compile_step=%s compile_prefill=%s dynamic_rows=%s static_layout=%s image_size=%d "
+            "code=%s "
             "load=%.1fs warmup=%.1fs torch=%s cuda=%s transformers=%s",
             context.model_name, self.device, str(dtype).removeprefix("torch."), torch.get_num_threads(),
-            self.engine.encoder_buckets, self.engine.static_shapes, self.engine.compile_prefill,
+            self.engine.encoder_buckets, self.engine.static_shapes, self.engine.compile_step,
+            self.engine.compile_prefill,
             self.engine.dynamic_rows, self.engine.static_layout, self.image_size,
             code_dir, loaded - started, time.perf_counter() - loaded,
             torch.__version__, torch.version.cuda, _version_of("transformers"),
@@ -338,7 +341,7 @@ class CaptionHandler:
             "dtype": str(engine.dtype).removeprefix("torch."),
             "packed_decoder": is_packed(engine.model),
             "compiled": {"encoder": bool(engine.encoder_buckets), "decode": bool(engine.static_shapes),
-                         "prefill": bool(engine.compile_prefill)},
+                         "decode_step": engine.compile_step, "prefill": bool(engine.compile_prefill)},
             "model_config": asdict(engine.config),
             "build": self.build,
         }

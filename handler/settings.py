@@ -49,13 +49,19 @@ class HandlerSettings:
     cpu_quantize: str | None = None
     # On CPU (float32, and bfloat16 where oneDNN multiplies it): decoder Linears reordered once
     # into oneDNN's blocked layout, faster for the few-row products of a decode step (see
-    # model/packing.py). Ignored with cpu_quantize,
-    # compile_decode or compile_prefill (torch.compile cannot trace the packed weights).
+    # model/packing.py). Ignored with cpu_quantize, compile_decode or compile_prefill (those
+    # compiled paths take plain Linears; cpu_compile_decode keeps the packed ones).
     cpu_prepack: bool = True
+    # Opt-in on CPU: the eager decode step through torch.compile (engine `compile_step`: inductor
+    # fuses the small operators between the packed products; every size symbolic). Faster steps
+    # for minutes of compilation at a cold start (model-config.yaml gives the figures). Not with
+    # cpu_quantize, nor with compile_decode: true (the static CUDA-graph step).
+    cpu_compile_decode: bool = False
     # torch.compile of the vision encoder (static N x 3 x S x S shapes) and of the decode step
     # with token selection (one CUDA graph per row bucket): true, false, or "gpu" = only on a
-    # CUDA device. On CPU the oneDNN-packed eager decoder is faster than the compiled one, and
-    # compiling costs minutes of start-up on a few cores.
+    # CUDA device. On CPU the oneDNN-packed eager decoder is faster than this compiled one, and
+    # compiling costs minutes of start-up on a few cores (cpu_compile_decode compiles the packed
+    # eager step instead).
     compile_encoder: bool | str = ON_GPU
     compile_decode: bool | str = ON_GPU
     # torch.compile of the two prefill passes (image prefix, then `[style] [CLS]` per group),
@@ -142,6 +148,9 @@ class HandlerSettings:
                                     f"(relative, no '..'), got {getattr(settings, name)!r}")
         if settings.cpu_quantize not in (None, "int8"):
             raise SettingsError("model-config.yaml handler: cpu_quantize must be int8 or absent")
+        if settings.cpu_compile_decode and (settings.cpu_quantize or settings.compile_decode is True):
+            raise SettingsError("model-config.yaml handler: cpu_compile_decode compiles the packed eager step; "
+                                "it cannot go with cpu_quantize or compile_decode: true")
         if (settings.threads < 0 or settings.decode_threads < 1 or settings.decode_processes < 0
                 or settings.decode_intra_op_threads < 0 or settings.max_pixels < 1
                 or not 1 <= settings.max_instances <= MAX_INSTANCES_LIMIT):

@@ -15,6 +15,9 @@ For a batch of images and caption plans:
    read once per step for all its rows (`"images"`), and every step after the first one
    captured call of the decoder and token selection together (`decode_select_step`),
    attending over the shortest span of the cache that holds it.
+On CPU the eager step can also run compiled (`compile_step`): inductor fuses the ~100 small
+operators per layer between the oneDNN-packed products, every size symbolic, so one handful of
+graphs (compiled at warm-up) serves every batch and compaction.
 The host synchronises only every `sync_every` steps to see whether every row has ended;
 then finished rows are dropped from the batch (compaction): in eager mode when that halves
 its size, with static shapes by moving the live rows into the smallest row bucket that holds
@@ -24,6 +27,7 @@ so finished rows stop costing work.
 
 from __future__ import annotations
 
+import functools
 import logging
 import secrets
 import time
@@ -38,12 +42,12 @@ from .checkpoint import load_model
 from .config import PRESETS, SEP_ID, STYLE_TOKEN_IDS, CaptionConfig
 from .fusion import fuse_projections
 from .image import normalize
-from .kv_cache import GroupKV, ImageMajorCache, KVCache, PrefixKV, SharedPrefixCache
+from .kv_cache import SINGLE_GRAPH_MIN_SIZE, GroupKV, ImageMajorCache, KVCache, PrefixKV, SharedPrefixCache, at_least
 from .layouts import DEFAULT_ROWS_PER_IMAGE, LAYOUTS, STATIC_LAYOUTS, STATIC_ROW_BUCKETS
 from .packing import is_packed, prepack_available, prepack_decoder
 from .quantize import quantize_decoder
 from .sampling import MIN_CANDIDATES, ROW_KEY_STRIDE, RowParams, TokenState, make_row_params, select_next, select_step
-from .slots import Placement, in_order
+from .slots import Placement, in_order, row_major
 from .styles import STYLES, CaptionPlan, make_plan, response_key
 from .text import tidy_caption
 from .tokenizer import VOCAB_PATH, Vocabulary
@@ -70,6 +74,10 @@ STATIC_SPAN_DIVISORS = (2, 1)
 # torch.compile keeps one graph per row bucket and span (dynamic=False) and model/dtype; past
 # dynamo's default of 8 per function it would silently fall back to eager.
 RECOMPILE_LIMIT = 4 * len(STATIC_ROW_BUCKETS) * len(STATIC_SPAN_DIVISORS)
+# The compiled eager step (`compile_step`) treats every size as symbolic. By default dynamo also
+# assumes that two sizes equal at the first call stay equal (duck sizing: 6 rows and a tiny
+# model's 6 prefix positions), and compiles a new graph when they part. Applied while it traces.
+SYMBOLIC_STEP_SIZES = {"use_duck_shape": False}
 
 
 @dataclass(frozen=True)
@@ -129,12 +137,6 @@ def prefill_group_kv(model: CaptionModel, prefix: PrefixKV, image_index: torch.T
     return kv, model.text_transformer.logits(hidden[:, -1]).float()
 
 
-def at_least(tensor: torch.Tensor, count: int) -> torch.Tensor:
-    """`tensor` padded along dim 0 to `count` with copies of its first entry."""
-    missing = count - len(tensor)
-    return tensor if missing <= 0 else torch.cat((tensor, tensor[:1].expand(missing, *tensor.shape[1:])))
-
-
 def symbolic_rows(tensor: torch.Tensor) -> torch.Tensor:
     """`tensor`, its dim 0 marked as a symbolic size for torch.compile (one graph for every count)."""
     torch._dynamo.mark_dynamic(tensor, 0)
@@ -147,6 +149,28 @@ def decode_step(model: CaptionModel, cache: KVCache | SharedPrefixCache, tokens:
     cos, sin = model.rope(cache.position)
     hidden = model.text_transformer(x, cos, sin, cache.decode_mask(), kv=cache)
     return model.text_transformer.logits(hidden[:, -1]).float()
+
+
+def compile_symbolic(step):
+    """`step` through torch.compile with every size symbolic (`SYMBOLIC_STEP_SIZES`)."""
+    from torch.fx.experimental import _config as shape_config
+
+    compiled = torch.compile(step, dynamic=True)
+
+    @functools.wraps(step)
+    def run(*args):
+        with shape_config.patch(**SYMBOLIC_STEP_SIZES):
+            return compiled(*args)
+    return run
+
+
+def step_warmup_batches() -> list[list[CaptionPlan]]:
+    """Batches whose decode steps meet every graph the compiled eager step (`compile_step`) needs:
+    one image and several, one row per image and several, and images with different row counts
+    (rows grouped by gather, not by reshape). Compaction only leads to these forms."""
+    default, one_row = {"seed": 0, "max_new_tokens": 2}, {"styles": ["concise"], "num_captions": 1}
+    full, single = make_plan(default), make_plan({**default, **one_row})
+    return [[full], [full, full], [single], [single, single], [full, single]]
 
 
 def decode_select_step(model: CaptionModel, cache: KVCache, params: RowParams, state: TokenState) -> None:
@@ -181,15 +205,23 @@ def cut_at_end(ids: list[int]) -> list[int]:
 class CaptionEngine:
     def __init__(self, model: CaptionModel, vocab: Vocabulary, *, compile_encoder=False, compile_decode=False,
                  compile_prefill=False, static_shapes: bool | None = None, sync_every: int = 8,
-                 dynamic_rows: bool = False, static_layout: str = "rows"):
+                 dynamic_rows: bool = False, static_layout: str = "rows", compile_step: bool = False):
         self.model, self.vocab, self.config = model, vocab, model.config
         self.device = model.token_embeddings.weight.device
         self.dtype = model.token_embeddings.weight.dtype
         self.sync_every = sync_every
         if (compile_decode or compile_prefill) and is_packed(model):
-            raise ValueError("torch.compile cannot trace oneDNN-packed Linears: load with prepack=False to compile")
+            raise ValueError("compile_decode and compile_prefill take plain Linears, not oneDNN-packed ones: load "
+                             "with prepack=False (compile_step compiles the packed eager step)")
         # CUDA graphs need fixed shapes and addresses; the static path also runs (slower) in eager mode.
         self.static_shapes = compile_decode if static_shapes is None else static_shapes
+        if compile_step and self.static_shapes:
+            raise ValueError("compile_step compiles the eager decode step; with static shapes (compile_decode) "
+                             "there is none: choose one")
+        # compile_step: the eager step (shared-prefix cache, shrinking batch) through inductor,
+        # the packed products kept (`model/packing.py`), every size symbolic.
+        self.compile_step = compile_step
+        self._decode_step = compile_symbolic(decode_step) if compile_step else decode_step
         if static_layout not in LAYOUTS:
             raise ValueError(f"static_layout must be one of {STATIC_LAYOUTS}, not {static_layout!r}")
         self.layout = LAYOUTS[static_layout]  # `model/layouts.py`: placement, compaction, caches, warm-up
@@ -252,6 +284,8 @@ class CaptionEngine:
             fuse_projections(model)
         if quantize:
             quantize_decoder(model, quantize)
+        if quantize and options.get("compile_step"):
+            raise ValueError("compile_step cannot trace int8-quantized Linears: choose one")
         if prepack is None:
             prepack = (prepack_available(torch.device(device), dtype) and not quantize
                        and not options.get("compile_decode") and not options.get("compile_prefill"))
@@ -343,8 +377,13 @@ class CaptionEngine:
         return held
 
     def _place(self, row_image: list[int]) -> Placement:
-        """Slots for rows of these images: every row in order without static shapes, else a bucket."""
-        return self.layout.place(row_image) if self.static_shapes else in_order(range(len(row_image)))
+        """Slots for rows of these images: every row in order without static shapes (a compiled
+        eager step: at least `SINGLE_GRAPH_MIN_SIZE`, padded), else a bucket."""
+        if self.static_shapes:
+            return self.layout.place(row_image)
+        if self.compile_step:
+            return row_major(len(row_image), (SINGLE_GRAPH_MIN_SIZE,))
+        return in_order(range(len(row_image)))
 
     @torch.inference_mode()
     def generate(self, pixel_values: torch.Tensor, plans: list[CaptionPlan]) -> tuple[list[Row], list[list[int]]]:
@@ -419,7 +458,8 @@ class CaptionEngine:
             select_step(first_logits, params, state)
             step_once = self.static_step
         else:  # own positions: `[style] [CLS]` and every new token but the last
-            cache = SharedPrefixCache(prefix, group_kv, row_image, row_group, 2 + max_new - 1)
+            cache = SharedPrefixCache(prefix, group_kv, row_image, row_group, 2 + max_new - 1,
+                                      single_graph=self.compile_step)
             self._eager_step(cache, params, state, first_logits)
             step_once = self._eager_step
         final_history = state.history.new_empty((placement.rows - sum(placement.padding), state.history.shape[1]))
@@ -443,8 +483,12 @@ class CaptionEngine:
     def _eager_step(self, cache: SharedPrefixCache, params: RowParams, state: TokenState, logits=None) -> None:
         """`decode_select_step` with the host-side length (shapes may shrink between steps)."""
         if logits is None:
-            logits = decode_step(self.model, cache, state.history[:, state.length - 1])
+            logits = self.step_logits(cache, state.history[:, state.length - 1])
         state.append(select_next(logits, params, state.history, state.length, state.length - 1), params)
+
+    def step_logits(self, cache: SharedPrefixCache, tokens: torch.Tensor) -> torch.Tensor:
+        """One eager decode step (`decode_step`; compiled with `compile_step`): tokens (R,) -> logits (R, V)."""
+        return self._decode_step(self.model, cache, tokens)
 
     def static_step(self, cache: KVCache, params: RowParams, state: TokenState) -> None:
         """One static-shape step: `decode_select_step`, a CUDA-graph replay when compiled.
@@ -460,11 +504,17 @@ class CaptionEngine:
     def _compaction(self, active: list[int], cache) -> Placement | None:
         """Where the `active` (unfinished) rows of `cache` move, or None to go on as they are.
 
-        Eager: shrink when that at least halves the batch. Static: move to the smallest shape of
+        Eager: shrink when that at least halves the batch (compiled, to no fewer than
+        `SINGLE_GRAPH_MIN_SIZE` rows: finished ones fill up). Static: move to the smallest shape of
         the layout that holds the active rows, when it has fewer rows than the current one.
         """
         if not self.static_shapes:
-            return in_order(active) if len(active) <= cache.rows // 2 else None
+            keep = max(len(active), SINGLE_GRAPH_MIN_SIZE) if self.compile_step else len(active)
+            if keep > cache.rows // 2:
+                return None
+            running = set(active)
+            finished = [row for row in range(cache.rows) if row not in running]
+            return in_order(active + finished[: keep - len(active)])
         moved = self.layout.compacted(active, cache)
         return moved if moved.rows < cache.rows else None
 
@@ -535,6 +585,11 @@ class CaptionEngine:
             for batch in range(encoder_batch(max(batch_sizes)).bit_length()):
                 self.encode(torch.zeros(1 << batch, 3, size, size, device=self.device))
         logger.info("warm-up: batches of %s images done (%.1f s)", list(batch_sizes), time.perf_counter() - started)
+        if self.compile_step:  # every graph of the compiled eager step, each can take a minute on a few cores
+            for done, plans in enumerate(step_warmup_batches(), 1):
+                self.generate(torch.zeros(len(plans), 3, size, size), plans)
+                logger.info("warm-up: compiled decode step, batch form %d of %d done (%.1f s)", done,
+                            len(step_warmup_batches()), time.perf_counter() - started)
         if not self.static_shapes:
             return
         buckets = self.layout.warmup_rows(max_rows or DEFAULT_ROWS_PER_IMAGE * max(batch_sizes), max(batch_sizes))

@@ -28,6 +28,9 @@ from torch import nn
 MASK_ROW_ALIGNMENT = 8
 # The eager decode cache's own buffers grow by this many positions at a time.
 OWN_GROWTH = 32
+# For a compiled eager step (`SharedPrefixCache(single_graph=True)`) every image and slot count is
+# at least this: torch.compile specialises sizes of 1 into graphs of their own.
+SINGLE_GRAPH_MIN_SIZE = 2
 
 
 class StoreThenAttend:
@@ -179,20 +182,23 @@ class KVCache(StoreThenAttend, FixedAddressCache):
         copy_rows(self.buffers_by_rows(), other.buffers_by_rows(), rows)
 
 
-def image_slots(row_image: list[int], images: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def image_slots(row_image: list[int], images: int,
+                min_per_image: int | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Group rows by image: slots (images, per_image) holding row indices (`len(row_image)`
     marks an empty slot) and row_slot (rows,), each row's flat index into slots.
 
     (None, None) when the rows already are image-major with the same count per image (the
-    usual batch): the grouping is then a reshape, with no gather.
+    usual batch): the grouping is then a reshape, with no gather. With `min_per_image`: always
+    slots, at least that many per image.
     """
     rows = len(row_image)
-    if images and rows % images == 0 and row_image == [row // (rows // images) for row in range(rows)]:
+    uniform = images and rows % images == 0 and row_image == [row // (rows // images) for row in range(rows)]
+    if uniform and min_per_image is None:
         return None, None
     members: list[list[int]] = [[] for _ in range(images)]
     for row, image in enumerate(row_image):
         members[image].append(row)
-    per_image = max(1, max(len(m) for m in members))
+    per_image = max(min_per_image or 1, max(len(m) for m in members))
     slots = torch.full((images, per_image), rows, dtype=torch.long)
     row_slot = torch.empty(rows, dtype=torch.long)
     for image, members_of_image in enumerate(members):
@@ -200,6 +206,12 @@ def image_slots(row_image: list[int], images: int) -> tuple[torch.Tensor | None,
             slots[image, slot] = row
             row_slot[row] = image * per_image + slot
     return slots, row_slot
+
+
+def at_least(tensor: torch.Tensor, count: int) -> torch.Tensor:
+    """`tensor` padded along dim 0 to `count` with copies of its first entry."""
+    missing = count - len(tensor)
+    return tensor if missing <= 0 else torch.cat((tensor, tensor[:1].expand(missing, *tensor.shape[1:])))
 
 
 def _to_images(x: torch.Tensor, slots: torch.Tensor | None, images: int) -> torch.Tensor:
@@ -219,8 +231,8 @@ def shared_prefix_attention(q, prefix_k, prefix_v, own_k, own_v, slots, row_slot
     """One decode query per row over its image's prefix and its own positions, one softmax.
 
     q (R, H, 1, hd); prefix_k/v (I, H, P, hd); own_k/v (R, H, T, hd); slots (I, S), row_slot
-    (R,) from `image_slots`; own_mask (1, T) additive (`additive_mask`: 0 for the own positions a
-    row may see, -inf for the others; None: all)
+    (R,) from `image_slots`; own_mask (T,) or (1, T) additive (`additive_mask`: 0 for the own
+    positions a row may see, -inf for the others; None: all)
     -> context (R, H, 1, hd). The prefix products run per image on the (S rows x P positions)
     block, so each prefix is read once, not once per row.
     """
@@ -306,10 +318,16 @@ class SharedPrefixCache:
     0.8 / 1.0 / 1.4 ms at 10 / 40 / 100 written positions, against 1.1 / 1.6 / 2.4 ms sliced and
     about 1.5 ms over all 129 (`docs/benchmarks.md`). Same values: a masked position adds
     exp(-inf) = 0.
+
+    `single_graph` (for a compiled step): rows are always grouped by gather, over at least
+    `SINGLE_GRAPH_MIN_SIZE` images (padded with copies of the first, which no row reads) and
+    slots per image, so one graph with symbolic sizes serves every batch and compaction. Same
+    values: an empty slot's scores are never used.
     """
 
     def __init__(self, prefix: PrefixKV, groups: GroupKV, row_image: list[int], row_group: torch.Tensor,
-                 own_len: int):
+                 own_len: int, single_graph: bool = False):
+        self.single_graph = single_graph
         self.prefix_keys, self.prefix_values = list(prefix.keys), list(prefix.values)
         self.prefix_len, self.own_len = prefix.keys[0].shape[2], own_len
         device = row_group.device
@@ -319,11 +337,16 @@ class SharedPrefixCache:
         self._grow(own_capacity(self.filled, own_len))
         self.position = torch.zeros(1, dtype=torch.long, device=device)
         self._own_index = torch.arange(own_len, device=device)
-        self._unwritten_mask: torch.Tensor | None = None  # (1, capacity) while some are unwritten
+        self._own_mask: torch.Tensor | None = None  # (capacity,), set by `advance`
         self._set_rows(row_image)
 
     def _set_rows(self, row_image: list[int]) -> None:
-        slots, row_slot = image_slots(row_image, len(self.prefix_keys[0]))
+        min_size = None
+        if self.single_graph:
+            min_size = SINGLE_GRAPH_MIN_SIZE
+            self.prefix_keys = [at_least(k, min_size) for k in self.prefix_keys]
+            self.prefix_values = [at_least(v, min_size) for v in self.prefix_values]
+        slots, row_slot = image_slots(row_image, len(self.prefix_keys[0]), min_size)
         device = self.position.device
         self.row_image = row_image
         self.slots, self.row_slot = (None, None) if slots is None else (slots.to(device), row_slot.to(device))
@@ -342,10 +365,8 @@ class SharedPrefixCache:
         self.filled = position - self.prefix_len + 1
         if self.filled > self.capacity:
             self._grow(own_capacity(self.filled, self.own_len))
-        self._unwritten_mask = None
-        if self.capacity > self.filled:
-            written = self._own_index[: self.capacity] < self.filled
-            self._unwritten_mask = additive_mask(written, self.keys[0].dtype)[None]  # (capacity,) -> (1, capacity)
+        written = self._own_index[: self.capacity] < self.filled
+        self._own_mask = additive_mask(written, self.keys[0].dtype)  # (capacity,)
 
     def _grow(self, capacity: int) -> None:
         """Own buffers zero-padded to `capacity` positions, one layer at a time (one extra buffer at most)."""
@@ -361,7 +382,7 @@ class SharedPrefixCache:
         keys.narrow(2, self.filled - 1, 1).copy_(k)
         values.narrow(2, self.filled - 1, 1).copy_(v)
         return shared_prefix_attention(q, self.prefix_keys[layer], self.prefix_values[layer], keys, values,
-                                       self.slots, self.row_slot, self._unwritten_mask)
+                                       self.slots, self.row_slot, self._own_mask)
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only `rows` (compaction); images left without rows are dropped from the prefix."""

@@ -11,11 +11,18 @@ support oneDNN refuses to reorder bfloat16 weights, so they stay plain there.
 `prepack_decoder` swaps the decoder's `nn.Linear`s for `PackedLinear`s after loading; the
 numbers change only by summation order (about 1e-4 on full-size float32 logits), and the slow
 reference path (`model/reference.py`) keeps plain Linears.
+
+torch.compile cannot trace a packed weight (an opaque oneDNN tensor). Inside a compiled graph a
+`PackedLinear` is the custom operator `caption::packed_linear(x, key)`, which finds the layer by
+its key at run time: the engine's compiled CPU decode step (`compile_step`) keeps the packed
+products and fuses the small operators between them.
 """
 
 from __future__ import annotations
 
 import ctypes
+import itertools
+import weakref
 
 import torch
 from torch import nn
@@ -29,6 +36,11 @@ def prepack_available(device: torch.device, dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+# Every live PackedLinear by its key, for the custom operator (the layers stay owned by their model).
+_LAYERS: weakref.WeakValueDictionary[int, "PackedLinear"] = weakref.WeakValueDictionary()
+_KEYS = itertools.count()
+
+
 class PackedLinear(nn.Module):
     """`y = x W^T + b` with W held in oneDNN's blocked layout (inference only)."""
 
@@ -37,12 +49,30 @@ class PackedLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())
         self.bias = None if linear.bias is None else linear.bias.detach()
+        self.key = next(_KEYS)
+        _LAYERS[self.key] = self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return packed_linear(x, self.key)
+        return self.multiply(x)
+
+    def multiply(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN-packed"
+
+
+@torch.library.custom_op("caption::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, key: int) -> torch.Tensor:
+    """The product of the `PackedLinear` with this key: what a compiled graph calls."""
+    return _LAYERS[key].multiply(x)
+
+
+@packed_linear.register_fake
+def _packed_linear_shape(x: torch.Tensor, key: int) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], _LAYERS[key].out_features))
 
 
 def is_packed(model: nn.Module) -> bool:

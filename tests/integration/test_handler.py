@@ -63,7 +63,7 @@ def test_the_management_apis_describe_request_gets_the_workers_facts(served):
                                           "repetition_penalty": 1.4, "no_repeat_ngram_size": 2}
     assert facts["limits"]["max_new_tokens"] == 40 and facts["limits"]["max_num_captions"] == 8
     assert (facts["device"], facts["dtype"], facts["packed_decoder"]) == ("cpu", "float32", True)
-    assert facts["compiled"] == {"encoder": False, "decode": False, "prefill": False}
+    assert facts["compiled"] == {"encoder": False, "decode": False, "decode_step": False, "prefill": False}
     assert facts["model_config"]["image_size"] == handler.engine.config.image_size == 64
     assert facts["images_per_engine_call"] == 8 and facts["max_instances"] == 8
     assert facts["build"] is None  # a model directory without the archive's build_info.json
@@ -536,6 +536,22 @@ def test_compile_settings_per_device():
         False, True, False, True, False, True]  # "gpu": compiled on CUDA devices only
     forced = HandlerSettings.from_dict({"compile_encoder": True, "compile_decode": False})
     assert forced.compiles("compile_encoder", cpu) and not forced.compiles("compile_decode", cuda)
+
+
+def test_cpu_compile_decode_serves_the_golden_captions_through_the_compiled_packed_step(tmp_path):
+    """`cpu_compile_decode`: the engine's compiled eager step (`compile_step`), the packed Linears
+    kept; the golden greedy captions through it. Refused with what it cannot compile."""
+    from handler.settings import HandlerSettings, SettingsError
+    from model.packing import is_packed
+
+    service, handler = make_service(make_model_dir(tmp_path, {"cpu_compile_decode": True, "warmup": False}))
+    assert handler.engine.compile_step and is_packed(handler.engine.model) and not handler.engine.static_shapes
+    replies = predict(service, batch(*(json_row(IMAGES[n], **GREEDY) for n in IMAGES)))
+    assert [r.json() for r in replies] == [golden(n) for n in IMAGES]
+    for conflict in ({"cpu_quantize": "int8"}, {"compile_decode": True}):
+        with pytest.raises(SettingsError, match="cpu_compile_decode compiles the packed eager step"):
+            HandlerSettings.from_dict({"cpu_compile_decode": True, **conflict})
+    assert not HandlerSettings.from_dict({}).cpu_compile_decode  # opt-in
 
 
 def test_compile_dynamic_rows_setting_reaches_the_engine(tmp_path):

@@ -31,6 +31,17 @@ def test_model_bench_writes_figures_and_the_baseline_ratio(tmp_path, capsys, pre
     assert all("not judged (not the full-size model)" in line for line in results["targets"])  # tiny config
 
 
+def test_model_bench_times_the_compiled_cpu_step(tmp_path, capsys):
+    argv = ["model", "--weights", str(SEED_TINY / "weights.pt"), "--config", str(SEED_TINY / "config.json"),
+            "--batch-sizes", "1,2", "--step-rows", "6", "--max-new-tokens", "6", "--out", str(tmp_path),
+            "--dtype", "float32", "--compile-step", "--no-baseline"]
+    assert main(argv) == 0
+    results = json.loads((tmp_path / "model-cpu-float32-compiled-step.json").read_text())
+    assert results["compile_step"] is True and results["prepack"] is True
+    assert set(results["warmup_s"]) == {"1", "2"} and results["decode_step_ms"]["6"] > 0
+    assert "warm-up (compiles on first use)" in capsys.readouterr().out
+
+
 def test_handler_bench_runs_the_real_handler_and_reports_refusals(tmp_path, capsys):
     tiny = ["--weights", str(SEED_TINY / "weights.pt"), "--config", str(SEED_TINY / "config.json"),
             "--batch-size", "2", "--batches", "1", "--out", str(tmp_path)]

@@ -97,9 +97,32 @@ def test_cache_grows_its_own_buffers_and_masks_the_unwritten_positions_with_the_
         torch.testing.assert_close(cache.keys[0][:, :, : own_k.shape[2]], own_k, rtol=0, atol=0)
         assert cache.keys[0].is_contiguous() and cache.values[0].is_contiguous()
         capacities.append(cache.capacity)
-        masked.append(cache._unwritten_mask is not None)
+        masked.append(bool(torch.isinf(cache._own_mask).any()))  # some positions unwritten
     assert capacities == [3, 6, 6, 6, 10, 10, 10, 10]  # 3 to 10 written: 9 would leave 1, so 10
     assert masked == [False, True, True, False, True, True, True, False]
+
+
+@pytest.mark.parametrize("row_image", [[0], [0, 0, 0], [0, 1], [0, 0, 1], [1, 0, 0, 1]])
+def test_single_graph_cache_pads_images_and_slots_with_the_same_values(row_image):
+    """`single_graph` (a compiled step): at least two images and two slots per image, rows always
+    grouped by gather; the attention is the same."""
+    torch.manual_seed(3)
+    images = max(row_image) + 1
+    prefix = PrefixKV()
+    prefix.keys, prefix.values = ([torch.randn(images, HEADS, PREFIX, HEAD_DIM, dtype=torch.float64)] for _ in range(2))
+    groups = GroupKV(prefix, torch.arange(images))
+    groups.keys, groups.values = ([torch.randn(images, HEADS, 2, HEAD_DIM, dtype=torch.float64)] for _ in range(2))
+    row_group = torch.tensor(row_image)
+    plain = SharedPrefixCache(prefix, groups, row_image, row_group, own_len=6)
+    padded = SharedPrefixCache(prefix, groups, row_image, row_group, own_len=6, single_graph=True)
+    assert len(padded.prefix_keys[0]) == max(images, 2) and padded.slots.shape[1] >= 2
+    for position in (PREFIX + 2, PREFIX + 3):
+        q, k, v = (torch.randn(len(row_image), HEADS, 1, HEAD_DIM, dtype=torch.float64) for _ in range(3))
+        contexts = []
+        for cache in (plain, padded):
+            cache.advance(position)
+            contexts.append(cache.attend(0, q, k, v))
+        torch.testing.assert_close(contexts[1], contexts[0], rtol=1e-12, atol=1e-12)
 
 
 def test_own_capacity_rounds_up_to_the_growth_step_and_never_grows_by_a_handful():

@@ -1,0 +1,71 @@
+"""The compiled eager decode step (`compile_step`, the CPU's compiled path): the oneDNN-packed
+products reach the graph through the `caption::packed_linear` operator, every size is symbolic,
+warm-up compiles every graph a batch can need, and the tokens are eager decoding's."""
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from model.engine import CaptionEngine, step_warmup_batches
+from model.packing import PackedLinear, packed_linear
+from model.styles import make_plan
+from tests.conftest import SEED_TINY
+
+pytestmark = pytest.mark.integration
+
+
+def compiled_graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+@pytest.fixture(scope="module")
+def compiled_engine(tiny_engine):
+    engine = CaptionEngine(tiny_engine.model, tiny_engine.vocab, compile_step=True, sync_every=3)
+    before = compiled_graphs()
+    engine.warmup(batch_sizes=(1,), max_new_tokens=2)
+    engine.warmup_graphs = compiled_graphs() - before
+    return engine
+
+
+def test_the_packed_linear_operator_is_the_layer(tiny_engine):
+    layer = next(m for m in tiny_engine.model.modules() if isinstance(m, PackedLinear))
+    x = torch.randn(3, 1, layer.in_features)
+    assert torch.equal(torch.ops.caption.packed_linear(x, layer.key), layer(x))
+    torch.library.opcheck(packed_linear, (x, layer.key))  # its shape function agrees with it, traced too
+
+
+def test_warmup_compiles_the_step_for_every_batch_form(compiled_engine):
+    assert compiled_engine.warmup_graphs == 1, compiled_engine.warmup_graphs
+
+
+BATCHES = {
+    "one image": [make_plan({"seed": 1})],
+    "three images": [make_plan({"seed": s}) for s in (1, 2, 3)],
+    "one greedy row": [make_plan({"seed": 4, "styles": ["narrative"], "num_captions": 1, "temperature": 0})],
+    "mixed rows per image": [make_plan({"seed": 5, "num_captions": 3}),
+                             make_plan({"seed": 6, "styles": ["concise"], "num_captions": 1, "temperature": 0}),
+                             make_plan({"seed": 7, "styles": ["descriptive", "concise"], "max_new_tokens": 9})],
+    "greedy, compacting": [make_plan({"seed": 8, "temperature": 0, "num_captions": 2}),
+                           make_plan({"seed": 9, "temperature": 0, "max_new_tokens": 4})],
+}
+
+
+@pytest.mark.parametrize("name", BATCHES)
+def test_compiled_step_gives_eager_tokens_without_compiling_again(compiled_engine, tiny_engine, golden_pixels,
+                                                                  name):
+    _, pixels = golden_pixels
+    plans = BATCHES[name]
+    before = compiled_graphs()
+    compiled = compiled_engine.generate(pixels[: len(plans)], plans)[1]
+    assert compiled == tiny_engine.generate(pixels[: len(plans)], plans)[1]
+    assert compiled_graphs() == before, "a batch after warm-up compiled a new graph"
+    if name == "greedy, compacting":  # finished rows left the batch: the compiled step saw it shrink
+        assert len(compiled_engine.last_stats["row_buckets"]) > 1
+
+
+def test_compile_step_refuses_what_it_cannot_compile(tiny_engine):
+    with pytest.raises(ValueError, match="choose one"):
+        CaptionEngine(tiny_engine.model, tiny_engine.vocab, compile_step=True, static_shapes=True)
+    with pytest.raises(ValueError, match="int8-quantized"):
+        CaptionEngine.from_files(SEED_TINY / "weights.pt", config=SEED_TINY / "config.json", quantize="int8",
+                                 compile_step=True)
