@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import logging
 import secrets
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -151,6 +152,18 @@ def decode_step(model: CaptionModel, cache: KVCache | SharedPrefixCache, tokens:
     return model.text_transformer.logits(hidden[:, -1]).float()
 
 
+def require_cpp_compiler() -> None:
+    """Inductor builds a compiled CPU step's kernels with a C++ compiler: fail now, saying so, not
+    at the first step (the shipped CPU image has none)."""
+    import torch._inductor.config as inductor_config
+
+    names = inductor_config.cpp.cxx if isinstance(inductor_config.cpp.cxx, (list, tuple)) else [inductor_config.cpp.cxx]
+    if not any(name and shutil.which(name) for name in names):
+        raise RuntimeError(f"compile_step (handler cpu_compile_decode) needs a C++ compiler for torch.compile's CPU "
+                           f"kernels and found none of {[n for n in names if n]}: install one (Debian/Ubuntu: "
+                           "apt-get install g++) or turn it off")
+
+
 def compile_symbolic(step):
     """`step` through torch.compile with every size symbolic (`SYMBOLIC_STEP_SIZES`)."""
     from torch.fx.experimental import _config as shape_config
@@ -165,9 +178,11 @@ def compile_symbolic(step):
 
 
 def step_warmup_batches() -> list[list[CaptionPlan]]:
-    """Batches whose decode steps meet every graph the compiled eager step (`compile_step`) needs:
-    one image and several, one row per image and several, and images with different row counts
-    (rows grouped by gather, not by reshape). Compaction only leads to these forms."""
+    """A batch of each form a compiled eager step (`compile_step`) meets: one image and several,
+    one row per image and several, images with different row counts; compaction leads only to
+    these. With the padding of `SharedPrefixCache(single_graph=True)` they share one graph (the
+    tests check it); running them all at warm-up keeps any graph a form would need off the
+    serving path."""
     default, one_row = {"seed": 0, "max_new_tokens": 2}, {"styles": ["concise"], "num_captions": 1}
     full, single = make_plan(default), make_plan({**default, **one_row})
     return [[full], [full, full], [single], [single, single], [full, single]]
@@ -221,6 +236,8 @@ class CaptionEngine:
         # compile_step: the eager step (shared-prefix cache, shrinking batch) through inductor,
         # the packed products kept (`model/packing.py`), every size symbolic.
         self.compile_step = compile_step
+        if compile_step and self.device.type == "cpu":
+            require_cpp_compiler()
         self._decode_step = compile_symbolic(decode_step) if compile_step else decode_step
         if static_layout not in LAYOUTS:
             raise ValueError(f"static_layout must be one of {STATIC_LAYOUTS}, not {static_layout!r}")
@@ -271,6 +288,7 @@ class CaptionEngine:
         """Load a checkpoint into an engine.
 
         `fuse`: merge each block's q/k/v and feature/gate Linears (`model/fusion.py`).
+        `compile_step=True` (an engine option): the eager decode step compiled, packed Linears kept.
         `quantize="int8"`: int8 dynamic quantization of the decoder (CPU, opt-in).
         `prepack`: oneDNN-packed decoder Linears (`model/packing.py`); None picks them where they
         apply (CPU, float32 or bfloat16 where oneDNN has it, not quantized, decoder not compiled).
@@ -571,7 +589,8 @@ class CaptionEngine:
     def warmup(self, batch_sizes=(1,), max_new_tokens: int = 8, max_rows: int | None = None) -> None:
         """Run dummy batches so that compilation and allocation happen before real traffic.
 
-        A compiled encoder also runs every power-of-two batch up to the largest. With static
+        A compiled encoder also runs every power-of-two batch up to the largest; a compiled eager
+        step (`compile_step`) every batch form (`step_warmup_batches`). With static
         shapes also every row bucket up to the one holding `max_rows` caption rows (default: the
         largest batch of default requests), at every attention span: each step is compiled, run
         once and recorded (three calls), so no batch of up to `max_rows` rows records a graph
