@@ -273,6 +273,33 @@ def test_decode_processes_serve_a_batch_and_end_with_their_worker(server, model_
         time.sleep(0.5)
 
 
+def test_compiled_cpu_decode_step_serves_a_batch_under_the_real_worker(server, model_store):
+    """`handler.cpu_compile_decode: true` under the real worker: its warm-up compiles the step
+    (inductor's C++ build runs under TorchServe), a batch of golden requests and a bad one are
+    answered as without it, and the describe answer says the step is compiled."""
+    from tests.e2e.bad_inputs import one_thread_archive
+
+    name = "captioner-compiled-step"
+    archive = one_thread_archive(model_store, name, handler_settings={"cpu_compile_decode": True})
+    response = server.manage("POST", "/models", params={"url": archive, "model_name": name, "batch_size": 4,
+                                                        "max_batch_delay": 500, "initial_workers": 1,
+                                                        "synchronous": "true"})
+    assert response.status_code == 200, response.text
+    try:
+        names = ["chelsea.png", "coffee.png", "rocket.jpg"]
+        payloads = [{"json": {"image": image_b64(n), **GREEDY}} for n in names]
+        payloads.append({"data": b"garbage", "headers": {"Content-Type": "application/octet-stream"}})
+        with ThreadPoolExecutor(len(payloads)) as pool:
+            responses = list(pool.map(lambda p: server.infer(name, **p), payloads))
+        for image, response in zip(names, responses):
+            assert ok_json(response) == golden(image)
+        assert responses[-1].status_code == 400 and "error" in responses[-1].json()
+        facts = server.manage("GET", f"/models/{name}", params={"customized": "true"}).json()[0]["customizedMetadata"]
+        assert facts["compiled"]["decode_step"] is True and facts["packed_decoder"] is True
+    finally:
+        server.manage("DELETE", f"/models/{name}")
+
+
 def test_unregister(server):
     name = "captioner-short-lived"
     response = server.manage("POST", "/models", params={"url": "captioner.mar", "model_name": name,
