@@ -240,6 +240,27 @@ def child_pids(pid: int) -> set[int]:
     return children
 
 
+def register_batched(server, name: str, archive: str) -> None:
+    """Register `archive` as `name`: one worker, batches of up to 4 requests within 500 ms."""
+    response = server.manage("POST", "/models", params={"url": archive, "model_name": name, "batch_size": 4,
+                                                        "max_batch_delay": 500, "initial_workers": 1,
+                                                        "synchronous": "true"})
+    assert response.status_code == 200, response.text
+
+
+def serve_golden_batch_with_a_bad_request(server, name: str) -> None:
+    """Three golden requests and a bad one sent at once (one batch): the golden captions, and a
+    400 with a JSON message for the bad one."""
+    names = ["chelsea.png", "coffee.png", "rocket.jpg"]
+    payloads = [{"json": {"image": image_b64(n), **GREEDY}} for n in names]
+    payloads.append({"data": b"garbage", "headers": {"Content-Type": "application/octet-stream"}})
+    with ThreadPoolExecutor(len(payloads)) as pool:
+        responses = list(pool.map(lambda p: server.infer(name, **p), payloads))
+    for image, response in zip(names, responses):
+        assert ok_json(response) == golden(image)
+    assert responses[-1].status_code == 400 and "error" in responses[-1].json()
+
+
 def test_decode_processes_serve_a_batch_and_end_with_their_worker(server, model_store):
     """`handler.decode_processes: 2`: requests are prepared in spawned processes under the real
     worker (which runs ts/model_service_worker.py as __main__); a bad request in the batch still
@@ -248,19 +269,9 @@ def test_decode_processes_serve_a_batch_and_end_with_their_worker(server, model_
 
     name = "captioner-processes"
     archive = one_thread_archive(model_store, name, handler_settings={"decode_processes": 2})
-    response = server.manage("POST", "/models", params={"url": archive, "model_name": name, "batch_size": 4,
-                                                        "max_batch_delay": 500, "initial_workers": 1,
-                                                        "synchronous": "true"})
-    assert response.status_code == 200, response.text
+    register_batched(server, name, archive)
     try:
-        names = ["chelsea.png", "coffee.png", "rocket.jpg"]
-        payloads = [{"json": {"image": image_b64(n), **GREEDY}} for n in names]
-        payloads.append({"data": b"garbage", "headers": {"Content-Type": "application/octet-stream"}})
-        with ThreadPoolExecutor(len(payloads)) as pool:
-            responses = list(pool.map(lambda p: server.infer(name, **p), payloads))
-        for image, response in zip(names, responses):
-            assert ok_json(response) == golden(image)
-        assert responses[-1].status_code == 400 and "error" in responses[-1].json()
+        serve_golden_batch_with_a_bad_request(server, name)
         children = child_pids(server.describe(name)[0]["workers"][0]["pid"])
         decoders = {pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()}
         assert len(decoders) == 2, children  # the others: multiprocessing's resource tracker
@@ -281,19 +292,9 @@ def test_compiled_cpu_decode_step_serves_a_batch_under_the_real_worker(server, m
 
     name = "captioner-compiled-step"
     archive = one_thread_archive(model_store, name, handler_settings={"cpu_compile_decode": True})
-    response = server.manage("POST", "/models", params={"url": archive, "model_name": name, "batch_size": 4,
-                                                        "max_batch_delay": 500, "initial_workers": 1,
-                                                        "synchronous": "true"})
-    assert response.status_code == 200, response.text
+    register_batched(server, name, archive)
     try:
-        names = ["chelsea.png", "coffee.png", "rocket.jpg"]
-        payloads = [{"json": {"image": image_b64(n), **GREEDY}} for n in names]
-        payloads.append({"data": b"garbage", "headers": {"Content-Type": "application/octet-stream"}})
-        with ThreadPoolExecutor(len(payloads)) as pool:
-            responses = list(pool.map(lambda p: server.infer(name, **p), payloads))
-        for image, response in zip(names, responses):
-            assert ok_json(response) == golden(image)
-        assert responses[-1].status_code == 400 and "error" in responses[-1].json()
+        serve_golden_batch_with_a_bad_request(server, name)
         facts = server.manage("GET", f"/models/{name}", params={"customized": "true"}).json()[0]["customizedMetadata"]
         assert facts["compiled"]["decode_step"] is True and facts["packed_decoder"] is True
     finally:

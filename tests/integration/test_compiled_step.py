@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from model.engine import CaptionEngine, step_warmup_batches
+from model.engine import CaptionEngine
 from model.packing import PackedLinear, packed_linear
 from model.styles import make_plan
 from tests.conftest import SEED_TINY
