@@ -204,7 +204,8 @@ def run(args) -> dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     results = {"device": str(device), "device_name": name, "dtype": dtype_name, "quantize": args.quantize,
                "prepack": packed, "fused": args.fuse, "dynamic_rows": engine.dynamic_rows, "compile": args.compile,
-               "compile_step": engine.compile_step, "compile_prefill": engine.compile_prefill, "static_layout": engine.static_layout,
+               "compile_step": engine.compile_step, "compile_prefill": engine.compile_prefill,
+               "static_layout": engine.static_layout,
                "threads": torch.get_num_threads(),
                "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_native_bf16": cpu_has_native_bfloat16(),
                "max_new_tokens": args.max_new_tokens, "torch": torch.__version__, "engine": [], "decode_step_ms": {}}

@@ -16,8 +16,9 @@ For a batch of images and caption plans:
    captured call of the decoder and token selection together (`decode_select_step`),
    attending over the shortest span of the cache that holds it.
 On CPU the eager step can also run compiled (`compile_step`): inductor fuses the ~100 small
-operators per layer between the oneDNN-packed products, every size symbolic, so one handful of
-graphs (compiled at warm-up) serves every batch and compaction.
+operators per layer between the oneDNN-packed products, every size symbolic and batches padded
+to at least two images and two rows, so one graph (compiled at warm-up) serves every batch and
+compaction.
 The host synchronises only every `sync_every` steps to see whether every row has ended;
 then finished rows are dropped from the batch (compaction): in eager mode when that halves
 its size, with static shapes by moving the live rows into the smallest row bucket that holds
@@ -297,13 +298,13 @@ class CaptionEngine:
             config = PRESETS["seed-full"]
         elif not isinstance(config, CaptionConfig):
             config = CaptionConfig.from_json(config)
+        if quantize and options.get("compile_step"):
+            raise ValueError("compile_step cannot trace int8-quantized Linears: choose one")
         model = load_model(weights, config, device=torch.device(device), dtype=dtype)
         if fuse:
             fuse_projections(model)
         if quantize:
             quantize_decoder(model, quantize)
-        if quantize and options.get("compile_step"):
-            raise ValueError("compile_step cannot trace int8-quantized Linears: choose one")
         if prepack is None:
             prepack = (prepack_available(torch.device(device), dtype) and not quantize
                        and not options.get("compile_decode") and not options.get("compile_prefill"))
@@ -604,7 +605,7 @@ class CaptionEngine:
             for batch in range(encoder_batch(max(batch_sizes)).bit_length()):
                 self.encode(torch.zeros(1 << batch, 3, size, size, device=self.device))
         logger.info("warm-up: batches of %s images done (%.1f s)", list(batch_sizes), time.perf_counter() - started)
-        if self.compile_step:  # every graph of the compiled eager step, each can take a minute on a few cores
+        if self.compile_step:  # the first compiles the step's graph: a minute or more on a few cores
             for done, plans in enumerate(step_warmup_batches(), 1):
                 self.generate(torch.zeros(len(plans), 3, size, size), plans)
                 logger.info("warm-up: compiled decode step, batch form %d of %d done (%.1f s)", done,
