@@ -63,12 +63,14 @@ def test_compiled_step_gives_eager_tokens_without_compiling_again(compiled_engin
         assert len(compiled_engine.last_stats["row_buckets"]) > 1
 
 
-def test_compile_step_without_a_cpp_compiler_fails_at_once_saying_so(tiny_engine, monkeypatch):
+def test_compile_step_without_a_cpp_compiler_fails_at_once_saying_so(tiny_engine):
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, "no-such-compiler++"))
-    with pytest.raises(RuntimeError, match=r"needs a C\+\+ compiler .* found none of \['no-such-compiler\+\+'\]"):
+    # the config's own patch: pytest's monkeypatch would delete the entry when undoing it
+    configured, expected = inductor_config.cpp.cxx, r"needs a C\+\+ compiler .* found none of \['no-such-compiler\+\+'\]"
+    with inductor_config.patch({"cpp.cxx": (None, "no-such-compiler++")}), pytest.raises(RuntimeError, match=expected):
         CaptionEngine(tiny_engine.model, tiny_engine.vocab, compile_step=True)
+    assert inductor_config.cpp.cxx == configured  # restored: later tests compile
 
 
 def test_compile_step_refuses_what_it_cannot_compile(tiny_engine):
