@@ -133,12 +133,10 @@ class CaptionHandler:
         logger.info(
             "caption handler ready: model=%s device=%s dtype=%s threads=%d compile_encoder=%s "
             "compile_decode=%s compile_step=%s compile_prefill=%s dynamic_rows=%s static_layout=%s image_size=%d "
-            "code=%s "
-            "load=%.1fs warmup=%.1fs torch=%s cuda=%s transformers=%s",
+            "code=%s load=%.1fs warmup=%.1fs torch=%s cuda=%s transformers=%s",
             context.model_name, self.device, str(dtype).removeprefix("torch."), torch.get_num_threads(),
             self.engine.encoder_buckets, self.engine.static_shapes, self.engine.compile_step,
-            self.engine.compile_prefill,
-            self.engine.dynamic_rows, self.engine.static_layout, self.image_size,
+            self.engine.compile_prefill, self.engine.dynamic_rows, self.engine.static_layout, self.image_size,
             code_dir, loaded - started, time.perf_counter() - loaded,
             torch.__version__, torch.version.cuda, _version_of("transformers"),
         )

@@ -606,10 +606,11 @@ class CaptionEngine:
                 self.encode(torch.zeros(1 << batch, 3, size, size, device=self.device))
         logger.info("warm-up: batches of %s images done (%.1f s)", list(batch_sizes), time.perf_counter() - started)
         if self.compile_step:  # the first compiles the step's graph: a minute or more on a few cores
-            for done, plans in enumerate(step_warmup_batches(), 1):
+            forms = step_warmup_batches()
+            for done, plans in enumerate(forms, 1):
                 self.generate(torch.zeros(len(plans), 3, size, size), plans)
-                logger.info("warm-up: compiled decode step, batch form %d of %d done (%.1f s)", done,
-                            len(step_warmup_batches()), time.perf_counter() - started)
+                logger.info("warm-up: compiled decode step, batch form %d of %d done (%.1f s)", done, len(forms),
+                            time.perf_counter() - started)
         if not self.static_shapes:
             return
         buckets = self.layout.warmup_rows(max_rows or DEFAULT_ROWS_PER_IMAGE * max(batch_sizes), max(batch_sizes))
