@@ -65,8 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     handler.add_argument("--decode-threads", type=int, default=8)
     handler.add_argument("--request-form", choices=["json", "raw"], default="json",
                          help="JSON bodies with base64 images, or the image bytes as the body")
-    handler.add_argument("--decode-processes", type=int, default=0,
-                         help="the handler's decode_processes (a process pool instead of the threads)")
+    handler.add_argument("--decode-processes", type=int,
+                         help="the handler's decode_processes: a process pool instead of the threads, 0 for the "
+                         "threads (default: model-config.yaml's, processes on a GPU, threads on CPU)")
     handler.add_argument("--decode-intra-op-threads", type=int,
                          help="the handler's decode_intra_op_threads (default: model-config.yaml's)")
     handler.add_argument("--workers", type=int, default=1,

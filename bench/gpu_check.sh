@@ -16,7 +16,9 @@
 #   rows-ab         model benchmark, batch 64 and the 64-row step: dynamic rows, then static ~2 min
 #   warmup-dynamic  the handler's own warm-up, default settings (dynamic rows); batch 8    ~2.5 min
 #   handler         images/s through the handler's batched path, 64 requests per batch    ~2 min
-#                   (its first batch compiles: with dynamic rows more than 90 s, run 6)
+#                   (defaults: decode processes on a GPU; its first batch compiles: with
+#                   dynamic rows more than 90 s, run 6)
+#   threads         the same with the 16 decode threads instead (the A/B for the default)   ~1 min
 #   handler-before  the same with run 4's settings (decode threads with all cores' intra-op
 #                   threads, eager prefill, static rows): the A/B in one lease            ~1.5 min
 #   images-processes the handler step with both candidates not yet measured on a GPU: static
@@ -36,8 +38,8 @@
 set -uo pipefail
 OUT=${1:?usage: bench/gpu_check.sh OUT_DIR [STEP ...]}
 shift
-ALL_STEPS="tests layout-ab handler handler-images images-processes processes raw compiled dynamic rows-ab warmup-dynamic handler-before
-workers handler-128 profile profile-images warmup eager handler-tests"
+ALL_STEPS="tests layout-ab handler threads handler-images images-processes processes raw compiled dynamic rows-ab warmup-dynamic
+handler-before workers handler-128 profile profile-images warmup eager handler-tests"
 STEPS=${*:-tests compiled eager}
 [ "$STEPS" = all ] && STEPS=$ALL_STEPS
 BUDGET_S=${BUDGET_S:-470}
@@ -92,13 +94,17 @@ run_handler() {
   timeout $(limit 240) $PY -m bench handler "${HANDLER[@]}" --batch-size 64 --out "$OUT" 2>&1 | tee "$OUT/bench-handler.log" \
     | tail -3 | summary
 }
+run_threads() {
+  timeout $(limit 240) $PY -m bench handler "${HANDLER[@]}" --batch-size 64 --decode-processes 0 --out "$OUT/threads" 2>&1 \
+    | tee "$OUT/bench-handler-threads.log" | tail -3 | summary
+}
 run_handler-images() {
   timeout $(limit 240) $PY -m bench handler "${HANDLER[@]}" --batch-size 64 --static-layout images --out "$OUT/handler-images" \
     2>&1 | tee "$OUT/bench-handler-images.log" | tail -3 | summary
 }
 run_handler-before() {
   timeout $(limit 240) $PY -m bench handler "${HANDLER[@]}" --batch-size 64 --decode-intra-op-threads 0 --no-compile-prefill \
-    --no-dynamic-rows \
+    --no-dynamic-rows --decode-processes 0 \
     --out "$OUT/handler-before" 2>&1 | tee "$OUT/bench-handler-before.log" | tail -3 | summary
 }
 run_images-processes() {

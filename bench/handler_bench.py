@@ -85,7 +85,9 @@ def open_handler(args, model_dir: Path) -> tuple[CaptionHandler, StubContext, fl
     gpu_id = 0 if args.device.startswith("cuda") else None
     overrides = {"compile_encoder": args.compile, "compile_decode": args.compile, "warmup": args.warmup,
                  "compile_prefill": args.compile and args.compile_prefill,
-                 "decode_threads": args.decode_threads, "decode_processes": args.decode_processes}
+                 "decode_threads": args.decode_threads}
+    if args.decode_processes is not None:
+        overrides["decode_processes"] = args.decode_processes
     if args.dynamic_rows is not None:
         overrides["compile_dynamic_rows"] = args.dynamic_rows
     if args.static_layout is not None:
@@ -130,7 +132,10 @@ def run(args) -> dict:
     gpu_id = 0 if args.device.startswith("cuda") else None
     with tempfile.TemporaryDirectory() as tmp:
         handler, context, initialize_s = open_handler(args, Path(tmp))
-        print(f"initialize (load{', compile and warm up' if args.warmup else ''}): {initialize_s:.1f} s", flush=True)
+        pool = (f"{handler.decode_processes} decode processes" if handler.decode_processes
+                else f"{handler.settings.decode_threads} decode threads")
+        print(f"initialize (load{', compile and warm up' if args.warmup else ''}): {initialize_s:.1f} s; {pool}",
+              flush=True)
         rows = request_rows(args)
         handler.handle(rows, context)  # warm-up (and compilation)
         spans, replies = timed_batches(handler, context, rows, args.batches)
@@ -144,7 +149,7 @@ def run(args) -> dict:
         "dynamic_rows": handler.engine.dynamic_rows, "static_layout": handler.engine.static_layout,
         "warmup": args.warmup, "initialize_s": initialize_s,
         "compile_prefill": handler.engine.compile_prefill,
-        "decode_threads": args.decode_threads, "decode_processes": args.decode_processes,
+        "decode_threads": args.decode_threads, "decode_processes": handler.decode_processes,
         "decode_intra_op_threads": handler.settings.decode_intra_op_threads, "request_form": args.request_form,
         "batch_seconds": timings, "images_per_s": args.batch_size / best,
         "captions_per_image": sum(len(v) for v in captions.values()),

@@ -74,6 +74,7 @@ class CaptionHandler:
         self.normalize_on_device = False  # decoded images travel as uint8, normalised by the engine
         self.context = None
         self._decode_pool: Executor | None = None
+        self.decode_processes = 0  # processes of the decode pool; 0: its threads
         self.images_per_call = 1  # images per engine call: the model's batchSize
         self.batch_stats: dict | None = None  # the engine's figures for the last batch
 
@@ -121,6 +122,7 @@ class CaptionHandler:
         # A request may not ask for more tokens than the model's position table holds.
         self.limits = replace(settings.limits,
                               max_new_tokens=min(settings.limits.max_new_tokens, config.max_text_tokens))
+        self.decode_processes = settings.decode_process_count(self.device)
         self._decode_pool = self._new_decode_pool()
         batch_size = int(props.get("batch_size") or 1)
         self.images_per_call = batch_size
@@ -133,10 +135,11 @@ class CaptionHandler:
         logger.info(
             "caption handler ready: model=%s device=%s dtype=%s threads=%d compile_encoder=%s "
             "compile_decode=%s compile_step=%s compile_prefill=%s dynamic_rows=%s static_layout=%s image_size=%d "
-            "code=%s load=%.1fs warmup=%.1fs torch=%s cuda=%s transformers=%s",
+            "decode_processes=%d code=%s load=%.1fs warmup=%.1fs torch=%s cuda=%s transformers=%s",
             context.model_name, self.device, str(dtype).removeprefix("torch."), torch.get_num_threads(),
             self.engine.encoder_buckets, self.engine.static_shapes, self.engine.compile_step,
             self.engine.compile_prefill, self.engine.dynamic_rows, self.engine.static_layout, self.image_size,
+            self.decode_processes,
             code_dir, loaded - started, time.perf_counter() - loaded,
             torch.__version__, torch.version.cuda, _version_of("transformers"),
         )
@@ -182,7 +185,7 @@ class CaptionHandler:
         preparation = Preparation(self.limits, self.image_size, self.settings.max_pixels,
                                   uint8=self.normalize_on_device)
         tasks = [(task, self._submit([data[idx] for idx in task], preparation))
-                 for task in split_into_tasks(len(data), self.settings.decode_processes)]
+                 for task in split_into_tasks(len(data), self.decode_processes)]
         orphaned = [idx for task, future in tasks if not self._collect(batch, task, future) for idx in task]
         for idx in orphaned:  # again, one at a time in a fresh pool: only a request that kills it fails
             try:
@@ -245,14 +248,14 @@ class CaptionHandler:
 
     def _new_decode_pool(self, wait: bool = True) -> Executor:
         settings = self.settings
-        pool = make_pool(settings.decode_processes, settings.decode_threads, settings.decode_intra_op_threads)
-        if settings.decode_processes:
+        pool = make_pool(self.decode_processes, settings.decode_threads, settings.decode_intra_op_threads)
+        if self.decode_processes:
             try:
-                start_processes(pool, settings.decode_processes, wait)
+                start_processes(pool, self.decode_processes, wait)
             except BaseException:
                 pool.shutdown(wait=False, cancel_futures=True)  # whatever did start ends with it
                 raise
-            logger.info("decode pool of %d processes %s", settings.decode_processes, "started" if wait else "starting")
+            logger.info("decode pool of %d processes %s", self.decode_processes, "started" if wait else "starting")
         return pool
 
     def inference(self, batch: PreparedBatch, skip=lambda errors: ()) -> dict[int, dict]:
@@ -336,6 +339,8 @@ class CaptionHandler:
             "max_instances": self.settings.max_instances,
             "images_per_engine_call": self.images_per_call,
             "device": str(self.device),
+            "decode_pool": {"processes": self.decode_processes} if self.decode_processes
+            else {"threads": self.settings.decode_threads},
             "dtype": str(engine.dtype).removeprefix("torch."),
             "packed_decoder": is_packed(engine.model),
             "compiled": {"encoder": bool(engine.encoder_buckets), "decode": bool(engine.static_shapes),

@@ -17,13 +17,14 @@ from typing import Any
 import torch
 
 from handler.instances import MAX_INSTANCES_LIMIT
+from handler.preparation import gpu_decode_processes, usable_cores
 from model.image import DEFAULT_MAX_PIXELS
 from model.layouts import LAYOUTS, STATIC_LAYOUTS
 from model.precision import AUTO, DTYPE_CHOICES, resolve_dtype
 from model.sampling import ROW_KEY_STRIDE
 from model.styles import MIN_REPETITION_PENALTY, Limits
 
-ON_GPU = "gpu"  # a compile setting that applies on CUDA devices only
+ON_GPU = "gpu"  # a setting that applies on CUDA devices only
 # Files that must travel inside the archive: nothing the model needs is read from elsewhere.
 ARCHIVE_FILES = ("model_config", "vocab")
 
@@ -81,9 +82,11 @@ class HandlerSettings:
     threads: int = 0
     # Parsing, decoding and resizing the requests of one batch runs in a thread pool.
     decode_threads: int = 4
-    # > 0: a pool of this many processes instead (decode_threads is then unused). About 1 ms
-    # per photo-sized request holds the GIL, which threads take in turn (handler/preparation.py).
-    decode_processes: int = 0
+    # > 0: a pool of this many processes instead (decode_threads is then unused); 0: the
+    # threads; "gpu": processes on a CUDA device, threads on CPU. About 1 ms per photo-sized
+    # request holds the GIL, which threads take in turn (handler/preparation.py). On a CUDA
+    # device "gpu" starts the worker's share of the cores less one (`gpu_decode_processes`).
+    decode_processes: int | str = ON_GPU
     # PyTorch intra-op threads of each decode thread (its resize and normalisation); 0 keeps
     # PyTorch's default (every core). With the default each of the decode_threads resizes
     # opened its own team of one thread per core: decode_threads x cores threads at once.
@@ -110,6 +113,14 @@ class HandlerSettings:
         for this device."""
         value = getattr(self, name)
         return device.type == "cuda" if value == ON_GPU else value
+
+    def decode_process_count(self, device: torch.device) -> int:
+        """Decode processes of a worker on `device`; 0 means the decode threads."""
+        if self.decode_processes != ON_GPU:
+            return self.decode_processes
+        if device.type != "cuda":
+            return 0
+        return gpu_decode_processes(usable_cores(), torch.cuda.device_count())
 
     @classmethod
     def from_model_yaml(cls, model_yaml_config: dict | None) -> "HandlerSettings":
@@ -151,10 +162,12 @@ class HandlerSettings:
         if settings.cpu_compile_decode and (settings.cpu_quantize or settings.compile_decode is True):
             raise SettingsError("model-config.yaml handler: cpu_compile_decode compiles the packed eager step; "
                                 "it cannot go with cpu_quantize or compile_decode: true")
-        if (settings.threads < 0 or settings.decode_threads < 1 or settings.decode_processes < 0
+        if (settings.threads < 0 or settings.decode_threads < 1
+                or (settings.decode_processes != ON_GPU and settings.decode_processes < 0)
                 or settings.decode_intra_op_threads < 0 or settings.max_pixels < 1
                 or not 1 <= settings.max_instances <= MAX_INSTANCES_LIMIT):
-            raise SettingsError("model-config.yaml handler: threads >= 0, decode_threads >= 1, decode_processes >= 0, "
+            raise SettingsError("model-config.yaml handler: threads >= 0, decode_threads >= 1, decode_processes >= 0 "
+                                f"or {ON_GPU!r}, "
                                 f"decode_intra_op_threads >= 0, max_pixels >= 1, 1 <= max_instances <= {MAX_INSTANCES_LIMIT}")
         return settings
 
@@ -163,6 +176,10 @@ def _check(name: str, value: Any, default: Any) -> Any:
     if default is None:  # optional path
         if value is not None and not isinstance(value, str):
             raise SettingsError(f"model-config.yaml handler: {name} must be a string")
+        return value
+    if name == "decode_processes":  # a count, or ON_GPU
+        if value != ON_GPU and (isinstance(value, bool) or not isinstance(value, int)):
+            raise SettingsError(f"model-config.yaml handler: {name} must be an integer or {ON_GPU!r}, got {value!r}")
         return value
     if default == ON_GPU:  # a compile switch: a boolean, or on CUDA devices only
         if not isinstance(value, bool) and value != ON_GPU:

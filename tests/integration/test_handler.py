@@ -64,6 +64,8 @@ def test_the_management_apis_describe_request_gets_the_workers_facts(served):
     assert facts["limits"]["max_new_tokens"] == 40 and facts["limits"]["max_num_captions"] == 8
     assert (facts["device"], facts["dtype"], facts["packed_decoder"]) == ("cpu", "float32", True)
     assert facts["compiled"] == {"encoder": False, "decode": False, "decode_step": False, "prefill": False}
+    pooled = handler.settings.decode_processes  # 2 (the `processes` variant) or "gpu": threads on CPU
+    assert facts["decode_pool"] == ({"processes": 2} if pooled == 2 else {"threads": handler.settings.decode_threads})
     assert facts["model_config"]["image_size"] == handler.engine.config.image_size == 64
     assert facts["images_per_engine_call"] == 8 and facts["max_instances"] == 8
     assert facts["build"] is None  # a model directory without the archive's build_info.json
@@ -536,6 +538,29 @@ def test_compile_settings_per_device():
         False, True, False, True, False, True]  # "gpu": compiled on CUDA devices only
     forced = HandlerSettings.from_dict({"compile_encoder": True, "compile_decode": False})
     assert forced.compiles("compile_encoder", cpu) and not forced.compiles("compile_decode", cuda)
+
+
+def test_decode_pool_settings_per_device(monkeypatch):
+    """`decode_processes`: a count, 0 (threads), or "gpu" (the default): on a CUDA device the
+    worker's share of the usable cores less one, threads on CPU."""
+    from handler import settings as settings_module
+    from handler.settings import HandlerSettings, SettingsError
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    monkeypatch.setattr(settings_module, "usable_cores", lambda: 16)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    default = HandlerSettings.from_dict({})
+    assert (default.decode_process_count(cpu), default.decode_process_count(cuda)) == (0, 15)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert default.decode_process_count(cuda) == 7  # one worker per GPU: half the cores each
+    for count in (0, 3):
+        explicit = HandlerSettings.from_dict({"decode_processes": count})
+        assert explicit.decode_process_count(cpu) == explicit.decode_process_count(cuda) == count
+    for wrong in ("many", True, 1.5):
+        with pytest.raises(SettingsError, match="decode_processes must be an integer or 'gpu'"):
+            HandlerSettings.from_dict({"decode_processes": wrong})
+    with pytest.raises(SettingsError, match="decode_processes >= 0 or 'gpu'"):
+        HandlerSettings.from_dict({"decode_processes": -1})
 
 
 def test_cpu_compile_decode_serves_the_golden_captions_through_the_compiled_packed_step(tmp_path):

@@ -16,7 +16,7 @@ from bench.__main__ import build_parser
 pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parents[2]
-ALL_STEPS = ["tests", "layout-ab", "handler", "handler-images", "images-processes", "processes", "raw", "compiled", "dynamic", "rows-ab",
+ALL_STEPS = ["tests", "layout-ab", "handler", "threads", "handler-images", "images-processes", "processes", "raw", "compiled", "dynamic", "rows-ab",
              "warmup-dynamic", "handler-before", "workers", "handler-128", "profile", "profile-images", "warmup",
              "eager", "handler-tests"]
 
@@ -75,7 +75,7 @@ def test_every_step_runs_in_order_with_valid_bench_flags(tmp_path):
     headers = [line.split()[1] for line in summary.splitlines() if line.startswith("=== ")]
     assert headers == ["versions", *ALL_STEPS, "done"]
     bench_calls = [argv[2:] for argv in argvs if argv[:2] == ["-m", "bench"]]
-    assert [call[0] for call in bench_calls] == [*["model"] * 2, *["handler"] * 5, *["model"] * 4, *["handler"] * 5,
+    assert [call[0] for call in bench_calls] == [*["model"] * 2, *["handler"] * 6, *["model"] * 4, *["handler"] * 5,
                                                  "model"]
     parser = build_parser()
     for call in bench_calls:
@@ -83,7 +83,8 @@ def test_every_step_runs_in_order_with_valid_bench_flags(tmp_path):
     assert any("--dynamic-rows" in call and "--warmup" in call for call in bench_calls)
     assert any("--no-compile-prefill" in call and "--decode-intra-op-threads" in call for call in bench_calls)
     assert any(call[call.index("--workers") + 1] == "2" for call in bench_calls if "--workers" in call)
-    assert any("--decode-processes" in call for call in bench_calls)
+    pools = [call[call.index("--decode-processes") + 1] for call in bench_calls if "--decode-processes" in call]
+    assert pools == ["0", "15", "15", "0"]  # threads (the default's A/B), images-processes, processes, handler-before
     layouts = [call[call.index("--static-layout") + 1] for call in bench_calls if "--static-layout" in call]
     assert layouts == ["rows", "images", "images", "images"]  # layout-ab (model), handler-images, images-processes
     both = [call for call in bench_calls if "--static-layout" in call and "--decode-processes" in call]
