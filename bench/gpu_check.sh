@@ -26,6 +26,7 @@
 #   processes       the handler step with 15 decode processes instead of 16 threads         ~2 min
 #   raw             the handler step with raw-body requests (no base64), as `curl -T` sends ~2 min
 #   workers         two handler processes on the GPU, 64 requests per batch, timed together ~2 min
+#                   (7 decode processes each: half the cores less one)
 #   handler-128     one handler, 128 requests per batch                                     ~2 min
 #   profile         profile of a 64-image batch and of the 8-, 64- and 384-row steps      ~1 min
 #   profile-images  the same with static_layout images                                  ~1.5 min
@@ -120,7 +121,7 @@ run_raw() {
     | tee "$OUT/bench-handler-raw.log" | tail -3 | summary
 }
 run_workers() {
-  timeout $(limit 240) $PY -m bench handler "${HANDLER[@]}" --batch-size 64 --workers 2 --out "$OUT" 2>&1 \
+  timeout $(limit 240) $PY -m bench handler "${HANDLER[@]}" --batch-size 64 --workers 2 --decode-processes 7 --out "$OUT" 2>&1 \
     | tee "$OUT/bench-handler-workers.log" | tail -2 | summary
 }
 run_handler-128() {

@@ -84,7 +84,8 @@ def test_every_step_runs_in_order_with_valid_bench_flags(tmp_path):
     assert any("--no-compile-prefill" in call and "--decode-intra-op-threads" in call for call in bench_calls)
     assert any(call[call.index("--workers") + 1] == "2" for call in bench_calls if "--workers" in call)
     pools = [call[call.index("--decode-processes") + 1] for call in bench_calls if "--decode-processes" in call]
-    assert pools == ["0", "15", "15", "0"]  # threads (the default's A/B), images-processes, processes, handler-before
+    # threads (the default's A/B), images-processes, processes, handler-before, workers (two per GPU)
+    assert pools == ["0", "15", "15", "0", "7"]
     layouts = [call[call.index("--static-layout") + 1] for call in bench_calls if "--static-layout" in call]
     assert layouts == ["rows", "images", "images", "images"]  # layout-ab (model), handler-images, images-processes
     both = [call for call in bench_calls if "--static-layout" in call and "--decode-processes" in call]
