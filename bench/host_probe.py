@@ -7,8 +7,9 @@
   captions);
 - the handler's preprocess of REQUESTS photo-sized JSON requests (uint8 pixels, as a GPU worker
   makes them), wall and the worker process's own CPU per image, three rounds interleaved:
-  PROCESSES decode threads, PROCESSES decode processes with one task per request (the split
-  before the seventh session), and with one task per process (the handler's split).
+  PROCESSES decode threads; PROCESSES decode processes handing the pixels back pickled through
+  the pool's result pipe (before the eighteenth session); and writing them into the worker's
+  shared block (`handler/pixel_slots.py`, the handler's way).
 """
 
 from __future__ import annotations
@@ -24,8 +25,6 @@ import time
 from pathlib import Path
 
 import model.text as text_module
-from handler import captioner_handler
-from handler.preparation import split_into_tasks
 from model.text import tidy_caption
 from model.tokenizer import Vocabulary
 
@@ -77,18 +76,21 @@ def caption_text_lines() -> list[str]:
     ]
 
 
-def one_task_per_request(count: int, _processes: int) -> list[range]:
-    return split_into_tasks(count, 0)  # the threads' split (the handler's name for it is swapped during the probe)
+def pickle_pixels(handler) -> None:
+    """The handler without its shared block: its decode processes pickle the pixels back."""
+    if handler._pixel_slots is not None:
+        handler._pixel_slots.close()
+    handler._pixel_slots = None
+    handler._ensure_pixel_slots = lambda count: None
 
 
 def preprocess_lines(weights: str, config: str, requests: int, processes: int, rounds: int = 3) -> list[str]:
     lines = []
-    variants = [("threads", 0, captioner_handler.split_into_tasks),
-                ("processes, one task per request", processes, one_task_per_request),
-                ("processes, one task per process", processes, captioner_handler.split_into_tasks)]
+    variants = [("threads", 0, None), ("processes, pixels pickled", processes, pickle_pixels),
+                ("processes, pixels in shared memory", processes, None)]
     handlers = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, pool_processes, split in variants:
+        for name, pool_processes, change in variants:
             args = argparse.Namespace(config=config, weights=weights, device="cpu", compile=False, warmup=False,
                                       compile_prefill=False, decode_threads=processes, decode_processes=pool_processes,
                                       dynamic_rows=None, static_layout=None, decode_intra_op_threads=None,
@@ -97,13 +99,13 @@ def preprocess_lines(weights: str, config: str, requests: int, processes: int, r
             model_dir.mkdir()
             handler, _, _ = open_handler(args, model_dir)
             handler.normalize_on_device = True  # uint8 pixels, as a GPU worker makes them
-            handlers.append((name, split, handler))
+            if change:
+                change(handler)
+            handlers.append((name, handler))
         rows = request_rows(args)
-        original = captioner_handler.split_into_tasks
         try:
             for round_ in range(rounds):
-                for name, split, handler in handlers:
-                    captioner_handler.split_into_tasks = split
+                for name, handler in handlers:
                     handler.preprocess(rows)
                     wall, cpu = float("inf"), float("inf")
                     for _ in range(4):
@@ -111,12 +113,13 @@ def preprocess_lines(weights: str, config: str, requests: int, processes: int, r
                         handler.preprocess(rows)
                         wall = min(wall, time.perf_counter() - started)
                         cpu = min(cpu, time.process_time() - cpu_started)
-                    lines.append(f"round {round_}: {name:32s} preprocess {wall * 1e3 / requests:.2f} ms/image, "
+                    lines.append(f"round {round_}: {name:36s} preprocess {wall * 1e3 / requests:.2f} ms/image, "
                                  f"worker CPU {cpu * 1e3 / requests:.3f} ms/image")
         finally:
-            captioner_handler.split_into_tasks = original
-            for _, _, handler in handlers:
+            for _, handler in handlers:
                 handler._decode_pool.shutdown(wait=True)
+                if handler._pixel_slots is not None:
+                    handler._pixel_slots.close()
     return lines
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 from concurrent.futures import BrokenExecutor, Executor, Future
@@ -37,11 +38,13 @@ if (_HERE / "MAR-INF").is_dir() and (not sys.path or sys.path[0] != str(_HERE)):
 # handler" and tries its built-in handlers instead, reporting "No module named
 # 'ts.torch_handler.captioner_handler'": a missing dependency is re-raised as what it is.
 try:
+    import numpy as np  # noqa: E402
     import torch  # noqa: E402
 
     from handler import metrics as handler_metrics  # noqa: E402
     from handler.batching import PreparedBatch, is_out_of_memory, reason_phrase  # noqa: E402
     from handler.instances import Answer, expand_instances, merge_answers  # noqa: E402
+    from handler.pixel_slots import InSlot, PixelSlots, SlotTarget, make_slots  # noqa: E402
     from handler.preparation import (Preparation, PreparationFailure, failure_of, make_pool,  # noqa: E402
                                      prepare_request, prepare_requests, split_into_tasks, start_processes)
     from handler.request_parsing import error_body  # noqa: E402
@@ -75,6 +78,8 @@ class CaptionHandler:
         self.context = None
         self._decode_pool: Executor | None = None
         self.decode_processes = 0  # processes of the decode pool; 0: its threads
+        self._pixel_slots: PixelSlots | None = None  # where decode processes put the pixels
+        self._slots_refused_at = math.inf  # the smallest block that could not be made
         self.images_per_call = 1  # images per engine call: the model's batchSize
         self.batch_stats: dict | None = None  # the engine's figures for the last batch
 
@@ -126,6 +131,7 @@ class CaptionHandler:
         self._decode_pool = self._new_decode_pool()
         batch_size = int(props.get("batch_size") or 1)
         self.images_per_call = batch_size
+        self._ensure_pixel_slots(batch_size)
         loaded = time.perf_counter()
         if settings.warmup:
             # The batch sizes real traffic will use: one request, and a full dynamic batch; CUDA
@@ -184,12 +190,13 @@ class CaptionHandler:
         started = time.perf_counter()
         preparation = Preparation(self.limits, self.image_size, self.settings.max_pixels,
                                   uint8=self.normalize_on_device)
-        tasks = [(task, self._submit([data[idx] for idx in task], preparation))
+        self._ensure_pixel_slots(len(data))
+        tasks = [(task, self._submit(data, task, preparation))
                  for task in split_into_tasks(len(data), self.decode_processes)]
         orphaned = [idx for task, future in tasks if not self._collect(batch, task, future) for idx in task]
         for idx in orphaned:  # again, one at a time in a fresh pool: only a request that kills it fails
             try:
-                future = self._submit([data[idx]], preparation)
+                future = self._submit(data, [idx], preparation)
             except Exception as exc:  # noqa: BLE001 - no pool could start: the requests prepared keep their answers
                 batch.fail(idx, *self._failure(exc, "starting a decode pool"))
                 continue
@@ -219,17 +226,48 @@ class CaptionHandler:
             batch.fail(idx, outcome.status, outcome.message)
             return
         plan, pixels = outcome
+        if isinstance(pixels, InSlot):
+            try:
+                pixels = self._pixel_slots.take(pixels)
+            except Exception as exc:  # noqa: BLE001 - a block replaced under the task: this request alone
+                logger.error("request %d: %s", idx, exc)
+                batch.fail(idx, 500, "internal error: the decoded image was lost on its way back")
+                return
         batch.good.append(idx)
         batch.plans.append(plan)
         batch.pixels.append(torch.from_numpy(pixels))
 
-    def _submit(self, rows: list, preparation: Preparation) -> Future:
-        """One task (`rows`) to the decode pool; a broken pool (a process died) is replaced first."""
+    def _submit(self, data: list, indices, preparation: Preparation) -> Future:
+        """One task (the requests `indices` of `data`) to the decode pool; a broken pool (a process
+        died) is replaced first."""
+        rows = [data[idx] for idx in indices]
+        slots = SlotTarget(self._pixel_slots.layout, tuple(indices)) if self._pixel_slots else None
         try:
-            return self._decode_pool.submit(prepare_requests, rows, preparation, prepare_request)
+            return self._decode_pool.submit(prepare_requests, rows, preparation, prepare_request, slots)
         except BrokenExecutor:
             self._replace_decode_pool(wait=True)  # a pool that cannot start fails here, not the request
-            return self._decode_pool.submit(prepare_requests, rows, preparation, prepare_request)
+            return self._decode_pool.submit(prepare_requests, rows, preparation, prepare_request, slots)
+
+    def _ensure_pixel_slots(self, count: int) -> None:
+        """A shared block with a slot for each of `count` requests, for decode processes (threads
+        hand their arrays over as they are). Made or grown only between batches, never while a
+        task may still write to the block in hand."""
+        if not self.decode_processes:
+            return
+        shape = (3, self.image_size, self.image_size)
+        dtype = np.uint8 if self.normalize_on_device else np.float32
+        if self._pixel_slots is not None and self._pixel_slots.fits(count, shape, dtype):
+            return
+        count = max(count, self.images_per_call)
+        if count >= self._slots_refused_at:  # no block this large could be made: not tried (nor logged) again
+            return
+        grown = make_slots(count, shape, dtype)
+        if grown is None:  # logged; the pixels travel pickled, the block in hand (if any) stays for smaller batches
+            self._slots_refused_at = count
+            return
+        if self._pixel_slots is not None:
+            self._pixel_slots.close()
+        self._pixel_slots = grown
 
     def _replace_decode_pool(self, wait: bool) -> None:
         """A new pool for a broken one (a process died)."""
@@ -339,8 +377,8 @@ class CaptionHandler:
             "max_instances": self.settings.max_instances,
             "images_per_engine_call": self.images_per_call,
             "device": str(self.device),
-            "decode_pool": {"processes": self.decode_processes} if self.decode_processes
-            else {"threads": self.settings.decode_threads},
+            "decode_pool": {"processes": self.decode_processes, "shared_memory": self._pixel_slots is not None}
+            if self.decode_processes else {"threads": self.settings.decode_threads},
             "dtype": str(engine.dtype).removeprefix("torch."),
             "packed_decoder": is_packed(engine.model),
             "compiled": {"encoder": bool(engine.encoder_buckets), "decode": bool(engine.static_shapes),

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from handler.pixel_slots import SlotTarget, write_slot
 from handler.request_parsing import TEXT_HINT, ParsedRequest, parse_request
 from model.image import ImageError, decode_image, to_pixel_values, to_uint8_pixels
 from model.styles import CaptionPlan, Limits, make_plan
@@ -110,15 +111,26 @@ def message_of(error: BaseException) -> str:
     return str(message if isinstance(message, str) and message else error) or type(error).__name__
 
 
-def prepare_requests(rows: list, preparation: Preparation, prepare=prepare_request) -> list:
+def prepare_requests(rows: list, preparation: Preparation, prepare=prepare_request,
+                     slots: SlotTarget | None = None) -> list:
     """`prepare` for each row of one task: its result, or its `PreparationFailure` (a value, so
-    that one bad request does not fail the others of its task)."""
+    that one bad request does not fail the others of its task). With `slots` (a decode process
+    and the worker's shared block) each result's pixels are written to the request's slot and
+    the result carries an `InSlot` in their place."""
     outcomes = []
-    for row in rows:
+    for k, row in enumerate(rows):
         try:
-            outcomes.append(prepare(row, preparation))
+            outcome = prepare(row, preparation)
         except Exception as error:  # noqa: BLE001 - MemoryError included: each request gets its own status
-            outcomes.append(failure_of(error))
+            outcome = failure_of(error)
+        if slots is not None and not isinstance(outcome, PreparationFailure):
+            plan, pixels = outcome
+            try:
+                outcome = plan, write_slot(slots.layout, slots.indices[k], pixels)
+            except Exception as error:  # noqa: BLE001 - the worker's side failed, not the request
+                outcome = PreparationFailure(500, "internal error: the decoded image could not be handed back "
+                                                  f"({message_of(error)})")
+        outcomes.append(outcome)
     return outcomes
 
 

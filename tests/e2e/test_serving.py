@@ -264,11 +264,13 @@ def serve_golden_batch_with_a_bad_request(server, name: str) -> None:
 def test_decode_processes_serve_a_batch_and_end_with_their_worker(server, model_store):
     """`handler.decode_processes: 2`: requests are prepared in spawned processes under the real
     worker (which runs ts/model_service_worker.py as __main__); a bad request in the batch still
-    gets its 400, and the processes end when the model is unregistered."""
+    gets its 400, the pixels come back through the worker's shared block, and the processes and
+    the block end when the model is unregistered."""
     from tests.e2e.bad_inputs import one_thread_archive
 
     name = "captioner-processes"
     archive = one_thread_archive(model_store, name, handler_settings={"decode_processes": 2})
+    blocks_before = set(Path("/dev/shm").glob("psm_*"))
     register_batched(server, name, archive)
     try:
         serve_golden_batch_with_a_bad_request(server, name)
@@ -276,11 +278,16 @@ def test_decode_processes_serve_a_batch_and_end_with_their_worker(server, model_
         decoders = {pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()}
         assert len(decoders) == 2, children  # the others: multiprocessing's resource tracker
         assert decoders <= set(server.stray_processes())  # what stop() would end, were they left
+        facts = server.manage("GET", f"/models/{name}", params={"customized": "true"}).json()[0]["customizedMetadata"]
+        assert facts["decode_pool"] == {"processes": 2, "shared_memory": True}
+        blocks = set(Path("/dev/shm").glob("psm_*")) - blocks_before
+        assert blocks  # the worker's block of pixel slots (handler/pixel_slots.py)
     finally:
         server.manage("DELETE", f"/models/{name}")
     deadline = time.monotonic() + 30
-    while any(Path(f"/proc/{pid}").exists() for pid in decoders):
-        assert time.monotonic() < deadline, f"decode processes outlived their worker: {decoders}"
+    while any(Path(f"/proc/{pid}").exists() for pid in decoders) or any(block.exists() for block in blocks):
+        assert time.monotonic() < deadline, f"decode processes or shared memory outlived their worker: {decoders}, " \
+                                            f"{[block for block in blocks if block.exists()]}"
         time.sleep(0.5)
 
 

@@ -65,7 +65,8 @@ def test_the_management_apis_describe_request_gets_the_workers_facts(served):
     assert (facts["device"], facts["dtype"], facts["packed_decoder"]) == ("cpu", "float32", True)
     assert facts["compiled"] == {"encoder": False, "decode": False, "decode_step": False, "prefill": False}
     pooled = handler.settings.decode_processes  # 2 (the `processes` variant) or "gpu": threads on CPU
-    assert facts["decode_pool"] == ({"processes": 2} if pooled == 2 else {"threads": handler.settings.decode_threads})
+    assert facts["decode_pool"] == ({"processes": 2, "shared_memory": True} if pooled == 2
+                                    else {"threads": handler.settings.decode_threads})
     assert facts["model_config"]["image_size"] == handler.engine.config.image_size == 64
     assert facts["images_per_engine_call"] == 8 and facts["max_instances"] == 8
     assert facts["build"] is None  # a model directory without the archive's build_info.json
@@ -410,6 +411,39 @@ def test_a_request_that_kills_its_decode_process_fails_alone(tmp_path, monkeypat
     assert [r.status for r in replies] == [200, 500]
     from handler.preparation import process_id
     assert handler._decode_pool.submit(process_id, 0).result(timeout=120) > 0  # raised BrokenExecutor before
+
+
+def test_decode_processes_hand_pixels_back_through_a_shared_block_that_grows_with_the_batch(tmp_path):
+    """The worker makes a block of `batchSize` pixel slots at start; a batch with more requests
+    (KServe v1 instances expand a request into several) gets a larger block, the old one is
+    unlinked, and every request still gets its own image's captions."""
+    from multiprocessing import shared_memory
+
+    service, handler = make_service(make_model_dir(tmp_path, {"decode_processes": 2}), batch_size=2)
+    first = handler._pixel_slots.layout
+    assert first.count == 2 and first.shape == (3, 64, 64) and first.dtype == "<f4"  # CPU: normalised float32
+    names = list(IMAGES) * 2
+    replies = predict(service, batch(*(json_row(IMAGES[n], **GREEDY) for n in names)))
+    assert [r.json() for r in replies] == [golden(n) for n in names]
+    assert handler._pixel_slots.layout.count == len(names)
+    with pytest.raises(FileNotFoundError):
+        shared_memory.SharedMemory(name=first.name)
+    replies = predict(service, batch(json_row(IMAGES["rocket.jpg"], **GREEDY)))  # a smaller batch keeps it
+    assert replies[0].json() == golden("rocket.jpg") and handler._pixel_slots.layout.count == len(names)
+
+
+def test_without_shared_memory_the_pixels_travel_pickled(tmp_path, monkeypatch):
+    """No block can be made (a /dev/shm too small for it): the worker logs it and its decode
+    processes pickle the pixels back, as before the shared block."""
+    tried = []
+    monkeypatch.setattr(captioner_handler, "make_slots", lambda count, shape, dtype: tried.append(count))
+    service, handler = make_service(make_model_dir(tmp_path, {"decode_processes": 2}))
+    assert handler._pixel_slots is None
+    for _ in range(2):
+        replies = predict(service, batch(*(json_row(IMAGES[n], **GREEDY) for n in IMAGES)))
+        assert [r.json() for r in replies] == [golden(n) for n in IMAGES]
+    assert tried == [8]  # at start (batchSize 8); not tried, nor logged, again for batches no larger
+    assert handler.describe_handle()["decode_pool"] == {"processes": 2, "shared_memory": False}
 
 
 def test_a_pool_that_cannot_start_fails_only_the_requests_that_needed_it(tmp_path, monkeypatch):

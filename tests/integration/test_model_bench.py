@@ -108,5 +108,5 @@ def test_host_probe_prints_each_variant_next_to_its_baseline(capsys):
     pools = host_probe.preprocess_lines(str(SEED_TINY / "weights.pt"), str(SEED_TINY / "config.json"), requests=4,
                                         processes=2, rounds=1)
     assert [line.split(": ")[1].split("  ")[0] for line in pools] == [
-        "threads", "processes, one task per request", "processes, one task per process"]
+        "threads", "processes, pixels pickled", "processes, pixels in shared memory"]
     assert all("preprocess" in line and "worker CPU" in line for line in pools)
