@@ -64,7 +64,8 @@ class PixelSlots:
         size = count * int(np.prod(shape)) * dtype.itemsize
         self._memory = shared_memory.SharedMemory(create=True, size=size)
         try:
-            os.posix_fallocate(self._memory._fd, 0, size)  # noqa: SLF001 - the block's own descriptor
+            if hasattr(os, "posix_fallocate"):  # Linux; elsewhere the pages come on first write
+                os.posix_fallocate(self._memory._fd, 0, size)  # noqa: SLF001 - the block's own descriptor
         except BaseException:
             self._memory.close()
             self._memory.unlink()
