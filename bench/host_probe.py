@@ -106,7 +106,9 @@ def preprocess_lines(weights: str, config: str, requests: int, processes: int, r
         try:
             for round_ in range(rounds):
                 for name, handler in handlers:
-                    handler.preprocess(rows)
+                    failed = handler.preprocess(rows).errors
+                    if failed:
+                        raise SystemExit(f"{name}: requests failed in preprocess: {failed}")
                     wall, cpu = float("inf"), float("inf")
                     for _ in range(4):
                         started, cpu_started = time.perf_counter(), time.process_time()

@@ -430,6 +430,10 @@ def test_decode_processes_hand_pixels_back_through_a_shared_block_that_grows_wit
         shared_memory.SharedMemory(name=first.name)
     replies = predict(service, batch(json_row(IMAGES["rocket.jpg"], **GREEDY)))  # a smaller batch keeps it
     assert replies[0].json() == golden("rocket.jpg") and handler._pixel_slots.layout.count == len(names)
+    handler.normalize_on_device = True  # uint8 pixels, as a GPU worker's processes write them
+    replies = predict(service, batch(*(json_row(IMAGES[n], **GREEDY) for n in IMAGES)))
+    assert [r.json() for r in replies] == [golden(n) for n in IMAGES]
+    assert handler._pixel_slots.layout.dtype == "|u1" and handler._pixel_slots.layout.count == len(IMAGES)
 
 
 def test_without_shared_memory_the_pixels_travel_pickled(tmp_path, monkeypatch):
