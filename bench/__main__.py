@@ -16,6 +16,14 @@ def _floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v]
 
 
+def _size(text: str) -> tuple[int, int]:
+    width, _, height = text.lower().partition("x")
+    try:
+        return int(width), int(height)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WxH, e.g. 4032x3024, got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -65,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     handler.add_argument("--decode-threads", type=int, default=8)
     handler.add_argument("--request-form", choices=["json", "raw"], default="json",
                          help="JSON bodies with base64 images, or the image bytes as the body")
+    handler.add_argument("--photo-size", type=_size, default=(640, 480),
+                         help="WxH of the synthetic JPEGs sent (e.g. 4032x3024, a 12 MP camera photo)")
+    handler.add_argument("--jpeg-draft", action=argparse.BooleanOptionalAction, default=None,
+                         help="the handler's jpeg_draft (default: model-config.yaml's)")
     handler.add_argument("--decode-processes", type=int,
                          help="the handler's decode_processes: a process pool instead of the threads, 0 for the "
                          "threads (default: model-config.yaml's, processes on a GPU, threads on CPU)")

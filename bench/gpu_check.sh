@@ -19,6 +19,7 @@
 #                   (defaults: decode processes on a GPU; its first batch compiles: with
 #                   dynamic rows more than 90 s, run 6)
 #   threads         the same with the 16 decode threads instead (the A/B for the default)   ~1 min
+#   photos          the handler with 12 MP camera-sized JPEGs (4032x3024), jpeg_draft off then on ~2.5 min
 #   handler-before  the same with run 4's settings (decode threads with all cores' intra-op
 #                   threads, eager prefill, static rows): the A/B in one lease            ~1.5 min
 #   images-processes the handler step with both candidates not yet measured on a GPU: static
@@ -39,7 +40,7 @@
 set -uo pipefail
 OUT=${1:?usage: bench/gpu_check.sh OUT_DIR [STEP ...]}
 shift
-ALL_STEPS="tests layout-ab handler threads handler-images images-processes processes raw compiled dynamic rows-ab warmup-dynamic
+ALL_STEPS="tests layout-ab handler threads photos handler-images images-processes processes raw compiled dynamic rows-ab warmup-dynamic
 handler-before workers handler-128 profile profile-images warmup eager handler-tests"
 STEPS=${*:-tests compiled eager}
 [ "$STEPS" = all ] && STEPS=$ALL_STEPS
@@ -98,6 +99,12 @@ run_handler() {
 run_threads() {
   timeout $(limit 240) $PY -m bench handler "${HANDLER[@]}" --batch-size 64 --decode-processes 0 --out "$OUT/threads" 2>&1 \
     | tee "$OUT/bench-handler-threads.log" | tail -3 | summary
+}
+run_photos() {
+  for draft in no-jpeg-draft jpeg-draft; do
+    timeout $(limit 150) $PY -m bench handler "${HANDLER[@]}" --batch-size 64 --photo-size 4032x3024 --$draft \
+      --out "$OUT/photos-$draft" 2>&1 | tee "$OUT/bench-handler-photos-$draft.log" | tail -2 | sed "s/^/$draft: /" | summary
+  done
 }
 run_handler-images() {
   timeout $(limit 240) $PY -m bench handler "${HANDLER[@]}" --batch-size 64 --static-layout images --out "$OUT/handler-images" \

@@ -88,6 +88,8 @@ def open_handler(args, model_dir: Path) -> tuple[CaptionHandler, StubContext, fl
                  "decode_threads": args.decode_threads}
     if args.decode_processes is not None:
         overrides["decode_processes"] = args.decode_processes
+    if args.jpeg_draft is not None:
+        overrides["jpeg_draft"] = args.jpeg_draft
     if args.dynamic_rows is not None:
         overrides["compile_dynamic_rows"] = args.dynamic_rows
     if args.static_layout is not None:
@@ -106,7 +108,7 @@ def request_rows(args) -> list[dict]:
     """The batch's rows as TorchServe's worker hands them over: JSON bodies with base64 images,
     or (`--request-form raw`) the JPEG bytes as the body with the options as query parameters
     (what `curl -T img.jpg '.../models/captioner/invoke?max_new_tokens=64'` sends)."""
-    jpegs = synthetic_jpegs(args.batch_size)
+    jpegs = synthetic_jpegs(args.batch_size, size=args.photo_size)
     if args.request_form == "raw":
         return [{"body": bytearray(jpeg), "max_new_tokens": bytearray(str(args.max_new_tokens).encode()),
                  "seed": bytearray(str(i).encode())} for i, jpeg in enumerate(jpegs)]
@@ -151,6 +153,7 @@ def run(args) -> dict:
         "compile_prefill": handler.engine.compile_prefill,
         "decode_threads": args.decode_threads, "decode_processes": handler.decode_processes,
         "decode_intra_op_threads": handler.settings.decode_intra_op_threads, "request_form": args.request_form,
+        "photo_size": list(args.photo_size), "jpeg_draft": handler.settings.jpeg_draft,
         "batch_seconds": timings, "images_per_s": args.batch_size / best,
         "captions_per_image": sum(len(v) for v in captions.values()),
         "stage_ms_per_image": stages,

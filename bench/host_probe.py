@@ -94,7 +94,8 @@ def preprocess_lines(weights: str, config: str, requests: int, processes: int, r
             args = argparse.Namespace(config=config, weights=weights, device="cpu", compile=False, warmup=False,
                                       compile_prefill=False, decode_threads=processes, decode_processes=pool_processes,
                                       dynamic_rows=None, static_layout=None, decode_intra_op_threads=None,
-                                      batch_size=requests, max_new_tokens=1, request_form="json")
+                                      batch_size=requests, max_new_tokens=1, request_form="json", photo_size=(640, 480),
+                                      jpeg_draft=None)
             model_dir = Path(tmp) / f"variant-{len(handlers)}"
             model_dir.mkdir()
             handler, _, _ = open_handler(args, model_dir)

@@ -189,7 +189,7 @@ class CaptionHandler:
         batch = PreparedBatch(size=len(data))
         started = time.perf_counter()
         preparation = Preparation(self.limits, self.image_size, self.settings.max_pixels,
-                                  uint8=self.normalize_on_device)
+                                  uint8=self.normalize_on_device, jpeg_draft=self.settings.jpeg_draft)
         self._ensure_pixel_slots(len(data))
         tasks = [(task, self._submit(data, task, preparation))
                  for task in split_into_tasks(len(data), self.decode_processes)]

@@ -54,6 +54,8 @@ class Preparation:
     # uint8 pixels for a GPU worker, whose engine normalises the batch on the device; else
     # normalised float32, here in the pool (faster than one batched normalisation on a CPU).
     uint8: bool
+    # Large JPEGs decoded at a reduced scale by libjpeg (`handler.jpeg_draft`).
+    jpeg_draft: bool = False
 
 
 def prepare_request(row, preparation: Preparation) -> tuple[CaptionPlan, np.ndarray]:
@@ -68,7 +70,8 @@ def prepare_request(row, preparation: Preparation) -> tuple[CaptionPlan, np.ndar
         raise MemoryError(READING) from error
     plan = make_plan(request.options, preparation.limits)
     try:
-        image = decode_request_image(request, preparation.max_pixels)
+        image = decode_request_image(request, preparation.max_pixels,
+                                     preparation.image_size if preparation.jpeg_draft else None)
         if preparation.uint8:
             return plan, to_uint8_pixels(image, preparation.image_size).numpy()
         return plan, to_pixel_values(image, preparation.image_size).numpy()
@@ -76,10 +79,10 @@ def prepare_request(row, preparation: Preparation) -> tuple[CaptionPlan, np.ndar
         raise MemoryError(DECODING) from error
 
 
-def decode_request_image(request: ParsedRequest, max_pixels: int):
+def decode_request_image(request: ParsedRequest, max_pixels: int, draft_to: int | None = None):
     """`decode_image`; refusing an image that arrived as text, it says what to send instead."""
     try:
-        return decode_image(request.image, max_pixels)
+        return decode_image(request.image, max_pixels, draft_to)
     except ImageError as error:
         if not request.sent_as_text:
             raise

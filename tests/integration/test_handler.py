@@ -578,6 +578,26 @@ def test_compile_settings_per_device():
     assert forced.compiles("compile_encoder", cpu) and not forced.compiles("compile_decode", cuda)
 
 
+@pytest.mark.parametrize("pool", [{}, {"decode_processes": 2}])
+def test_jpeg_draft_decodes_large_jpegs_at_a_reduced_scale(tmp_path, pool):
+    """`jpeg_draft: true` reaches the decoder in threads and in processes: the tiny model's 64 px
+    input is made from rocket.jpg (640x427) decoded at 1/4 scale (160x107); a PNG is unchanged."""
+    from model.image import decode_image, to_pixel_values
+
+    service, handler = make_service(make_model_dir(tmp_path, {"jpeg_draft": True, **pool}))
+    import base64
+
+    rows = [{"body": {"image": base64.b64encode(IMAGES[name]).decode()}} for name in ("rocket.jpg", "chelsea.png")]
+    prepared = handler.preprocess(rows)  # the rows as the worker hands them to handle()
+    assert prepared.good == [0, 1]
+    drafted = to_pixel_values(decode_image(IMAGES["rocket.jpg"], draft_to=64), 64)
+    assert torch.equal(prepared.pixels[0], drafted)
+    assert not torch.equal(drafted, to_pixel_values(decode_image(IMAGES["rocket.jpg"]), 64))
+    assert torch.equal(prepared.pixels[1], to_pixel_values(decode_image(IMAGES["chelsea.png"]), 64))
+    replies = predict(service, batch(json_row(IMAGES["rocket.jpg"], **GREEDY)))
+    assert replies[0].status == 200 and set(replies[0].json()) == {"Concise", "Narrative", "Descriptive"}
+
+
 def test_decode_pool_settings_per_device(monkeypatch):
     """`decode_processes`: a count, 0 (threads), or "gpu" (the default): on a CUDA device the
     worker's share of the usable cores less one, threads on CPU."""

@@ -77,6 +77,18 @@ def test_handler_bench_sends_raw_bodies_with_query_options(tmp_path):
     assert result["request_form"] == "raw" and result["captions_per_image"] == 6
 
 
+def test_handler_bench_sends_camera_sized_photos_with_the_jpeg_draft(tmp_path, capsys):
+    argv = ["handler", "--weights", str(SEED_TINY / "weights.pt"), "--config", str(SEED_TINY / "config.json"),
+            "--batch-size", "2", "--batches", "1", "--max-new-tokens", "4", "--photo-size", "1024x768",
+            "--jpeg-draft", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    result = json.loads((tmp_path / "handler-cpu.json").read_text())
+    assert result["photo_size"] == [1024, 768] and result["jpeg_draft"] is True
+    with pytest.raises(SystemExit):
+        main([*argv[:-5], "--photo-size", "big"])
+    assert "expected WxH" in capsys.readouterr().err
+
+
 def test_handler_bench_reports_a_failed_worker(tmp_path):
     argv = ["handler", "--weights", str(tmp_path / "missing.pt"), "--config", str(SEED_TINY / "config.json"),
             "--batch-size", "2", "--batches", "1", "--workers", "2", "--out", str(tmp_path)]

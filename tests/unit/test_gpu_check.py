@@ -16,7 +16,7 @@ from bench.__main__ import build_parser
 pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parents[2]
-ALL_STEPS = ["tests", "layout-ab", "handler", "threads", "handler-images", "images-processes", "processes", "raw", "compiled", "dynamic", "rows-ab",
+ALL_STEPS = ["tests", "layout-ab", "handler", "threads", "photos", "handler-images", "images-processes", "processes", "raw", "compiled", "dynamic", "rows-ab",
              "warmup-dynamic", "handler-before", "workers", "handler-128", "profile", "profile-images", "warmup",
              "eager", "handler-tests"]
 
@@ -75,8 +75,10 @@ def test_every_step_runs_in_order_with_valid_bench_flags(tmp_path):
     headers = [line.split()[1] for line in summary.splitlines() if line.startswith("=== ")]
     assert headers == ["versions", *ALL_STEPS, "done"]
     bench_calls = [argv[2:] for argv in argvs if argv[:2] == ["-m", "bench"]]
-    assert [call[0] for call in bench_calls] == [*["model"] * 2, *["handler"] * 6, *["model"] * 4, *["handler"] * 5,
+    assert [call[0] for call in bench_calls] == [*["model"] * 2, *["handler"] * 8, *["model"] * 4, *["handler"] * 5,
                                                  "model"]
+    drafts = [(call[call.index("--photo-size") + 1], call[-3]) for call in bench_calls if "--photo-size" in call]
+    assert drafts == [("4032x3024", "--no-jpeg-draft"), ("4032x3024", "--jpeg-draft")]  # photos: the A/B
     parser = build_parser()
     for call in bench_calls:
         parser.parse_args(call)  # exits (SystemExit) on an unknown flag

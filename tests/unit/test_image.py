@@ -442,3 +442,50 @@ def test_out_of_memory_is_not_reported_as_a_bad_image(monkeypatch):
     monkeypatch.setattr(ImageFile.ImageFile, "load", out_of_memory)
     with pytest.raises(MemoryError):
         decode_image(encode(noisy_rgb()))
+
+
+def smooth_photo(width: int, height: int) -> Image.Image:
+    """A photo-like image (gradients, mild texture): what a draft decode is meant for."""
+    ramp = torch.linspace(0, 1, width)[None, :, None] * torch.linspace(0, 1, height)[:, None, None]
+    texture = torch.sin(torch.arange(width)[None, :, None] / 9.0) * torch.cos(torch.arange(height)[:, None, None] / 7.0)
+    pixels = ramp * torch.tensor([200.0, 120.0, 60.0]) + texture * 30 + 20
+    return Image.fromarray(pixels.clamp(0, 255).to(torch.uint8).numpy())
+
+
+def test_a_large_jpeg_decoded_at_a_draft_scale_gives_nearly_the_same_pixels():
+    """`draft_to`: libjpeg decodes at the largest reduction that keeps both sides >= draft_to
+    (1600x1200 -> 800x600 for 384: 400x300 would be too small), and the resized pixels stay
+    within a few levels of the full decode's."""
+    data = encode(smooth_photo(1600, 1200), "JPEG", quality=90)
+    drafted = decode_image(data, draft_to=384)
+    assert drafted.size == (800, 600) and drafted.mode == "RGB"
+    full, reduced = to_uint8_pixels(decode_image(data), 384), to_uint8_pixels(drafted, 384)
+    difference = (full.int() - reduced.int()).abs().float()
+    assert full.shape == reduced.shape == (3, 384, 384)
+    assert 0 < difference.mean() < 1.5 and difference.max() <= 12
+    assert decode_image(data, draft_to=100).size == (200, 150)  # 1/8, still >= 100 on both sides
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_draft_leaves_images_that_are_not_large_jpegs_alone(fmt):
+    small = encode(smooth_photo(640, 480), fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    assert torch.equal(image_to_uint8_tensor(decode_image(small, draft_to=384)),
+                       image_to_uint8_tensor(decode_image(small)))  # a 1/2 scale would fall below 384
+    large_png = encode(smooth_photo(1600, 1200), "PNG")
+    assert decode_image(large_png, draft_to=384).size == (1600, 1200)  # only JPEG decoders scale
+
+
+def test_the_pixel_limit_is_checked_before_any_draft(forbid_pixel_decoding):
+    data = encode(smooth_photo(1600, 800), "JPEG", quality=90)
+    with pytest.raises(ImageError, match="pixels"):  # the header's size is checked before any draft
+        decode_image(data, max_pixels=1_000_000, draft_to=384)
+
+
+def test_drafted_images_keep_their_exif_orientation():
+    landscape = smooth_photo(1600, 800)
+    landscape.paste(BLUE, (800, 0, 1600, 800))  # right half blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # display rotated 90 degrees clockwise: the right half goes to the bottom
+    image = decode_image(encode(landscape, "JPEG", exif=exif.tobytes(), quality=95), draft_to=384)
+    assert image.size == (400, 800)
+    assert close_to(image.getpixel((200, 700)), BLUE)
