@@ -77,9 +77,9 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_to: in
     check_pixel_count(image.size, max_pixels)
     if image.format in JPEG_FORMATS and jpeg_scan_count(data, MAX_JPEG_SCANS) > MAX_JPEG_SCANS:
         raise ImageError(f"JPEG has more than {MAX_JPEG_SCANS} scans (a progressive JPEG has about 10)")
-    if draft_to and image.format in JPEG_FORMATS:
-        image.draft(image.mode, (draft_to, draft_to))
     try:
+        if draft_to and image.format in JPEG_FORMATS:
+            image.draft(image.mode, (draft_to, draft_to))
         image.load()
     except MemoryError:
         raise

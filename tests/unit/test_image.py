@@ -489,3 +489,10 @@ def test_drafted_images_keep_their_exif_orientation():
     image = decode_image(encode(landscape, "JPEG", exif=exif.tobytes(), quality=95), draft_to=384)
     assert image.size == (400, 800)
     assert close_to(image.getpixel((200, 700)), BLUE)
+
+
+@pytest.mark.parametrize("cut", [0.1, 0.5, 0.99])
+def test_a_truncated_large_jpeg_with_draft_is_an_image_error(cut):
+    data = encode(smooth_photo(1600, 1200), "JPEG", quality=90)
+    with pytest.raises(ImageError, match="truncated or corrupt"):
+        decode_image(data[: int(len(data) * cut)], draft_to=384)
