@@ -23,7 +23,7 @@ from torch._dynamo.utils import counters
 from model.config import PRESETS
 from model.engine import CaptionEngine
 from model.image import decode_image, to_pixel_values, to_uint8_pixels
-from model.kv_cache import GroupKV, PrefixKV, SharedPrefixCache
+from model.kv_cache import GroupKV, PrefixKV
 from model.packing import is_packed
 from model.precision import cpu_has_native_bfloat16, resolve_dtype
 from model.styles import make_plan
@@ -106,8 +106,7 @@ def eager_cache_maker(engine: CaptionEngine, rows: int, rows_per_image: int = 6)
     groups.values = [torch.randn_like(k) for k in groups.keys]
     row_image = [row // rows_per_image for row in range(rows)]
     row_group = torch.arange(rows, device=engine.device)
-    return lambda: SharedPrefixCache(prefix, groups, row_image, row_group, 2 + cfg.max_text_tokens,
-                                     single_graph=engine.compile_step)
+    return lambda: engine.eager_cache(prefix, groups, row_image, row_group, 2 + cfg.max_text_tokens)
 
 
 def step_positions(config, max_new_tokens: int, samples: int) -> list[int]:

@@ -477,8 +477,7 @@ class CaptionEngine:
             select_step(first_logits, params, state)
             step_once = self.static_step
         else:  # own positions: `[style] [CLS]` and every new token but the last
-            cache = SharedPrefixCache(prefix, group_kv, row_image, row_group, 2 + max_new - 1,
-                                      single_graph=self.compile_step)
+            cache = self.eager_cache(prefix, group_kv, row_image, row_group, 2 + max_new - 1)
             self._eager_step(cache, params, state, first_logits)
             step_once = self._eager_step
         final_history = state.history.new_empty((placement.rows - sum(placement.padding), state.history.shape[1]))
@@ -504,6 +503,11 @@ class CaptionEngine:
         if logits is None:
             logits = self.step_logits(cache, state.history[:, state.length - 1])
         state.append(select_next(logits, params, state.history, state.length, state.length - 1), params)
+
+    def eager_cache(self, prefix: PrefixKV, groups: GroupKV, row_image: list[int], row_group: torch.Tensor,
+                    own_len: int) -> SharedPrefixCache:
+        """The eager step's cache, padded for one graph when the step is compiled (`compile_step`)."""
+        return SharedPrefixCache(prefix, groups, row_image, row_group, own_len, single_graph=self.compile_step)
 
     def step_logits(self, cache: SharedPrefixCache, tokens: torch.Tensor) -> torch.Tensor:
         """One eager decode step (`decode_step`; compiled with `compile_step`): tokens (R,) -> logits (R, V)."""
