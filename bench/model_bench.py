@@ -189,7 +189,7 @@ def plot(results: dict, path: Path) -> None:
 
 def run(args) -> dict:
     device = torch.device(args.device)
-    dtype = resolve_dtype(args.dtype, device, quantized=args.quantize is not None)
+    dtype = resolve_dtype(args.dtype, device)
     dtype_name = str(dtype).removeprefix("torch.")
     engine = CaptionEngine.from_files(args.weights, config=args.config, device=device, dtype=dtype,
                                       quantize=args.quantize, prepack=args.prepack, fuse=args.fuse,

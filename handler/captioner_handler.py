@@ -50,6 +50,7 @@ try:
     from handler.request_parsing import error_body  # noqa: E402
     from handler.settings import HandlerSettings  # noqa: E402
     from model.packing import is_packed  # noqa: E402
+    from model.quantize import is_quantized  # noqa: E402
     from model.styles import STYLE_DEFAULTS, STYLES  # noqa: E402
 except ImportError as exc:
     raise RuntimeError(f"the caption handler cannot import its dependencies ({exc}); install the "
@@ -381,6 +382,7 @@ class CaptionHandler:
             if self.decode_processes else {"threads": self.settings.decode_threads},
             "dtype": str(engine.dtype).removeprefix("torch."),
             "packed_decoder": is_packed(engine.model),
+            "int8_decoder": is_quantized(engine.model),
             "compiled": {"encoder": bool(engine.encoder_buckets), "decode": bool(engine.static_shapes),
                          "decode_step": engine.compile_step, "prefill": bool(engine.compile_prefill)},
             "model_config": asdict(engine.config),

@@ -45,8 +45,9 @@ class HandlerSettings:
     # else float32, which is then both faster and exact (model/precision.py).
     gpu_dtype: str = "bfloat16"
     cpu_dtype: str = AUTO
-    # Opt-in int8 dynamic quantization of the decoder on CPU ("int8"): a quarter of the float32
-    # weight bytes per decode step, slightly different numbers (see model/quantize.py).
+    # Opt-in on CPU ("int8"): the decoder's weights in int8 per channel, activations quantized
+    # per call (model/quantize.py). Half the bfloat16 weight bytes and 8-bit dot products: faster
+    # steps, slightly different numbers. The rest of the model stays in cpu_dtype.
     cpu_quantize: str | None = None
     # On CPU (float32, and bfloat16 where oneDNN multiplies it): decoder Linears reordered once
     # into oneDNN's blocked layout, faster for the few-row products of a decode step (see
@@ -55,8 +56,9 @@ class HandlerSettings:
     cpu_prepack: bool = True
     # Opt-in on CPU: the eager decode step through torch.compile (engine `compile_step`: inductor
     # fuses the small operators between the packed products; every size symbolic). Faster steps
-    # for minutes of compilation at a cold start (model-config.yaml gives the figures). Not with
-    # cpu_quantize, nor with compile_decode: true (the static CUDA-graph step).
+    # for minutes of compilation at a cold start (model-config.yaml gives the figures). With
+    # cpu_quantize it keeps the int8 products. Not with compile_decode: true (the static
+    # CUDA-graph step).
     cpu_compile_decode: bool = False
     # torch.compile of the vision encoder (static N x 3 x S x S shapes) and of the decode step
     # with token selection (one CUDA graph per row bucket): true, false, or "gpu" = only on a
@@ -110,7 +112,7 @@ class HandlerSettings:
     def dtype_for(self, device: torch.device) -> torch.dtype:
         if device.type == "cuda":
             return resolve_dtype(self.gpu_dtype, device)
-        return resolve_dtype(self.cpu_dtype, device, quantized=self.cpu_quantize is not None)
+        return resolve_dtype(self.cpu_dtype, device)
 
     def compiles(self, name: str, device: torch.device) -> bool:
         """Whether a compile setting (`compile_encoder`, `compile_decode`, `compile_prefill`) is on
@@ -163,9 +165,9 @@ class HandlerSettings:
                                     f"(relative, no '..'), got {getattr(settings, name)!r}")
         if settings.cpu_quantize not in (None, "int8"):
             raise SettingsError("model-config.yaml handler: cpu_quantize must be int8 or absent")
-        if settings.cpu_compile_decode and (settings.cpu_quantize or settings.compile_decode is True):
+        if settings.cpu_compile_decode and settings.compile_decode is True:
             raise SettingsError("model-config.yaml handler: cpu_compile_decode compiles the packed eager step; "
-                                "it cannot go with cpu_quantize or compile_decode: true")
+                                "it cannot go with compile_decode: true")
         if (settings.threads < 0 or settings.decode_threads < 1
                 or (settings.decode_processes != ON_GPU and settings.decode_processes < 0)
                 or settings.decode_intra_op_threads < 0 or settings.max_pixels < 1

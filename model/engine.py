@@ -46,7 +46,7 @@ from .fusion import fuse_projections
 from .image import normalize
 from .kv_cache import SINGLE_GRAPH_MIN_SIZE, GroupKV, ImageMajorCache, KVCache, PrefixKV, SharedPrefixCache, at_least
 from .layouts import DEFAULT_ROWS_PER_IMAGE, LAYOUTS, STATIC_LAYOUTS, STATIC_ROW_BUCKETS
-from .packing import is_packed, prepack_available, prepack_decoder
+from .packing import has_opaque_linears, prepack_available, prepack_decoder
 from .quantize import quantize_decoder
 from .sampling import MIN_CANDIDATES, ROW_KEY_STRIDE, RowParams, TokenState, make_row_params, select_next, select_step
 from .slots import Placement, in_order, row_major
@@ -226,9 +226,9 @@ class CaptionEngine:
         self.device = model.token_embeddings.weight.device
         self.dtype = model.token_embeddings.weight.dtype
         self.sync_every = sync_every
-        if (compile_decode or compile_prefill) and is_packed(model):
-            raise ValueError("compile_decode and compile_prefill take plain Linears, not oneDNN-packed ones: load "
-                             "with prepack=False (compile_step compiles the packed eager step)")
+        if (compile_decode or compile_prefill) and has_opaque_linears(model):
+            raise ValueError("compile_decode and compile_prefill take plain Linears, not oneDNN-packed or int8 ones: "
+                             "load with prepack=False and no quantize (compile_step compiles the packed eager step)")
         # CUDA graphs need fixed shapes and addresses; the static path also runs (slower) in eager mode.
         self.static_shapes = compile_decode if static_shapes is None else static_shapes
         if compile_step and self.static_shapes:
@@ -289,8 +289,8 @@ class CaptionEngine:
         """Load a checkpoint into an engine.
 
         `fuse`: merge each block's q/k/v and feature/gate Linears (`model/fusion.py`).
-        `compile_step=True` (an engine option): the eager decode step compiled, packed Linears kept.
-        `quantize="int8"`: int8 dynamic quantization of the decoder (CPU, opt-in).
+        `compile_step=True` (an engine option): the eager decode step compiled, packed or int8 Linears kept.
+        `quantize="int8"`: int8 weights per channel for the decoder (CPU, opt-in, `model/quantize.py`).
         `prepack`: oneDNN-packed decoder Linears (`model/packing.py`); None picks them where they
         apply (CPU, float32 or bfloat16 where oneDNN has it, not quantized, decoder not compiled).
         """
@@ -298,8 +298,6 @@ class CaptionEngine:
             config = PRESETS["seed-full"]
         elif not isinstance(config, CaptionConfig):
             config = CaptionConfig.from_json(config)
-        if quantize and options.get("compile_step"):
-            raise ValueError("compile_step cannot trace int8-quantized Linears: choose one")
         model = load_model(weights, config, device=torch.device(device), dtype=dtype)
         if fuse:
             fuse_projections(model)

@@ -12,10 +12,11 @@ support oneDNN refuses to reorder bfloat16 weights, so they stay plain there.
 numbers change only by summation order (about 1e-4 on full-size float32 logits), and the slow
 reference path (`model/reference.py`) keeps plain Linears.
 
-torch.compile cannot trace a packed weight (an opaque oneDNN tensor). Inside a compiled graph a
-`PackedLinear` is the custom operator `caption::packed_linear(x, key)`, which finds the layer by
-its key at run time: the engine's compiled CPU decode step (`compile_step`) keeps the packed
-products and fuses the small operators between them.
+torch.compile cannot trace a packed weight (an opaque oneDNN tensor), nor the fbgemm int8 weight
+of `model/quantize.py`. Both layers are `OpaqueLinear`s: inside a compiled graph each is the
+custom operator `caption::opaque_linear(x, key)`, which finds the layer by its key at run time,
+so the engine's compiled CPU decode step (`compile_step`) keeps their products and fuses the
+small operators between them.
 """
 
 from __future__ import annotations
@@ -36,26 +37,37 @@ def prepack_available(device: torch.device, dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-# Every live PackedLinear by its key, for the custom operator (the layers stay owned by their model).
-_LAYERS: weakref.WeakValueDictionary[int, "PackedLinear"] = weakref.WeakValueDictionary()
+# Every live OpaqueLinear by its key, for the custom operator (the layers stay owned by their model).
+_LAYERS: weakref.WeakValueDictionary[int, "OpaqueLinear"] = weakref.WeakValueDictionary()
 _KEYS = itertools.count()
 
 
-class PackedLinear(nn.Module):
-    """`y = x W^T + b` with W held in oneDNN's blocked layout (inference only)."""
+class OpaqueLinear(nn.Module):
+    """A Linear whose weight torch.compile cannot trace: eager it multiplies directly, in a
+    compiled graph it is `caption::opaque_linear` (subclasses define `multiply`)."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())
-        self.bias = None if linear.bias is None else linear.bias.detach()
         self.key = next(_KEYS)
         _LAYERS[self.key] = self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
-            return packed_linear(x, self.key)
+            return opaque_linear(x, self.key)
         return self.multiply(x)
+
+    def multiply(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class PackedLinear(OpaqueLinear):
+    """`y = x W^T + b` with W held in oneDNN's blocked layout (inference only)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__(linear)
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())
+        self.bias = None if linear.bias is None else linear.bias.detach()
 
     def multiply(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
@@ -64,19 +76,23 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN-packed"
 
 
-@torch.library.custom_op("caption::packed_linear", mutates_args=())
-def packed_linear(x: torch.Tensor, key: int) -> torch.Tensor:
-    """The product of the `PackedLinear` with this key: what a compiled graph calls."""
+@torch.library.custom_op("caption::opaque_linear", mutates_args=())
+def opaque_linear(x: torch.Tensor, key: int) -> torch.Tensor:
+    """The product of the `OpaqueLinear` with this key: what a compiled graph calls."""
     return _LAYERS[key].multiply(x)
 
 
-@packed_linear.register_fake
-def _packed_linear_shape(x: torch.Tensor, key: int) -> torch.Tensor:
+@opaque_linear.register_fake
+def _opaque_linear_shape(x: torch.Tensor, key: int) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], _LAYERS[key].out_features))
 
 
 def is_packed(model: nn.Module) -> bool:
     return any(isinstance(module, PackedLinear) for module in model.modules())
+
+
+def has_opaque_linears(model: nn.Module) -> bool:
+    return any(isinstance(module, OpaqueLinear) for module in model.modules())
 
 
 def prepack_decoder(model: CaptionModel) -> CaptionModel:

@@ -28,11 +28,10 @@ def fastest_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bfloat16() else torch.float32
 
 
-def resolve_dtype(name: str, device: torch.device | str, quantized: bool = False) -> torch.dtype:
-    """`name` ("auto" or a key of DTYPES) as the torch dtype to load the model in on `device`.
-    `quantized`: the decoder is to be int8-quantized, which starts from float32 weights."""
+def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    """`name` ("auto" or a key of DTYPES) as the torch dtype to load the model in on `device`."""
     if name == AUTO:
-        return torch.float32 if quantized else fastest_dtype(torch.device(device))
+        return fastest_dtype(torch.device(device))
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; choose one of {list(DTYPE_CHOICES)}")
     return DTYPES[name]

@@ -1,5 +1,5 @@
 """The compiled eager decode step (`compile_step`, the CPU's compiled path): the oneDNN-packed
-products reach the graph through the `caption::packed_linear` operator, every size is symbolic,
+products reach the graph through the `caption::opaque_linear` operator, every size is symbolic,
 warm-up compiles every graph a batch can need, and the tokens are eager decoding's."""
 
 import pytest
@@ -7,7 +7,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from model.engine import CaptionEngine
-from model.packing import PackedLinear, packed_linear
+from model.packing import PackedLinear, opaque_linear
 from model.styles import make_plan
 from tests.conftest import SEED_TINY
 
@@ -30,8 +30,8 @@ def compiled_engine(tiny_engine):
 def test_the_packed_linear_operator_is_the_layer(tiny_engine):
     layer = next(m for m in tiny_engine.model.modules() if isinstance(m, PackedLinear))
     x = torch.randn(3, 1, layer.in_features)
-    assert torch.equal(torch.ops.caption.packed_linear(x, layer.key), layer(x))
-    torch.library.opcheck(packed_linear, (x, layer.key))  # its shape function agrees with it, traced too
+    assert torch.equal(torch.ops.caption.opaque_linear(x, layer.key), layer(x))
+    torch.library.opcheck(opaque_linear, (x, layer.key))  # its shape function agrees with it, traced too
 
 
 def test_warmup_compiles_the_step_for_every_batch_form(compiled_engine):
@@ -76,6 +76,20 @@ def test_compile_step_without_a_cpp_compiler_fails_at_once_saying_so(tiny_engine
 def test_compile_step_refuses_what_it_cannot_compile(tiny_engine):
     with pytest.raises(ValueError, match="choose one"):
         CaptionEngine(tiny_engine.model, tiny_engine.vocab, compile_step=True, static_shapes=True)
-    with pytest.raises(ValueError, match="int8-quantized"):
+    with pytest.raises(ValueError, match="not oneDNN-packed or int8 ones"):
         CaptionEngine.from_files(SEED_TINY / "weights.pt", config=SEED_TINY / "config.json", quantize="int8",
-                                 compile_step=True)
+                                 compile_prefill=True)
+
+
+def test_compiled_step_keeps_the_int8_products_and_their_tokens(golden_pixels):
+    """`cpu_quantize: int8` with `cpu_compile_decode`: the int8 Linears reach the graph through the
+    same operator, and the compiled step gives the int8 eager step's tokens."""
+    eager = CaptionEngine.from_files(SEED_TINY / "weights.pt", config=SEED_TINY / "config.json", quantize="int8")
+    compiled = CaptionEngine(eager.model, eager.vocab, compile_step=True, sync_every=3)
+    compiled.warmup(batch_sizes=(1,), max_new_tokens=2)
+    _, pixels = golden_pixels
+    for name in ("three images", "greedy, compacting"):
+        plans = BATCHES[name]
+        before = compiled_graphs()
+        assert compiled.generate(pixels[: len(plans)], plans)[1] == eager.generate(pixels[: len(plans)], plans)[1]
+        assert compiled_graphs() == before

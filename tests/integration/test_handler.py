@@ -62,7 +62,8 @@ def test_the_management_apis_describe_request_gets_the_workers_facts(served):
     assert facts["styles"]["concise"] == {"num_captions": 2, "temperature": 0.2, "top_k": 3, "top_p": 0.75,
                                           "repetition_penalty": 1.4, "no_repeat_ngram_size": 2}
     assert facts["limits"]["max_new_tokens"] == 40 and facts["limits"]["max_num_captions"] == 8
-    assert (facts["device"], facts["dtype"], facts["packed_decoder"]) == ("cpu", "float32", True)
+    assert (facts["device"], facts["dtype"], facts["packed_decoder"], facts["int8_decoder"]) == ("cpu", "float32",
+                                                                                                 True, False)
     assert facts["compiled"] == {"encoder": False, "decode": False, "decode_step": False, "prefill": False}
     pooled = handler.settings.decode_processes  # 2 (the `processes` variant) or "gpu": threads on CPU
     assert facts["decode_pool"] == ({"processes": 2, "shared_memory": True} if pooled == 2
@@ -631,10 +632,26 @@ def test_cpu_compile_decode_serves_the_golden_captions_through_the_compiled_pack
     assert handler.engine.compile_step and is_packed(handler.engine.model) and not handler.engine.static_shapes
     replies = predict(service, batch(*(json_row(IMAGES[n], **GREEDY) for n in IMAGES)))
     assert [r.json() for r in replies] == [golden(n) for n in IMAGES]
-    for conflict in ({"cpu_quantize": "int8"}, {"compile_decode": True}):
-        with pytest.raises(SettingsError, match="cpu_compile_decode compiles the packed eager step"):
-            HandlerSettings.from_dict({"cpu_compile_decode": True, **conflict})
+    with pytest.raises(SettingsError, match="cpu_compile_decode compiles the packed eager step"):
+        HandlerSettings.from_dict({"cpu_compile_decode": True, "compile_decode": True})
+    assert HandlerSettings.from_dict({"cpu_compile_decode": True, "cpu_quantize": "int8"}).cpu_quantize == "int8"
     assert not HandlerSettings.from_dict({}).cpu_compile_decode  # opt-in
+
+
+def test_cpu_quantize_serves_int8_through_the_compiled_step(tmp_path):
+    """`cpu_quantize: int8` with `cpu_compile_decode`: the int8 Linears in the compiled step; the
+    golden greedy captions within the int8 parity tolerance (tests/integration/test_quantize.py)."""
+    from model.quantize import is_quantized
+
+    service, handler = make_service(make_model_dir(tmp_path, {"cpu_quantize": "int8", "cpu_compile_decode": True,
+                                                              "warmup": False}))
+    assert handler.engine.compile_step and is_quantized(handler.engine.model)
+    (facts,) = [r.json() for r in predict(service, [{"requestId": b"describe", "parameters": [],
+                                                     "headers": [{"name": b"describe", "value": b"True"}]}])]
+    assert (facts["int8_decoder"], facts["packed_decoder"], facts["compiled"]["decode_step"]) == (True, False, True)
+    replies = predict(service, batch(*(json_row(IMAGES[n], **GREEDY) for n in IMAGES)))
+    same = sum(r.json() == golden(n) for r, n in zip(replies, IMAGES))
+    assert all(r.status == 200 for r in replies) and same >= len(IMAGES) - 1, same
 
 
 def test_compile_dynamic_rows_setting_reaches_the_engine(tmp_path):

@@ -35,10 +35,9 @@ def test_explicit_names_are_kept_whatever_the_cpu(monkeypatch, name):
     assert resolve_dtype(name, CPU) == getattr(torch, name)
 
 
-def test_auto_keeps_float32_for_int8_quantization(monkeypatch):
+def test_auto_picks_bfloat16_on_a_cpu_that_multiplies_it(monkeypatch):
     monkeypatch.setattr(precision, "cpu_has_native_bfloat16", lambda: True)
     assert resolve_dtype("auto", CPU) == torch.bfloat16
-    assert resolve_dtype("auto", CPU, quantized=True) == torch.float32
 
 
 def test_unknown_name_is_a_clear_error():
