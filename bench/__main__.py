@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--compile-step", action="store_true",
                        help="torch.compile the eager decode step, packed products kept (the CPU's compiled path; "
                             "the handler's cpu_compile_decode)")
-    model.add_argument("--quantize", choices=["int8"], help="int8 dynamic quantization of the decoder (CPU)")
+    model.add_argument("--quantize", choices=["int8"], help="int8 decoder weights, activations quantized per row (CPU; model/quantize.py)")
     model.add_argument("--prepack", action=argparse.BooleanOptionalAction, default=None,
                        help="oneDNN-packed decoder Linears (default: on for CPU float32, and for bfloat16 "
                             "where oneDNN has bf16 products; see model/packing.py)")

@@ -15,7 +15,7 @@ The model around it keeps its dtype (bfloat16 where the CPU has it, else float32
 `OpaqueLinear` (`model/packing.py`) the product also runs inside the compiled CPU decode step
 (`compile_step`), where inductor fuses the row mapping into the neighbouring operators. The
 numbers change (about 1% of a product's range), so it is opt-in (`cpu_quantize: int8` in the
-handler settings, `--quantize int8` in the CLI and benchmarks) and the float32 path stays the
+handler settings, `--quantize int8` in `python -m bench model`) and the float32 path stays the
 reference for parity. The vision encoder (compute-bound, run once per image) is left as is.
 Figures: docs/benchmarks.md, nineteenth session.
 """
