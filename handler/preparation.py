@@ -13,14 +13,12 @@ picklable arguments, so both pools run the same code.
 from __future__ import annotations
 
 import logging
-import math
 import multiprocessing
 import os
 import threading
 import time
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,7 +35,6 @@ PARENT_POLL_SECONDS = 1.0  # how often a decode process checks that its worker s
 # Most decode processes a worker starts by itself (`handler.decode_processes: gpu`): 15 were
 # measured on a 16-core H100 host, and each process costs ~236 MB of host memory.
 MAX_GPU_DECODE_PROCESSES = 16
-CGROUP = Path("/sys/fs/cgroup")
 
 # What a MemoryError says about where it happened (the handler's 507 message ends with it).
 READING = "while reading the request"
@@ -184,32 +181,6 @@ def start_processes(pool: Executor, processes: int, wait: bool = True) -> None:
     if wait:
         for future in started:
             future.result()
-
-
-def usable_cores(cgroup: Path = CGROUP) -> int:
-    """CPU cores this process may use: its CPU affinity, capped by a container's CPU limit (the
-    cgroup's CPU quota, v2 `cpu.max` or v1 `cpu.cfs_quota_us`), which the affinity does not show."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    quota = cgroup_cpu_quota(cgroup)
-    return max(1, min(cores, math.ceil(quota))) if quota else cores
-
-
-def cgroup_cpu_quota(cgroup: Path = CGROUP) -> float | None:
-    """The CPU quota in cores (quota / period), or None where there is none or none can be read."""
-    try:
-        if (cgroup / "cpu.max").is_file():  # v2: "max 100000" or "800000 100000"
-            quota, period = (cgroup / "cpu.max").read_text().split()[:2]
-        else:  # v1: -1 for none
-            quota = (cgroup / "cpu" / "cpu.cfs_quota_us").read_text().strip()
-            period = (cgroup / "cpu" / "cpu.cfs_period_us").read_text().strip()
-        if quota == "max" or int(quota) <= 0 or int(period) <= 0:
-            return None
-        return int(quota) / int(period)
-    except (OSError, ValueError):
-        return None
 
 
 def gpu_decode_processes(cores: int, gpus: int) -> int:

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from handler.instances import MAX_INSTANCES_LIMIT
-from handler.preparation import gpu_decode_processes, usable_cores
+from handler.cpu_cores import usable_cores
+from handler.preparation import gpu_decode_processes
 from model.image import DEFAULT_MAX_PIXELS
 from model.layouts import LAYOUTS, STATIC_LAYOUTS
 from model.precision import AUTO, DTYPE_CHOICES, resolve_dtype

@@ -270,12 +270,12 @@ def check_no_other_instance_here() -> None:
                       "here. Stop it first, or serve from another clone.")
 
 
-def thread_settings(env: dict[str, str]) -> str:
-    """Give the worker all cores but one unless OMP_NUM_THREADS says otherwise."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
+def thread_settings(env: dict[str, str], cores: int | None = None) -> str:
+    """Give the worker all usable cores but one (a container's CPU limit counts: `cpu_cores.py`)
+    unless OMP_NUM_THREADS says otherwise."""
+    from handler.cpu_cores import usable_cores
+
+    cores = cores or usable_cores()
     if not env.get("OMP_NUM_THREADS"):
         env["OMP_NUM_THREADS"] = str(max(1, cores - 1))
         return f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']} ({cores} cores, one left to the frontend; set it to change)"

@@ -3,7 +3,8 @@ its share of the host's cores, a container's CPU limit included."""
 
 import pytest
 
-from handler.preparation import MAX_GPU_DECODE_PROCESSES, cgroup_cpu_quota, gpu_decode_processes, usable_cores
+from handler.cpu_cores import cgroup_cpu_quota, usable_cores
+from handler.preparation import MAX_GPU_DECODE_PROCESSES, gpu_decode_processes
 
 pytestmark = pytest.mark.unit
 

@@ -1,4 +1,4 @@
-"""scripts/serve.py's own logic, without starting TorchServe: how long it waits for READY."""
+"""scripts/serve.py's own logic, without starting TorchServe: how long it waits for READY, how many threads the worker gets."""
 
 import json
 import os
@@ -113,3 +113,18 @@ def test_the_archive_is_stale_when_the_code_it_packs_changes_whatever_the_file_t
     record()
     (tmp_path / "export/new.py").write_text("")
     assert serve.stale_reason(weights, "zip-store") == "export/new.py is new since it was built"
+
+
+def test_the_worker_gets_the_usable_cores_but_one(monkeypatch):
+    """A container's CPU limit counts (`handler/cpu_cores.py`), not only the visible cores."""
+    from handler import cpu_cores
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    monkeypatch.setattr(cpu_cores, "cgroup_cpu_quota", lambda cgroup=None: 4.0)  # e.g. docker run --cpus 4
+    env = {}
+    assert "4 cores" in serve.thread_settings(env) and env["OMP_NUM_THREADS"] == "3"
+    env = {}
+    serve.thread_settings(env, cores=1)
+    assert env["OMP_NUM_THREADS"] == "1"
+    env = {"OMP_NUM_THREADS": "6"}
+    assert "from the environment" in serve.thread_settings(env) and env["OMP_NUM_THREADS"] == "6"
