@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: all cores); otherwise recorded as given")
     target.add_argument("--decode-threads", type=int, help="--start: the handler's decode_threads")
     target.add_argument("--cpu-quantize", choices=["int8"], help="--start: the handler's cpu_quantize")
+    target.add_argument("--cpu-compile-decode", action="store_true",
+                        help="--start: the handler's cpu_compile_decode (the compiled CPU decode step)")
     target.add_argument("--workdir", help="--start: parent folder of the private TorchServe folder")
     target.add_argument("--keep-workdir", action="store_true")
     modes = http.add_argument_group("modes")

@@ -313,7 +313,7 @@ class Management:
 
     def worker_facts(self, model: str) -> dict:
         """How the worker runs the model: part of the handler's answer to a describe request
-        with ``customized=true`` (device, dtype, packed decoder weights, what is compiled). An
+        with ``customized=true`` (device, dtype, packed or int8 decoder weights, what is compiled). An
         archive whose handler predates that answer is recorded as such, not an error."""
         response = self.call("GET", f"/models/{model}", customized="true")
         facts = response.json()[0].get("customizedMetadata") if response.status_code == 200 else None
@@ -336,7 +336,7 @@ class Management:
         self.call("DELETE", f"/models/{model}")
 
 
-WORKER_FACTS = ("device", "dtype", "packed_decoder", "compiled")
+WORKER_FACTS = ("device", "dtype", "packed_decoder", "int8_decoder", "compiled")
 
 
 def applied_settings(description: dict) -> dict:
@@ -453,7 +453,7 @@ def requests_for(concurrency: int, args) -> int:
 
 
 def bench_model_config(threads: int, decode_threads: int | None, out_dir: Path,
-                       cpu_quantize: str | None = None) -> Path:
+                       cpu_quantize: str | None = None, cpu_compile_decode: bool = False) -> Path:
     """handler/model-config.yaml with the handler's threads pinned (for --start)."""
     import yaml
 
@@ -463,6 +463,8 @@ def bench_model_config(threads: int, decode_threads: int | None, out_dir: Path,
         raw["handler"]["decode_threads"] = decode_threads
     if cpu_quantize:
         raw["handler"]["cpu_quantize"] = cpu_quantize
+    if cpu_compile_decode:
+        raw["handler"]["cpu_compile_decode"] = True
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "model-config.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -595,6 +597,8 @@ def plot(results: dict, path: Path) -> None:
     model = Path(server["config"]).parent.name if server.get("config") else "full size"
     if server.get("cpu_quantize"):
         model += f" ({server['cpu_quantize']} decoder)"
+    if server.get("cpu_compile_decode"):
+        model += " (compiled step)"
     options = json.dumps(results["request"]["options"]) if results["request"]["options"] else "service defaults"
     fig.suptitle(f"{results['name']}: {model} model, {results['host']['cpu']} ({results['host']['cores']} cores), "
                  f"threads {server.get('threads', '?')}, options {options}", fontsize=9)
@@ -765,7 +769,8 @@ def start_server(args, results: dict):
     workdir = Path(tempfile.mkdtemp(prefix="http-bench-", dir=args.workdir))
     store = workdir / "model-store"
     threads = args.threads or os.cpu_count() or 1
-    model_config = bench_model_config(threads, args.decode_threads, workdir / "model-config", args.cpu_quantize)
+    model_config = bench_model_config(threads, args.decode_threads, workdir / "model-config", args.cpu_quantize,
+                                      args.cpu_compile_decode)
     print(f"building {args.model}.mar from {args.weights} (handler threads {threads}) in {workdir} ...", flush=True)
     result = build_archive(args.weights, args.config, model_name=args.model, output=store,
                            model_config=model_config, archive_format="zip-store", progress=lambda _line: None)
@@ -776,6 +781,6 @@ def start_server(args, results: dict):
     results["server"].update(started_here=True, weights=str(args.weights), config=args.config,
                              archive=result.path.name, archive_mb=round(result.size_bytes / 1e6, 1),
                              threads=threads, omp_num_threads=threads, decode_threads=args.decode_threads,
-                             cpu_quantize=args.cpu_quantize,
+                             cpu_quantize=args.cpu_quantize, cpu_compile_decode=args.cpu_compile_decode,
                              workdir=str(workdir))
     return server, workdir, result.path.name

@@ -46,9 +46,10 @@ class HandlerSettings:
     # else float32, which is then both faster and exact (model/precision.py).
     gpu_dtype: str = "bfloat16"
     cpu_dtype: str = AUTO
-    # Opt-in on CPU ("int8"): the decoder's weights in int8 per channel, activations quantized
-    # per call (model/quantize.py). Half the bfloat16 weight bytes and 8-bit dot products: faster
-    # steps, slightly different numbers. The rest of the model stays in cpu_dtype.
+    # Opt-in on CPU ("int8"): the decoder's weights in int8 per channel, each row's activations
+    # quantized on its own (model/quantize.py). Half the bfloat16 weight bytes and 8-bit dot
+    # products: faster steps (with cpu_compile_decode), slightly different numbers. The rest of
+    # the model stays in cpu_dtype.
     cpu_quantize: str | None = None
     # On CPU (float32, and bfloat16 where oneDNN multiplies it): decoder Linears reordered once
     # into oneDNN's blocked layout, faster for the few-row products of a decode step (see

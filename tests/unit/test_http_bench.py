@@ -77,7 +77,8 @@ class StubHandler(BaseHTTPRequestHandler):
             model = self.server.models.get(name)
             if model and query == "customized=true" and not model.get("legacy"):  # what the handler adds
                 model = {**model, "customizedMetadata": {"device": "cpu", "dtype": "bfloat16", "packed_decoder": True,
-                                                         "compiled": {"decode": False}, "styles": {}}}
+                                                         "int8_decoder": False, "compiled": {"decode": False},
+                                                         "styles": {}}}
             self.answer(200, [model]) if model else self.answer(404, {"code": 404})
             return
         text = "\n".join([
@@ -299,7 +300,8 @@ def test_the_command_against_a_running_server(stub, tmp_path, capsys):
         ("captioner-bench-b8-d50", 8, 50), ("captioner-bench-b1", 1, 50)]
     assert all(m["applied"]["modelUrl"] == "captioner.mar" for m in results["modes"])  # from describe captioner
     assert all(m["applied"]["worker"] == {"device": "cpu", "dtype": "bfloat16", "packed_decoder": True,
-                                          "compiled": {"decode": False}} for m in results["modes"])
+                                          "int8_decoder": False, "compiled": {"decode": False}}
+               for m in results["modes"])
     assert list(stub.models) == ["captioner"]  # the extra registrations are gone
     assert set(stub.management_auth) == {"Bearer mk"} and set(stub.auth) == {"Bearer ik"}
     assert {json.loads(b)["max_new_tokens"] for b in stub.bodies} == {4}
@@ -328,3 +330,19 @@ def test_host_info_names_the_cpu_features_the_cpu_path_depends_on():
     info = host_info()
     assert info["cores"] >= 1 and info["cpu"]
     assert set(info["cpu_flags"]) == cpu_flags() & set(SPEED_FLAGS)
+
+
+def test_start_pins_the_handler_settings_it_is_given(tmp_path):
+    """--start's archive: the shipped model-config.yaml with threads and the CPU options set."""
+    import yaml
+
+    from bench.__main__ import build_parser
+    from bench.http_bench import bench_model_config
+
+    args = build_parser().parse_args(["http", "--start", "--weights", "w.pt", "--cpu-quantize", "int8",
+                                      "--cpu-compile-decode"])
+    path = bench_model_config(2, None, tmp_path, args.cpu_quantize, args.cpu_compile_decode)
+    handler = yaml.safe_load(path.read_text())["handler"]
+    assert (handler["threads"], handler["cpu_quantize"], handler["cpu_compile_decode"]) == (2, "int8", True)
+    plain = yaml.safe_load(bench_model_config(2, None, tmp_path / "plain").read_text())["handler"]
+    assert "cpu_quantize" not in plain and plain["cpu_compile_decode"] is False  # the shipped default
