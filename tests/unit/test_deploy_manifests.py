@@ -1,11 +1,12 @@
 """The Kubernetes manifests under deploy/: parse, schema-validate, and check what matters.
 
-Core kinds (Deployment, Service, HorizontalPodAutoscaler, ConfigMap) are validated against
+Core kinds (Deployment, Service, HorizontalPodAutoscaler, ConfigMap, NetworkPolicy) are validated against
 the Kubernetes OpenAPI schemas bundled in the `kubernetes-validate` package (offline, strict:
 unknown fields are errors). The KServe InferenceService is a CRD that package has no schema
 for, so its fields are checked here by hand. Then the facts the deployment depends on: GPU
 limits, ports that line up between containers, Service and probes, the HPA's target, replica
-bounds, no secret values in any file, and the KServe storage layout's config.properties.
+bounds, the NetworkPolicy's ports and its denied egress, no secret values in any file, and the
+KServe storage layout's config.properties.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def _properties(path: Path) -> dict[str, str]:
 def test_every_manifest_parses_and_has_a_comment_header():
     assert {p.relative_to(DEPLOY).as_posix() for p in YAML_FILES} >= {
         "k8s/deployment.yaml", "k8s/service.yaml", "k8s/hpa.yaml", "k8s/auth-proxy-configmap.yaml",
-        "k8s/kustomization.yaml", "kserve/inferenceservice.yaml",
+        "k8s/kustomization.yaml", "k8s/networkpolicy.yaml", "kserve/inferenceservice.yaml",
     }
     for path in YAML_FILES:
         assert path.read_text().startswith("#"), f"{path} lacks its header comment"
@@ -81,7 +82,8 @@ def test_yamllint_is_clean():
 
 @pytest.mark.parametrize(
     "path,doc",
-    [(p, d) for p, d in _all_docs() if d["kind"] in {"Deployment", "Service", "HorizontalPodAutoscaler", "ConfigMap"}],
+    [(p, d) for p, d in _all_docs()
+     if d["kind"] in {"Deployment", "Service", "HorizontalPodAutoscaler", "ConfigMap", "NetworkPolicy"}],
     ids=lambda v: v.name if isinstance(v, Path) else v.get("kind", ""),
 )
 def test_core_kinds_match_the_kubernetes_schema(path, doc):
@@ -101,8 +103,8 @@ def test_api_versions():
     versions = {d["kind"]: d["apiVersion"] for _, d in _all_docs()}
     assert versions == {
         "Deployment": "apps/v1", "Service": "v1", "HorizontalPodAutoscaler": "autoscaling/v2",
-        "ConfigMap": "v1", "Kustomization": "kustomize.config.k8s.io/v1beta1",
-        "InferenceService": "serving.kserve.io/v1beta1",
+        "ConfigMap": "v1", "NetworkPolicy": "networking.k8s.io/v1",
+        "Kustomization": "kustomize.config.k8s.io/v1beta1", "InferenceService": "serving.kserve.io/v1beta1",
     }
 
 
@@ -172,6 +174,20 @@ def test_ports_line_up_between_proxy_torchserve_service_and_probes():
     targets = {p["name"]: p["targetPort"] for p in service["spec"]["ports"]}
     assert targets == {"http": "http", "metrics": "metrics"}
     assert all(p["protocol"] == "TCP" for p in service["spec"]["ports"])
+
+
+def test_network_policy_lets_in_only_the_service_ports_and_nothing_out():
+    policy, deployment = _one("NetworkPolicy")["spec"], _one("Deployment")
+    assert policy["podSelector"]["matchLabels"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    assert set(policy["policyTypes"]) == {"Ingress", "Egress"} and policy["egress"] == []  # nothing downloaded
+    container_ports = {p["name"] for c in deployment["spec"]["template"]["spec"]["containers"] for p in c["ports"]}
+    service_ports = {p["targetPort"] for p in _one("Service")["spec"]["ports"]}
+    rules = {port["port"]: rule.get("from") for rule in policy["ingress"] for port in rule["ports"]}
+    assert set(rules) == service_ports <= container_ports  # named ports that exist, no others
+    assert rules["http"] is None  # the proxy checks the key: from anywhere the cluster routes it
+    # metrics carry no token: this namespace and labelled scrapers only
+    assert rules["metrics"] == [{"podSelector": {}},
+                                {"namespaceSelector": {"matchLabels": {"caption-serve/metrics-scraper": "true"}}}]
 
 
 def test_proxy_waits_longer_than_the_archive_response_timeout():
