@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import itertools
 import weakref
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -101,12 +102,18 @@ def prepack_decoder(model: CaptionModel) -> CaptionModel:
     if not prepack_available(weight.device, weight.dtype):
         raise ValueError("prepacked Linears need a model on the CPU, in float32 or in bfloat16 where oneDNN "
                          "supports it (AVX-512 or newer), and PyTorch built with oneDNN")
-    for module in list(model.text_transformer.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(module, name, PackedLinear(child))
-    release_freed_memory()
+    replace_linears(model.text_transformer, PackedLinear)
     return model
+
+
+def replace_linears(module: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> None:
+    """Swap every `nn.Linear` under `module` for `make(linear)`, in place, and give the freed
+    weights' memory back."""
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, make(child))
+    release_freed_memory()
 
 
 def release_freed_memory() -> None:

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .captioner import CaptionModel
-from .packing import OpaqueLinear, release_freed_memory
+from .packing import OpaqueLinear, replace_linears
 
 QUANTIZATIONS = ("int8",)
 INT8_MAX = 127
@@ -102,9 +102,5 @@ def quantize_decoder(model: CaptionModel, scheme: str) -> CaptionModel:
                          f"which this build lacks (it has {torch.backends.quantized.supported_engines})")
     torch.backends.quantized.engine = QUANTIZED_ENGINE
     reduce_range = reduce_activation_range()
-    for module in list(model.text_transformer.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(module, name, Int8Linear(child, reduce_range))
-    release_freed_memory()
+    replace_linears(model.text_transformer, lambda linear: Int8Linear(linear, reduce_range))
     return model
