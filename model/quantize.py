@@ -33,6 +33,7 @@ from .packing import OpaqueLinear, replace_linears
 QUANTIZATIONS = ("int8",)
 INT8_MAX = 127
 QUANTIZED_ENGINE = "x86"  # PyTorch's fbgemm-based x86 kernels
+TINY = torch.finfo(torch.float32).tiny  # the least scale or half-range, for an all-zero channel or a constant row
 # A row mapped onto [-1, 1] quantizes to 1..255 (zero point 128), or to 1..127 where the
 # kernels need 7-bit activations (`reduce_activation_range`).
 UNIT_QUANTIZATION = {False: (1 / 127, 128), True: (1 / 63, 64)}
@@ -48,7 +49,7 @@ def reduce_activation_range() -> bool:
 def quantize_per_channel(weight: torch.Tensor) -> torch.Tensor:
     """(out, in) float weight -> symmetric int8 per output channel (zero point 0)."""
     weight = weight.detach().float()
-    scales = weight.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / INT8_MAX
+    scales = weight.abs().amax(dim=1).clamp(min=TINY) / INT8_MAX
     zero_points = torch.zeros(len(scales), dtype=torch.long)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PyTorch's notice that quantized tensors are deprecated
@@ -64,6 +65,7 @@ class Int8Linear(OpaqueLinear):
         self.packed_params = torch.ops.quantized.linear_prepack(weight, None)
         self.register_buffer("weight_sums", weight.dequantize().sum(dim=1), persistent=False)  # W 1: (out,)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float(), persistent=False)
+        self.reduce_range = reduce_range
         self.scale, self.zero_point = UNIT_QUANTIZATION[reduce_range]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -71,7 +73,7 @@ class Int8Linear(OpaqueLinear):
         # and each fresh temporary of that size costs page faults (eager; compiled, they fuse).
         rows = x.to(torch.float32, copy=True)
         low, high = torch.aminmax(rows, dim=-1, keepdim=True)  # (..., 1) each
-        mid, half = (high + low) / 2, ((high - low) / 2).clamp(min=torch.finfo(torch.float32).tiny)
+        mid, half = (high + low) / 2, ((high - low) / 2).clamp(min=TINY)
         y = super().forward(rows.sub_(mid).div_(half)).mul_(half).addcmul_(mid, self.weight_sums)
         return (y if self.bias is None else y.add_(self.bias)).to(x.dtype)
 
@@ -81,7 +83,7 @@ class Int8Linear(OpaqueLinear):
             unit_rows, self.scale, self.zero_point, self.packed_params)
 
     def extra_repr(self) -> str:
-        bits = 7 if self.zero_point < 128 else 8
+        bits = 7 if self.reduce_range else 8
         return (f"in_features={self.in_features}, out_features={self.out_features}, int8 weights per channel, "
                 f"{bits}-bit activations per row")
 

@@ -646,8 +646,7 @@ def test_cpu_quantize_serves_int8_through_the_compiled_step(tmp_path):
     service, handler = make_service(make_model_dir(tmp_path, {"cpu_quantize": "int8", "cpu_compile_decode": True,
                                                               "warmup": False}))
     assert handler.engine.compile_step and is_quantized(handler.engine.model)
-    (facts,) = [r.json() for r in predict(service, [{"requestId": b"describe", "parameters": [],
-                                                     "headers": [{"name": b"describe", "value": b"True"}]}])]
+    facts = handler.describe_handle()
     assert (facts["int8_decoder"], facts["packed_decoder"], facts["compiled"]["decode_step"]) == (True, False, True)
     replies = predict(service, batch(*(json_row(IMAGES[n], **GREEDY) for n in IMAGES)))
     same = sum(r.json() == golden(n) for r, n in zip(replies, IMAGES))

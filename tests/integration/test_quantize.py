@@ -40,16 +40,22 @@ def test_int8_products_stay_within_two_percent_of_the_range(dtype, reduce_range)
     assert 0 < error < (0.03 if reduce_range else 0.02), error  # int8, not a copy of the float product
 
 
+def golden_sequences_reproduced(engine, golden, golden_pixels, kind: str, options: dict) -> tuple[int, int]:
+    """How many of the golden `kind` sequences (one caption per image and style) the engine writes."""
+    names, pixels = golden_pixels
+    rows, ids = engine.generate(pixels, [make_plan(dict(options, num_captions=1))] * len(names))
+    exact = sum([101] + row_ids + [102] == golden["images"][names[r.image]][kind][r.style]["ids"]
+                for r, row_ids in zip(rows, ids))
+    return exact, len(rows)
+
+
 @pytest.mark.parametrize("kind, options, at_least", [
     ("greedy", {"temperature": 0}, 7),
     ("greedy_plain", {"temperature": 0, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0}, 8),
 ])
 def test_greedy_sequences_stay_close_to_float32(int8_engine, golden, golden_pixels, kind, options, at_least):
-    names, pixels = golden_pixels
-    rows, ids = int8_engine.generate(pixels, [make_plan(dict(options, num_captions=1))] * len(names))
-    exact = sum([101] + row_ids + [102] == golden["images"][names[r.image]][kind][r.style]["ids"]
-                for r, row_ids in zip(rows, ids))
-    assert exact >= at_least, f"only {exact}/{len(rows)} golden {kind} sequences reproduced with int8"
+    exact, total = golden_sequences_reproduced(int8_engine, golden, golden_pixels, kind, options)
+    assert exact >= at_least, f"only {exact}/{total} golden {kind} sequences reproduced with int8"
 
 
 @pytest.mark.parametrize("options", [{"temperature": 0}, {"seed": 3}], ids=["greedy", "sampled"])
@@ -76,11 +82,8 @@ def test_bfloat16_model_keeps_its_dtype_and_close_greedy_captions(golden, golden
     engine = CaptionEngine.from_files(SEED_TINY / "weights.pt", config=SEED_TINY / "config.json",
                                       dtype=torch.bfloat16, quantize="int8")
     assert engine.model.token_embeddings.weight.dtype == torch.bfloat16
-    names, pixels = golden_pixels
-    rows, ids = engine.generate(pixels, [make_plan({"temperature": 0, "num_captions": 1})] * len(names))
-    exact = sum([101] + row_ids + [102] == golden["images"][names[r.image]]["greedy"][r.style]["ids"]
-                for r, row_ids in zip(rows, ids))
-    assert exact >= BF16_MIN_IDENTICAL, f"only {exact}/{len(rows)} golden greedy sequences reproduced with bf16 + int8"
+    exact, total = golden_sequences_reproduced(engine, golden, golden_pixels, "greedy", {"temperature": 0})
+    assert exact >= BF16_MIN_IDENTICAL, f"only {exact}/{total} golden greedy sequences reproduced with bf16 + int8"
 
 
 def test_refuses_unknown_scheme_and_models_off_the_cpu():
