@@ -5,7 +5,8 @@ the Kubernetes OpenAPI schemas bundled in the `kubernetes-validate` package (off
 unknown fields are errors). The KServe InferenceService is a CRD that package has no schema
 for, so its fields are checked here by hand. Then the facts the deployment depends on: GPU
 limits, ports that line up between containers, Service and probes, the HPA's target, replica
-bounds, the NetworkPolicy's ports and its denied egress, no secret values in any file, and the
+bounds, the NetworkPolicy's ports and its denied egress, a memory /dev/shm for the decoded pixels, no
+secret values in any file, and the
 KServe storage layout's config.properties.
 """
 
@@ -18,6 +19,8 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
+
+from model.config import PRESETS
 
 pytestmark = pytest.mark.unit
 
@@ -240,8 +243,32 @@ def test_kserve_inference_service():
     assert 1 <= predictor["minReplicas"] <= predictor["maxReplicas"]
     assert predictor["scaleMetric"] in {"cpu", "memory", "concurrency", "rps"}
     assert predictor["scaleTarget"] > 0
-    allowed = {"minReplicas", "maxReplicas", "scaleMetric", "scaleTarget", "timeout", "model"}
+    allowed = {"minReplicas", "maxReplicas", "scaleMetric", "scaleTarget", "timeout", "volumes", "model"}
     assert set(predictor) <= allowed, set(predictor) - allowed
+
+
+def _quantity_bytes(quantity: str) -> int:
+    number, unit = re.fullmatch(r"(\d+)([KMGT]i)?", quantity).groups()
+    return int(number) * 1024 ** ("_KMGT".index(unit[0]) if unit else 0)
+
+
+@pytest.mark.parametrize("where", ["k8s", "kserve"])
+def test_torchserve_gets_a_dev_shm_for_a_batch_of_decoded_images(where):
+    """A GPU worker's decode processes hand the pixels back through shared memory
+    (handler/pixel_slots.py), one slot per image of a batch; a pod's own /dev/shm is 64 MB."""
+    if where == "k8s":
+        pod, container = _one("Deployment")["spec"]["template"]["spec"], _container("torchserve")
+    else:
+        pod = _one("InferenceService", "kserve")["spec"]["predictor"]  # PodSpec fields inline
+        container = pod["model"]
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert volume["emptyDir"]["medium"] == "Memory"
+    archive = yaml.safe_load((REPO / "handler" / "model-config.yaml").read_text())
+    image_bytes = 3 * PRESETS["seed-full"].image_size ** 2  # uint8 pixels, as a GPU worker keeps them
+    images = archive["batchSize"] * archive["handler"]["max_instances"]  # KServe v1: several per request
+    assert _quantity_bytes(volume["emptyDir"]["sizeLimit"]) >= 4 * images * image_bytes  # and for 4x the batchSize
+    assert _quantity_bytes(volume["emptyDir"]["sizeLimit"]) < _quantity_bytes(container["resources"]["limits"]["memory"])
 
 
 def test_kserve_config_properties_fits_the_runtime_layout():
