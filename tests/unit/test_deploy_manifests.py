@@ -5,9 +5,8 @@ the Kubernetes OpenAPI schemas bundled in the `kubernetes-validate` package (off
 unknown fields are errors). The KServe InferenceService is a CRD that package has no schema
 for, so its fields are checked here by hand. Then the facts the deployment depends on: GPU
 limits, ports that line up between containers, Service and probes, the HPA's target, replica
-bounds, the NetworkPolicy's ports and its denied egress, a memory /dev/shm for the decoded pixels, no
-secret values in any file, and the
-KServe storage layout's config.properties.
+bounds, the NetworkPolicy's ports and its denied egress, a memory /dev/shm for the decoded
+pixels, no secret values in any file, and the KServe storage layout's config.properties.
 """
 
 from __future__ import annotations
