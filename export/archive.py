@@ -15,6 +15,11 @@ torch-model-archiver's ``--extra-files`` copies a *folder's contents* (files fla
 as trees), so the packages are first staged as ``stage/model`` and ``stage/handler`` and the
 stage folder is given as the one extra file: its two subfolders land at the archive root
 intact.
+
+The archiver's zip depends on when and where it was built (file times, directory listing order,
+the manifest's `createdOn`). It is written uncompressed, then repacked (`repack`): entries sorted
+by name, every time set to one timestamp (`SOURCE_DATE_EPOCH` when set, else 1980-01-01, the
+earliest a zip holds), modes 0644, compressed as asked. The same inputs give the same bytes.
 """
 
 from __future__ import annotations
@@ -43,6 +48,11 @@ DEFAULT_MODEL_CONFIG = Path(handler_package.__path__[0]) / "model-config.yaml"
 PACKAGES = {"model": Path(model_package.__path__[0]), "handler": Path(handler_package.__path__[0])}
 PACKAGE_DATA = "assets"  # model/assets/: the vocabulary
 BUILD_INFO = "build_info.json"  # at the archive root: what it was built from (logged and described by the worker)
+MANIFEST = "MAR-INF/MANIFEST.json"
+MANIFEST_TIME_FORMAT = "%d/%m/%Y %H:%M:%S"  # torch-model-archiver's createdOn
+ZIP_EPOCH = 315532800  # 1980-01-01 00:00:00 UTC, the earliest time a zip entry can hold
+COMPRESSION = {"default": zipfile.ZIP_DEFLATED, "zip-store": zipfile.ZIP_STORED}
+COPY_CHUNK = 1 << 20
 
 
 def _not_shipped(folder: str, names: list[str]) -> set[str]:
@@ -91,8 +101,9 @@ def build_archive(
     output = Path(output)
     model_config = Path(model_config) if model_config else DEFAULT_MODEL_CONFIG
     _check_name(model_name)
-    if archive_format not in ("default", "zip-store"):
+    if archive_format not in COMPRESSION:
         raise ExportError(f"archive format {archive_format!r} is not supported here (use default or zip-store)")
+    timestamp = source_date()
 
     caption_config = _load_config(config)
     settings = _load_model_config(model_config)
@@ -127,13 +138,17 @@ def build_archive(
         (work / "out").mkdir()
         total = weights.stat().st_size + _tree_size(stage)
         say(f"archiving {model_name} v{version} ({_mb(total)}, format {archive_format}) ...")
-        with _progress_monitor(work, model_name, total, say, weights):
+        stored = work / "out" / f"{model_name}.mar"
+        with _progress_monitor(say, lambda: _archiver_progress(work, stored, model_name, total, weights)):
             _run_archiver(
                 model_name=model_name, version=version, handler=HANDLER_FILE, weights=weights,
                 extra=stage, model_config=model_config, export_path=work / "out",
-                archive_format=archive_format, tmp=work / "tmp",
+                archive_format="zip-store", tmp=work / "tmp",
             )
-        built = work / "out" / f"{model_name}.mar"
+        built = work / f"{model_name}.mar"
+        unpacked = stored.stat().st_size
+        with _progress_monitor(say, lambda: f"  packing: {_mb(built.stat().st_size)} written (of {_mb(unpacked)} stored)"):
+            repack(stored, built, COMPRESSION[archive_format], timestamp)
         _verify(built, weights.name, config_name)
         os.replace(built, target)
     finally:
@@ -194,6 +209,35 @@ def _run_archiver(*, model_name, version, handler, weights, extra, model_config,
         raise ExportError(f"torch-model-archiver failed: {exc}") from exc
     finally:
         tempfile.tempdir = saved
+
+
+def source_date() -> int:
+    """The archive's one timestamp (seconds since the epoch): `SOURCE_DATE_EPOCH` (the
+    reproducible-builds convention) when set, else `ZIP_EPOCH`; never before `ZIP_EPOCH`."""
+    value = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+    if not value:
+        return ZIP_EPOCH
+    if not value.isdigit():
+        raise ExportError(f"SOURCE_DATE_EPOCH={value!r}: expected seconds since 1970-01-01 (an integer)")
+    return max(int(value), ZIP_EPOCH)
+
+
+def repack(source: Path, target: Path, compression: int, timestamp: int) -> None:
+    """Write the zip `source` to `target` so that its bytes depend only on its contents: entries
+    sorted by name, each dated `timestamp` (UTC) with mode 0644, compressed with `compression`,
+    and the manifest's `createdOn` set to `timestamp`."""
+    when = time.gmtime(timestamp)
+    with zipfile.ZipFile(source) as archive, zipfile.ZipFile(target, "w") as out:
+        for entry in sorted(archive.infolist(), key=lambda item: item.filename):
+            fixed = zipfile.ZipInfo(entry.filename, date_time=when[:6])
+            fixed.compress_type, fixed.external_attr = compression, 0o100644 << 16
+            if entry.filename == MANIFEST:
+                manifest = json.loads(archive.read(entry))
+                manifest["createdOn"] = time.strftime(MANIFEST_TIME_FORMAT, when)
+                out.writestr(fixed, json.dumps(manifest, indent=2))
+                continue
+            with archive.open(entry) as reader, out.open(fixed, "w", force_zip64=entry.file_size > zipfile.ZIP64_LIMIT) as writer:
+                shutil.copyfileobj(reader, writer, COPY_CHUNK)
 
 
 def _verify(mar: Path, weights_name: str, config_name: str) -> None:
@@ -282,23 +326,23 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-@contextlib.contextmanager
-def _progress_monitor(work: Path, model_name: str, total: int, say, weights: Path, interval: float = 0.5,
-                      quiet_interval: float = 5.0):
-    """Report the archiver's progress from outside: the bytes of its staging copy, then of the
-    archive being written (the archiver itself reports nothing)."""
-    stop = threading.Event()
-    weights_name, weights_size = weights.name, weights.stat().st_size
-    tty = sys.stderr.isatty() and say is _stderr
+def _archiver_progress(work: Path, mar: Path, model_name: str, total: int, weights: Path) -> str:
+    """Where the archiver is: copying its inputs, then writing the weights into its zip."""
+    if not mar.exists():
+        return f"  copying: {_mb(_tree_size(work / 'tmp'))} / {_mb(total)}"
+    position = _read_position(work / "tmp" / model_name / weights.name)
+    if position is None:  # not the weights (or no /proc): show what was written
+        return f"  writing archive: {_mb(mar.stat().st_size)} written"
+    size = weights.stat().st_size
+    return f"  writing {weights.name}: {_mb(position)} / {_mb(size)} ({100 * position / max(size, 1):.0f}%)"
 
-    def measure() -> str:
-        mar = work / "out" / f"{model_name}.mar"
-        if not mar.exists():
-            return f"  copying: {_mb(_tree_size(work / 'tmp'))} / {_mb(total)}"
-        position = _read_position(work / "tmp" / model_name / weights_name)
-        if position is None:  # not the weights (or no /proc): show what was written
-            return f"  writing archive: {_mb(mar.stat().st_size)} written"
-        return f"  compressing {weights_name}: {_mb(position)} / {_mb(weights_size)} ({100 * position / max(weights_size, 1):.0f}%)"
+
+@contextlib.contextmanager
+def _progress_monitor(say, measure, interval: float = 0.5, quiet_interval: float = 5.0):
+    """Report a long step's progress from outside, as `measure()` describes it (a terminal: one
+    line rewritten; a log: a line every few seconds)."""
+    stop = threading.Event()
+    tty = sys.stderr.isatty() and say is _stderr
 
     def loop():
         last, last_time = "", 0.0

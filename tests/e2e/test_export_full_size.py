@@ -1,12 +1,16 @@
 """Export of a full-size checkpoint (all 436 keys, bfloat16, 339 MB; RANDOM weights built in
-the test) and its load by a real TorchServe worker; refused exports of broken checkpoints."""
+the test) and its load by a real TorchServe worker; refused exports of broken checkpoints; the
+same archive bytes from the same inputs."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -140,3 +144,45 @@ def test_export_refuses_a_model_config_with_a_pt2_section(tmp_path):
     with pytest.raises(ExportError, match="pt2"):
         build_archive(SEED / "weights.pt", SEED / "config.json", output=tmp_path / "out",
                       model_config=model_config, progress=lambda _line: None)
+
+
+def _tiny_archive(weights: Path, output: Path, archive_format: str = "default") -> Path:
+    return build_archive(weights, SEED / "config.json", output=output, archive_format=archive_format,
+                         progress=lambda _line: None).path
+
+
+@pytest.mark.parametrize("archive_format", ["default", "zip-store"])
+def test_the_same_inputs_give_the_same_archive_bytes(tmp_path, monkeypatch, archive_format):
+    """Built at different times from a checkpoint with a different file time: the same bytes
+    (the archiver's own zip has file times, listing order and a creation time in its manifest)."""
+    monkeypatch.delenv("SOURCE_DATE_EPOCH", raising=False)
+    weights = tmp_path / "weights.pt"
+    shutil.copyfile(SEED / "weights.pt", weights)
+    digests = []
+    for build, mtime in enumerate((1_700_000_000, 1_800_000_000)):
+        os.utime(weights, (mtime, mtime))
+        archive = _tiny_archive(weights, tmp_path / f"out{build}", archive_format)
+        digests.append(hashlib.sha256(archive.read_bytes()).hexdigest())
+        time.sleep(1.1)  # the manifest's createdOn has seconds
+    assert digests[0] == digests[1]
+    with zipfile.ZipFile(archive) as built:
+        names = built.namelist()
+        assert names == sorted(names)
+        assert {info.compress_type for info in built.infolist()} == {
+            zipfile.ZIP_DEFLATED if archive_format == "default" else zipfile.ZIP_STORED}
+        assert {info.date_time for info in built.infolist()} == {(1980, 1, 1, 0, 0, 0)}
+        assert json.loads(built.read("MAR-INF/MANIFEST.json"))["createdOn"] == "01/01/1980 00:00:00"
+        assert built.read("weights.pt") == weights.read_bytes()
+
+
+def test_source_date_epoch_dates_the_archive(tmp_path, monkeypatch):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1767225600")  # 2026-01-01 00:00:00 UTC
+    with zipfile.ZipFile(_tiny_archive(SEED / "weights.pt", tmp_path / "out")) as built:
+        assert {info.date_time for info in built.infolist()} == {(2026, 1, 1, 0, 0, 0)}
+        manifest = json.loads(built.read("MAR-INF/MANIFEST.json"))
+    assert manifest["createdOn"] == "01/01/2026 00:00:00"
+    assert manifest["model"]["serializedFile"] == "weights.pt" and manifest["model"]["handler"] == "captioner_handler.py"
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "yesterday")
+    with pytest.raises(ExportError, match="SOURCE_DATE_EPOCH='yesterday'"):
+        _tiny_archive(SEED / "weights.pt", tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
