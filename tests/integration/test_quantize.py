@@ -58,6 +58,17 @@ def test_greedy_sequences_stay_close_to_float32(int8_engine, golden, golden_pixe
     assert exact >= at_least, f"only {exact}/{total} golden {kind} sequences reproduced with int8"
 
 
+def test_seven_bit_activations_keep_the_greedy_sequences(golden, golden_pixels, monkeypatch):
+    """CPUs without VNNI (AVX2) get 7-bit activations (`reduce_activation_range`); forced here."""
+    import model.quantize
+
+    monkeypatch.setattr(model.quantize, "reduce_activation_range", lambda: True)
+    engine = CaptionEngine.from_files(SEED_TINY / "weights.pt", config=SEED_TINY / "config.json", quantize="int8")
+    assert {m.reduce_range for m in engine.model.modules() if isinstance(m, Int8Linear)} == {True}
+    exact, total = golden_sequences_reproduced(engine, golden, golden_pixels, "greedy", {"temperature": 0})
+    assert exact >= 7, f"only {exact}/{total} golden greedy sequences reproduced with 7-bit activations"
+
+
 @pytest.mark.parametrize("options", [{"temperature": 0}, {"seed": 3}], ids=["greedy", "sampled"])
 def test_a_request_gets_the_same_captions_alone_or_in_a_batch(int8_engine, golden_pixels, options):
     """Activations are quantized per row: one scale for the whole batch changed 2 of these 18
