@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--weights", help="checkpoint for --start")
     target.add_argument("--config", help="model config JSON for --start (default: full size)")
     target.add_argument("--threads", type=int, help="--start: the handler's intra-op threads and OMP_NUM_THREADS "
-                        "(default: all cores); otherwise recorded as given")
+                        "(default: every usable core, a container's CPU limit included); otherwise recorded as given")
     target.add_argument("--decode-threads", type=int, help="--start: the handler's decode_threads")
     target.add_argument("--cpu-quantize", choices=["int8"], help="--start: the handler's cpu_quantize")
     target.add_argument("--cpu-compile-decode", action="store_true",

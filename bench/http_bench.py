@@ -48,6 +48,8 @@ from pathlib import Path
 
 import requests
 
+from handler.cpu_cores import usable_cores
+
 REPO = Path(__file__).resolve().parents[1]
 STYLES = ("concise", "narrative", "descriptive")
 
@@ -430,7 +432,8 @@ def host_info() -> dict:
     flag_lists = [line.split(":", 1)[1].split() for line in lines if line.startswith("flags")]
     cpu = names[0] if names else platform.processor() or platform.machine()
     flags = set(flag_lists[0]) if flag_lists else set()
-    info = {"cpu": cpu, "cores": os.cpu_count(), "cpu_flags": [f for f in SPEED_FLAGS if f in flags],
+    info = {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": usable_cores(),
+            "cpu_flags": [f for f in SPEED_FLAGS if f in flags],
             "python": platform.python_version(), "platform": platform.platform()}
     try:
         from importlib.metadata import version
@@ -768,7 +771,7 @@ def start_server(args, results: dict):
         raise SystemExit("--start needs --weights")
     workdir = Path(tempfile.mkdtemp(prefix="http-bench-", dir=args.workdir))
     store = workdir / "model-store"
-    threads = args.threads or os.cpu_count() or 1
+    threads = args.threads or usable_cores()  # a container's CPU limit counts
     model_config = bench_model_config(threads, args.decode_threads, workdir / "model-config", args.cpu_quantize,
                                       args.cpu_compile_decode)
     print(f"building {args.model}.mar from {args.weights} (handler threads {threads}) in {workdir} ...", flush=True)
