@@ -147,7 +147,11 @@ def build_archive(
             )
         built = work / f"{model_name}.mar"
         unpacked = stored.stat().st_size
-        with _progress_monitor(say, lambda: f"  packing: {_mb(built.stat().st_size)} written (of {_mb(unpacked)} stored)"):
+
+        def packing() -> str:
+            return f"  packing: {_mb(built.stat().st_size)} written (of {_mb(unpacked)} stored)"
+
+        with _progress_monitor(say, packing):
             repack(stored, built, COMPRESSION[archive_format], timestamp)
         _verify(built, weights.name, config_name)
         os.replace(built, target)
@@ -236,7 +240,8 @@ def repack(source: Path, target: Path, compression: int, timestamp: int) -> None
                 manifest["createdOn"] = time.strftime(MANIFEST_TIME_FORMAT, when)
                 out.writestr(fixed, json.dumps(manifest, indent=2))
                 continue
-            with archive.open(entry) as reader, out.open(fixed, "w", force_zip64=entry.file_size > zipfile.ZIP64_LIMIT) as writer:
+            large = entry.file_size > zipfile.ZIP64_LIMIT
+            with archive.open(entry) as reader, out.open(fixed, "w", force_zip64=large) as writer:
                 shutil.copyfileobj(reader, writer, COPY_CHUNK)
 
 
