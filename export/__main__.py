@@ -41,6 +41,7 @@ def main(argv=None) -> int:
     store = path.parent
     print(f"archive: {path}")
     print(f"size: {result.size_bytes / 1e6:.1f} MB ({result.size_bytes} bytes), built in {result.seconds:.1f} s")
+    print(f"sha256: {result.sha256} (the same inputs give the same archive)")
     print("next: start TorchServe with it (from the repository root):")
     if store == (Path.cwd() / "model-store").resolve():
         print("  torchserve --start --ncs --ts-config config.properties")

@@ -42,6 +42,7 @@ import yaml
 import handler as handler_package
 import model as model_package
 from model.config import PRESETS, CaptionConfig
+from weights.fetch import sha256_of
 
 HANDLER_FILE = Path(handler_package.__path__[0]) / "captioner_handler.py"
 DEFAULT_MODEL_CONFIG = Path(handler_package.__path__[0]) / "model-config.yaml"
@@ -77,6 +78,7 @@ class ArchiveResult:
     size_bytes: int
     seconds: float
     config: CaptionConfig
+    sha256: str  # the same for the same inputs (`repack`)
 
 
 def build_archive(
@@ -157,7 +159,8 @@ def build_archive(
         os.replace(built, target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return ArchiveResult(target, target.stat().st_size, time.perf_counter() - started, caption_config)
+    return ArchiveResult(target, target.stat().st_size, time.perf_counter() - started, caption_config,
+                         sha256_of(target))
 
 
 def build_info(weights: Path, model_name: str, version: str) -> dict:
@@ -165,8 +168,6 @@ def build_info(weights: Path, model_name: str, version: str) -> dict:
     one is in weights/manifest.json), the code's git commit and whether the packed code had
     uncommitted changes, and the library versions. No timestamp: the same inputs, the same file."""
     from importlib.metadata import version as installed
-
-    from weights.fetch import sha256_of
 
     return {"model_name": model_name, "version": version, "weights_file": weights.name,
             "weights_bytes": weights.stat().st_size, "weights_sha256": sha256_of(weights), **_code_revision(),
