@@ -174,7 +174,8 @@ def ensure_archive(weights: Path, archive_format: str) -> Path:
     record = {"source": _identity(weights, archive_format), "archive_mtime_ns": result.path.stat().st_mtime_ns,
               "code": code}
     STAMP.write_text(json.dumps(record, indent=1) + "\n")
-    say(f"built {result.path.relative_to(REPO)} ({result.size_bytes / 1e6:.0f} MB) in {result.seconds:.0f} s")
+    say(f"built {result.path.relative_to(REPO)} ({result.size_bytes / 1e6:.0f} MB, sha256 {result.sha256}) "
+        f"in {result.seconds:.0f} s")
     return result.path
 
 
