@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .archive import DEFAULT_MODEL_CONFIG, ExportError, build_archive
+from .archive import COMPRESSION, DEFAULT_MODEL_CONFIG, ExportError, build_archive
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -22,7 +22,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output", default="model-store", help="folder for the archive (default: model-store)")
     parser.add_argument("--model-config", default=str(DEFAULT_MODEL_CONFIG),
                         help="TorchServe model-config.yaml to ship (default: handler/model-config.yaml)")
-    parser.add_argument("--archive-format", default="default", choices=["default", "zip-store"],
+    parser.add_argument("--archive-format", default="default", choices=list(COMPRESSION),
                         help="default: deflate-compressed .mar; zip-store: uncompressed .mar (faster to build)")
     return parser.parse_args(argv)
 

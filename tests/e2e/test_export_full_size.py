@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from export import ExportError, build_archive
+from export import ArchiveResult, ExportError, build_archive
 from model.config import PRESETS
 from model.precision import resolve_dtype
 from tests.e2e.seed import REPO, SEED, image_b64, seed_model_config
@@ -146,9 +146,9 @@ def test_export_refuses_a_model_config_with_a_pt2_section(tmp_path):
                       model_config=model_config, progress=lambda _line: None)
 
 
-def _tiny_archive(weights: Path, output: Path, archive_format: str = "default") -> Path:
+def _tiny_archive(weights: Path, output: Path, archive_format: str = "default") -> ArchiveResult:
     return build_archive(weights, SEED / "config.json", output=output, archive_format=archive_format,
-                         progress=lambda _line: None).path
+                         progress=lambda _line: None)
 
 
 @pytest.mark.parametrize("archive_format", ["default", "zip-store"])
@@ -163,8 +163,7 @@ def test_the_same_inputs_give_the_same_archive_bytes(tmp_path, monkeypatch, arch
         if build:
             time.sleep(1.1)  # the archiver's createdOn has seconds
         os.utime(weights, (mtime, mtime))
-        result = build_archive(weights, SEED / "config.json", output=tmp_path / f"out{build}",
-                               archive_format=archive_format, progress=lambda _line: None)
+        result = _tiny_archive(weights, tmp_path / f"out{build}", archive_format)
         archive = result.path
         digests.append(hashlib.sha256(archive.read_bytes()).hexdigest())
         assert result.sha256 == digests[-1]
@@ -181,7 +180,7 @@ def test_the_same_inputs_give_the_same_archive_bytes(tmp_path, monkeypatch, arch
 
 def test_source_date_epoch_dates_the_archive(tmp_path, monkeypatch):
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1767225600")  # 2026-01-01 00:00:00 UTC
-    with zipfile.ZipFile(_tiny_archive(SEED / "weights.pt", tmp_path / "out")) as built:
+    with zipfile.ZipFile(_tiny_archive(SEED / "weights.pt", tmp_path / "out").path) as built:
         assert {info.date_time for info in built.infolist()} == {(2026, 1, 1, 0, 0, 0)}
         manifest = json.loads(built.read("MAR-INF/MANIFEST.json"))
     assert manifest["createdOn"] == "01/01/2026 00:00:00"
