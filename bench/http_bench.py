@@ -26,389 +26,31 @@ formed (CaptionRequestsTotal / CaptionBatchesTotal deltas from the metrics endpo
 reachable). The ratio printed at the end: best images/s of each batched mode (over its
 concurrency levels) / images/s of ``batch_size=1`` at concurrency 1 (one request at a time).
 Writes ``<out>/<name>.json`` and ``<out>/<name>.png``.
+
+This module runs the sweep and reports it; the clients and load levels are in
+``bench/http_load.py``, the registrations, metrics and private server in ``bench/http_server.py``.
 """
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import math
 import os
 import platform
-import random
 import shutil
 import statistics
 import sys
-import tempfile
-import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import requests
 
 from handler.cpu_cores import usable_cores
 
-REPO = Path(__file__).resolve().parents[1]
-STYLES = ("concise", "narrative", "descriptive")
-
-
-# ---------------------------------------------------------------------------- the request
-def synthetic_jpeg(width: int = 320, height: int = 240, quality: int = 85) -> bytes:
-    """A small photo-like JPEG: gradients in two channels, noise in the third. Every request of
-    a run sends the same bytes; the cost of a request does not depend on the picture."""
-    from PIL import Image
-
-    gradient = Image.linear_gradient("L").resize((width, height))
-    noise = Image.effect_noise((width, height), 48)
-    other = Image.linear_gradient("L").rotate(90).resize((width, height))
-    buffer = io.BytesIO()
-    Image.merge("RGB", (gradient, noise, other)).save(buffer, format="JPEG", quality=quality)
-    return buffer.getvalue()
-
-
-def request_options(max_new_tokens: int | None = None, num_captions: int | None = None,
-                    styles: list[str] | None = None, extra: dict | None = None) -> dict:
-    """The caption options sent with every request (absent = the service's default)."""
-    options = {}
-    if styles:
-        options["styles"] = list(styles)
-    if num_captions is not None:
-        options["num_captions"] = num_captions
-    if max_new_tokens is not None:
-        options["max_new_tokens"] = max_new_tokens
-    options.update(extra or {})
-    return options
-
-
-def request_body(image: bytes, options: dict) -> bytes:
-    return json.dumps({"image": base64.b64encode(image).decode("ascii"), **options}).encode()
-
-
-def parse_option(text: str) -> tuple[str, object]:
-    """``key=value`` with a JSON value when it parses as one (``seed=3``, ``temperature=0``)."""
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise ValueError(f"expected key=value, got {text!r}")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
-
-
-# ---------------------------------------------------------------------------- statistics
-def percentile(values: list[float], q: float) -> float | None:
-    """The q-th percentile (0-100) with linear interpolation between order statistics (numpy's
-    default method); None for no values."""
-    if not values:
-        return None
-    if not 0 <= q <= 100:
-        raise ValueError(f"percentile {q} outside 0..100")
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q / 100
-    low = math.floor(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
-@dataclass
-class Sample:
-    """One request: when it was due or sent, when it was answered, what came back."""
-
-    start: float
-    end: float
-    status: int  # HTTP status; 0 when no response (connection error, timeout)
-    error: str | None = None  # None for a good answer
-
-    @property
-    def latency(self) -> float:
-        return self.end - self.start
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-
-def summarize(samples: list[Sample], wall_s: float) -> dict:
-    """Throughput and latency of one level. images/s counts successful requests only."""
-    good = [s.latency for s in samples if s.ok]
-    errors: dict[str, int] = {}
-    for s in samples:
-        if not s.ok:
-            errors[s.error] = errors.get(s.error, 0) + 1
-    return {
-        "requests": len(samples),
-        "ok": len(good),
-        "errors": len(samples) - len(good),
-        "error_kinds": errors,
-        "wall_s": wall_s,
-        "images_per_s": len(good) / wall_s if wall_s > 0 else 0.0,
-        "latency_s": {
-            "mean": statistics.fmean(good) if good else None,
-            "p50": percentile(good, 50),
-            "p95": percentile(good, 95),
-            "p99": percentile(good, 99),
-            "max": max(good) if good else None,
-        },
-    }
-
-
-# ---------------------------------------------------------------------------- the client
-class Client:
-    """POSTs the same body to /predictions/<model>; one keep-alive session per thread."""
-
-    def __init__(self, url: str, model: str, body: bytes, key: str | None = None, timeout: float = 600.0):
-        self.endpoint = f"{url.rstrip('/')}/predictions/{model}"
-        self.body = body
-        self.headers = {"Content-Type": "application/json"}
-        if key:
-            self.headers["Authorization"] = f"Bearer {key}"
-        self.timeout = timeout
-        self._local = threading.local()
-
-    def _session(self) -> requests.Session:
-        session = getattr(self._local, "session", None)
-        if session is None:
-            session = self._local.session = requests.Session()
-        return session
-
-    def send(self, scheduled: float | None = None) -> Sample:
-        """One request. Latency runs from ``scheduled`` (open loop) or from now."""
-        start = time.perf_counter() if scheduled is None else scheduled
-        try:
-            response = self._session().post(self.endpoint, data=self.body, headers=self.headers,
-                                            timeout=self.timeout)
-        except requests.Timeout:
-            return Sample(start, time.perf_counter(), 0, "timeout")
-        except requests.RequestException as exc:
-            return Sample(start, time.perf_counter(), 0, f"connection: {type(exc).__name__}")
-        end = time.perf_counter()
-        return Sample(start, end, response.status_code, check_answer(response))
-
-
-def check_answer(response: requests.Response) -> str | None:
-    """None for a 200 with a JSON object of captions, else a short error kind."""
-    if response.status_code != 200:
-        return f"HTTP {response.status_code}"
-    try:
-        body = response.json()
-    except ValueError:
-        return "200 without JSON"
-    if not isinstance(body, dict) or "error" in body or not body:
-        return "200 without captions"
-    return None
-
-
-def closed_loop(send, concurrency: int, requests_total: int, max_seconds: float | None = None) -> dict:
-    """``concurrency`` clients, each sending as soon as its previous answer arrived, until
-    ``requests_total`` requests were started or ``max_seconds`` passed (requests in flight then
-    are still awaited and counted)."""
-    if concurrency < 1 or requests_total < 1:
-        raise ValueError("concurrency and requests must be >= 1")
-    lock = threading.Lock()
-    samples: list[Sample] = []
-    issued = 0
-    start = time.perf_counter()
-    deadline = start + max_seconds if max_seconds else math.inf
-
-    def client() -> None:
-        nonlocal issued
-        while True:
-            with lock:
-                if issued >= requests_total or time.perf_counter() >= deadline:
-                    return
-                issued += 1
-            sample = send()
-            with lock:
-                samples.append(sample)
-
-    threads = [threading.Thread(target=client, name=f"bench-client-{i}", daemon=True) for i in range(concurrency)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    wall = (max(s.end for s in samples) if samples else time.perf_counter()) - start
-    return {"kind": "closed", "concurrency": concurrency, **summarize(samples, wall)}
-
-
-def open_loop(send, rate: float, requests_total: int, max_seconds: float | None = None,
-              max_in_flight: int = 64, seed: int = 0) -> dict:
-    """Poisson arrivals at ``rate`` requests/s (fixed seed), ``requests_total`` of them or until
-    ``max_seconds``; at most ``max_in_flight`` outstanding (later arrivals wait for a free
-    client, and that wait counts in their latency)."""
-    if rate <= 0 or requests_total < 1:
-        raise ValueError("rate must be > 0 and requests >= 1")
-    rng = random.Random(seed)
-    arrivals, t = [], 0.0
-    for _ in range(requests_total):
-        arrivals.append(t)
-        t += rng.expovariate(rate)
-    lock = threading.Lock()
-    samples: list[Sample] = []
-    slots = threading.Semaphore(max_in_flight)
-    threads = []
-    start = time.perf_counter()
-    deadline = start + max_seconds if max_seconds else math.inf
-
-    def one(scheduled: float) -> None:
-        try:
-            sample = send(scheduled)
-            with lock:
-                samples.append(sample)
-        finally:
-            slots.release()
-
-    for offset in arrivals:
-        due = start + offset
-        if due >= deadline:
-            break
-        delay = due - time.perf_counter()
-        if delay > 0:
-            time.sleep(delay)
-        slots.acquire()
-        thread = threading.Thread(target=one, args=(due,), daemon=True)
-        thread.start()
-        threads.append(thread)
-    for thread in threads:
-        thread.join()
-    wall = (max(s.end for s in samples) if samples else time.perf_counter()) - start
-    return {"kind": "open", "rate": rate, "max_in_flight": max_in_flight, **summarize(samples, wall)}
-
-
-# ---------------------------------------------------------------------------- the server
-@dataclass
-class Mode:
-    """One registration of the archive (or the model as registered, when batch_size is None)."""
-
-    key: str
-    model: str
-    batch_size: int | None
-    max_batch_delay: int | None
-    registered_here: bool = False
-    applied: dict = field(default_factory=dict)
-
-    @property
-    def label(self) -> str:
-        if self.batch_size is None:
-            return f"{self.model} (as registered)"
-        if self.batch_size == 1:
-            return "no batching (batch_size 1)"
-        return f"batching (batch_size {self.batch_size}, max_batch_delay {self.max_batch_delay} ms)"
-
-
-class Management:
-    def __init__(self, url: str, key: str | None, timeout: float = 900.0):
-        self.url = url.rstrip("/")
-        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self.timeout = timeout
-
-    def call(self, method: str, path: str, **params) -> requests.Response:
-        return requests.request(method, self.url + path, params=params or None, headers=self.headers,
-                                timeout=self.timeout)
-
-    def describe(self, model: str) -> dict:
-        response = self.call("GET", f"/models/{model}")
-        if response.status_code != 200:
-            raise RuntimeError(f"describe {model}: HTTP {response.status_code} {response.text.strip()}")
-        return response.json()[0]
-
-    def worker_facts(self, model: str) -> dict:
-        """How the worker runs the model: part of the handler's answer to a describe request
-        with ``customized=true`` (device, dtype, packed or int8 decoder weights, what is compiled). An
-        archive whose handler predates that answer is recorded as such, not an error."""
-        response = self.call("GET", f"/models/{model}", customized="true")
-        facts = response.json()[0].get("customizedMetadata") if response.status_code == 200 else None
-        if not isinstance(facts, dict) or "dtype" not in facts:
-            return {"unavailable": f"HTTP {response.status_code} {response.text.strip()[:200]}"}
-        return {key: facts.get(key) for key in WORKER_FACTS}
-
-    def register(self, mode: Mode, archive: str, workers: int = 1) -> dict:
-        params = {"url": archive, "model_name": mode.model, "batch_size": mode.batch_size,
-                  "initial_workers": workers, "synchronous": "true"}
-        if mode.max_batch_delay is not None:
-            params["max_batch_delay"] = mode.max_batch_delay
-        response = self.call("POST", "/models", **params)
-        if response.status_code != 200:
-            raise RuntimeError(f"registering {mode.model}: HTTP {response.status_code} {response.text.strip()}")
-        mode.registered_here = True
-        return self.describe(mode.model)
-
-    def unregister(self, model: str) -> None:
-        self.call("DELETE", f"/models/{model}")
-
-
-WORKER_FACTS = ("device", "dtype", "packed_decoder", "int8_decoder", "compiled")
-
-
-def applied_settings(description: dict) -> dict:
-    keys = ("batchSize", "maxBatchDelay", "responseTimeout", "minWorkers", "maxWorkers", "modelUrl")
-    settings = {k: description.get(k) for k in keys}
-    settings["workers_ready"] = sum(w.get("status") == "READY" for w in description.get("workers", []))
-    return settings
-
-
-def check_applied(mode: Mode, applied: dict) -> None:
-    """The API's batch_size / max_batch_delay must be what TorchServe uses."""
-    if applied["batchSize"] != mode.batch_size:
-        raise RuntimeError(f"{mode.model}: asked batch_size {mode.batch_size}, describe says {applied['batchSize']}")
-    if mode.max_batch_delay is not None and applied["maxBatchDelay"] != mode.max_batch_delay:
-        raise RuntimeError(f"{mode.model}: asked max_batch_delay {mode.max_batch_delay}, "
-                           f"describe says {applied['maxBatchDelay']}")
-
-
-def read_metrics(metrics_url: str | None, model: str, names: tuple[str, ...]) -> dict[str, float] | None:
-    """Values of some Prometheus metrics of one model (summed over label sets), None when the
-    endpoint cannot be read."""
-    if not metrics_url:
-        return None
-    try:
-        response = requests.get(f"{metrics_url.rstrip('/')}/metrics", params=[("name[]", n) for n in names],
-                                timeout=5)
-        response.raise_for_status()
-    except requests.RequestException:
-        return None
-    values: dict[str, float] = {}
-    for line in response.text.splitlines():
-        for name in names:
-            if line.startswith(name + "{") and f'ModelName="{model}"' in line:
-                values[name] = values.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
-    return values
-
-
-def metric_totals(metrics_url: str | None, model: str) -> tuple[float, float] | None:
-    """(CaptionRequestsTotal, CaptionBatchesTotal) of one model, None when unavailable."""
-    values = read_metrics(metrics_url, model, ("CaptionRequestsTotal", "CaptionBatchesTotal"))
-    if values is None:
-        return None
-    return values.get("CaptionRequestsTotal", 0.0), values.get("CaptionBatchesTotal", 0.0)
-
-
-LAST_BATCH_GAUGES = ("CaptionBatchSize", "CaptionDecodeImageMs", "CaptionEncodeMs", "CaptionPrefillMs",
-                     "CaptionGenerateMs", "CaptionHandlerMs")
-
-
-def last_batch(metrics_url: str | None, model: str) -> dict | None:
-    """The handler's gauges: stage times of the model's most recent batch (where its time goes)."""
-    values = read_metrics(metrics_url, model, LAST_BATCH_GAUGES)
-    return {name.removeprefix("Caption"): value for name, value in values.items()} if values else None
-
-
-def mean_batch_size(metrics_url: str | None, model: str, before, expected_requests: int,
-                    wait_s: float = 5.0) -> float | None:
-    """Requests per batch the server formed since ``before`` (metrics travel through the
-    worker's log, so wait briefly until all requests are counted)."""
-    if before is None:
-        return None
-    deadline = time.monotonic() + wait_s
-    while True:
-        after = metric_totals(metrics_url, model)
-        if after is None:
-            return None
-        requests_delta, batches_delta = after[0] - before[0], after[1] - before[1]
-        if requests_delta >= expected_requests or time.monotonic() >= deadline:
-            return requests_delta / batches_delta if batches_delta > 0 else None
-        time.sleep(0.2)
+from .http_load import Client, closed_loop, open_loop, parse_option, request_body, request_options, synthetic_jpeg
+from .http_server import (Management, Mode, applied_settings, check_applied, last_batch, mean_batch_size,
+                          metric_totals, read_keys, start_server)
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -444,34 +86,10 @@ def host_info() -> dict:
     return info
 
 
-def read_keys(path: str | Path) -> dict[str, str]:
-    data = json.loads(Path(path).read_text())
-    return {name: entry["key"] for name, entry in data.items() if isinstance(entry, dict) and "key" in entry}
-
-
 def requests_for(concurrency: int, args) -> int:
     if args.requests:
         return args.requests
     return max(args.min_requests, args.rounds * concurrency)
-
-
-def bench_model_config(threads: int, decode_threads: int | None, out_dir: Path,
-                       cpu_quantize: str | None = None, cpu_compile_decode: bool = False) -> Path:
-    """handler/model-config.yaml with the handler's threads pinned (for --start)."""
-    import yaml
-
-    raw = yaml.safe_load((REPO / "handler" / "model-config.yaml").read_text())
-    raw.setdefault("handler", {})["threads"] = threads
-    if decode_threads:
-        raw["handler"]["decode_threads"] = decode_threads
-    if cpu_quantize:
-        raw["handler"]["cpu_quantize"] = cpu_quantize
-    if cpu_compile_decode:
-        raw["handler"]["cpu_compile_decode"] = True
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "model-config.yaml"
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
 
 
 def fmt(value, spec: str = ".2f") -> str:
@@ -758,32 +376,3 @@ def run(args, argv: list[str] | None = None) -> dict:
     plot(results, out / f"{args.name}.png")
     print(f"wrote {out / (args.name + '.json')} and {out / (args.name + '.png')}")
     return results
-
-
-def start_server(args, results: dict):
-    """Build the archive and start a private TorchServe with nothing loaded (the modes register it)."""
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-    from export import build_archive
-    from tests.e2e.torchserve import TorchServe
-
-    if not args.weights:
-        raise SystemExit("--start needs --weights")
-    workdir = Path(tempfile.mkdtemp(prefix="http-bench-", dir=args.workdir))
-    store = workdir / "model-store"
-    threads = args.threads or usable_cores()  # a container's CPU limit counts
-    model_config = bench_model_config(threads, args.decode_threads, workdir / "model-config", args.cpu_quantize,
-                                      args.cpu_compile_decode)
-    print(f"building {args.model}.mar from {args.weights} (handler threads {threads}) in {workdir} ...", flush=True)
-    result = build_archive(args.weights, args.config, model_name=args.model, output=store,
-                           model_config=model_config, archive_format="zip-store", progress=lambda _line: None)
-    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    server = TorchServe(workdir / "ts", model_store=store, overrides={"load_models": None}, env=env)
-    print("starting TorchServe ...", flush=True)
-    server.start()
-    results["server"].update(started_here=True, weights=str(args.weights), config=args.config,
-                             archive=result.path.name, archive_mb=round(result.size_bytes / 1e6, 1),
-                             threads=threads, omp_num_threads=threads, decode_threads=args.decode_threads,
-                             cpu_quantize=args.cpu_quantize, cpu_compile_decode=args.cpu_compile_decode,
-                             workdir=str(workdir))
-    return server, workdir, result.path.name

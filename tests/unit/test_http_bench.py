@@ -17,8 +17,9 @@ import pytest
 
 from tests.conftest import cpu_flags
 from tests.local_http import serving
-from bench import http_bench
-from bench.http_bench import Client, Mode, Sample, closed_loop, open_loop, percentile, summarize
+from bench import http_bench, http_load, http_server
+from bench.http_load import Client, Sample, closed_loop, open_loop, percentile, summarize
+from bench.http_server import Mode
 
 pytestmark = pytest.mark.unit
 
@@ -181,21 +182,21 @@ def test_summaries_and_ratio_over_repeats():
 
 
 def test_request_body_and_options():
-    image = http_bench.synthetic_jpeg(64, 48)
+    image = http_load.synthetic_jpeg(64, 48)
     assert image[:2] == b"\xff\xd8"  # a JPEG
-    options = http_bench.request_options(16, 2, ["concise", "narrative"], dict([http_bench.parse_option("seed=3")]))
+    options = http_load.request_options(16, 2, ["concise", "narrative"], dict([http_load.parse_option("seed=3")]))
     assert options == {"styles": ["concise", "narrative"], "num_captions": 2, "max_new_tokens": 16, "seed": 3}
-    assert http_bench.request_options() == {}  # the service's defaults: six captions, 128 tokens
-    document = json.loads(http_bench.request_body(image, options))
+    assert http_load.request_options() == {}  # the service's defaults: six captions, 128 tokens
+    document = json.loads(http_load.request_body(image, options))
     assert set(document) == {"image", *options}
-    assert http_bench.parse_option("styles=concise") == ("styles", "concise")
+    assert http_load.parse_option("styles=concise") == ("styles", "concise")
     with pytest.raises(ValueError):
-        http_bench.parse_option("novalue")
+        http_load.parse_option("novalue")
 
 
 # ---------------------------------------------------------------------------- the request loop
 def test_closed_loop_sends_exactly_the_requests_with_the_concurrency(stub):
-    body = http_bench.request_body(http_bench.synthetic_jpeg(32, 32), {"max_new_tokens": 4})
+    body = http_load.request_body(http_load.synthetic_jpeg(32, 32), {"max_new_tokens": 4})
     client = Client(url(stub), "m", body, key="secret", timeout=10)
     started = time.perf_counter()
     result = closed_loop(client.send, concurrency=4, requests_total=12)
@@ -247,20 +248,20 @@ def test_open_loop_keeps_the_rate_and_counts_latency_from_the_arrival(stub):
 
 def test_metric_totals_and_mean_batch_size(stub):
     metrics_url = url(stub)
-    assert http_bench.metric_totals(metrics_url, "m") == (12.0, 3.0)
-    assert http_bench.mean_batch_size(metrics_url, "m", (4.0, 1.0), expected_requests=8) == pytest.approx(4.0)
-    assert http_bench.last_batch(metrics_url, "m") == {"GenerateMs": 812.5}
-    assert http_bench.metric_totals(None, "m") is None
-    assert http_bench.metric_totals(f"http://127.0.0.1:{http_bench_free_port()}", "m") is None
+    assert http_server.metric_totals(metrics_url, "m") == (12.0, 3.0)
+    assert http_server.mean_batch_size(metrics_url, "m", (4.0, 1.0), expected_requests=8) == pytest.approx(4.0)
+    assert http_server.last_batch(metrics_url, "m") == {"GenerateMs": 812.5}
+    assert http_server.metric_totals(None, "m") is None
+    assert http_server.metric_totals(f"http://127.0.0.1:{http_bench_free_port()}", "m") is None
 
 
 def test_registration_settings_are_checked():
     mode = Mode("b8-d50", "m-b8", 8, 50)
-    http_bench.check_applied(mode, {"batchSize": 8, "maxBatchDelay": 50})
+    http_server.check_applied(mode, {"batchSize": 8, "maxBatchDelay": 50})
     with pytest.raises(RuntimeError, match="max_batch_delay"):
-        http_bench.check_applied(mode, {"batchSize": 8, "maxBatchDelay": 100})
+        http_server.check_applied(mode, {"batchSize": 8, "maxBatchDelay": 100})
     with pytest.raises(RuntimeError, match="batch_size"):
-        http_bench.check_applied(Mode("b1", "m-b1", 1, None), {"batchSize": 8, "maxBatchDelay": 50})
+        http_server.check_applied(Mode("b1", "m-b1", 1, None), {"batchSize": 8, "maxBatchDelay": 50})
     args = SimpleNamespace(register=True, model="captioner", batch_size=8, max_batch_delay=[10, 200], single=True)
     assert [(m.model, m.batch_size, m.max_batch_delay) for m in http_bench.build_modes(args)] == [
         ("captioner-bench-b8-d10", 8, 10), ("captioner-bench-b8-d200", 8, 200), ("captioner-bench-b1", 1, None)]
@@ -316,7 +317,7 @@ def test_the_command_against_a_running_server(stub, tmp_path, capsys):
 
 
 def test_worker_facts_of_an_archive_whose_handler_does_not_answer_describe(stub):
-    from bench.http_bench import Management
+    from bench.http_server import Management
 
     stub.models["legacy"] = {**stub.models["captioner"], "modelName": "legacy", "legacy": True}
     management = Management(url(stub), None)
@@ -337,7 +338,7 @@ def test_start_pins_the_handler_settings_it_is_given(tmp_path):
     import yaml
 
     from bench.__main__ import build_parser
-    from bench.http_bench import bench_model_config
+    from bench.http_server import bench_model_config
 
     args = build_parser().parse_args(["http", "--start", "--weights", "w.pt", "--cpu-quantize", "int8",
                                       "--cpu-compile-decode"])
