@@ -157,6 +157,17 @@ def test_a_tied_run_at_the_nucleus_boundary_is_kept_whole_in_any_order():
     assert set(drawn[0]) == {40, 12, 250, 7}  # the whole tied run kept
 
 
+def test_top_p_keeps_the_token_whose_mass_before_it_equals_p():
+    """The seed keeps the smallest set whose mass *exceeds* p: a token whose predecessors sum to
+    exactly p is still needed (their mass only equals p), the next one is not."""
+    values = torch.tensor([[2.0, 1.0, 0.0]])
+    top_p = torch.softmax(values, dim=-1)[:, 0]  # exactly the first token's mass, in float32
+    keep = keep_top_k_top_p(values, torch.tensor([0]), top_p)
+    assert keep.tolist() == [[True, True, False]]
+    keep_below = keep_top_k_top_p(values, torch.tensor([0]), torch.nextafter(top_p, torch.tensor(0.0)))
+    assert keep_below.tolist() == [[True, False, False]]
+
+
 def test_a_row_gathers_its_own_candidate_count_whatever_its_batch():
     """A request without a top-k sorts the whole vocabulary; before, every row of its batch did
     (48 rows: 85 instead of 2 ms a step), and a tie with a row's k-th score that ran past the
