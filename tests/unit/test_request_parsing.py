@@ -221,6 +221,17 @@ def test_json_base64_variants(encoded):
     assert parse_request({"body": {"image": encoded}}).image == IMAGE
 
 
+@pytest.mark.parametrize("extra", [1, 2], ids=["two-pad-chars-dropped", "one-pad-char-dropped"])
+@pytest.mark.parametrize("encode", [base64.b64encode, base64.urlsafe_b64encode], ids=["standard", "urlsafe"])
+def test_json_base64_without_its_padding(extra, encode):
+    """IMAGE's 264 bytes need no padding; one or two bytes more leave 2 or 3 characters in the
+    last group, whose '=' a client may drop."""
+    image = IMAGE + b"\xff" * extra
+    encoded = encode(image).decode()
+    assert encoded.endswith("=" * (3 - extra))
+    assert parse_request({"body": {"image": encoded.rstrip("=")}}).image == image
+
+
 @pytest.mark.parametrize("body", [json.dumps({"image": IMAGE_B64, "seed": 3}).encode(), bytearray(b' \n{"image": "%s", "seed": 3}' % IMAGE_B64.encode())])
 def test_json_bytes_not_decoded_by_torchserve(body):
     # TS_DECODE_INPUT_REQUEST=false, or JSON sent without its content type
