@@ -280,6 +280,12 @@ def test_an_answer_over_the_response_limit_fails_alone(served, monkeypatch):
     assert replies[1].status == 200 and replies[1].json() == golden("chelsea.png", styles=["concise"])
 
 
+def test_an_error_message_is_cut_to_its_limit():
+    document = json.loads(captioner_handler._error_json("x" * 5000))
+    assert len(document["error"]) == captioner_handler.MAX_ERROR_CHARS and document["error"].endswith("...")
+    assert json.loads(captioner_handler._error_json("short"))["error"] == "short"
+
+
 def test_kserve_v1_whole_batch_failure_names_no_instance(served, monkeypatch):
     service, handler = served
     monkeypatch.setattr(handler.engine, "caption", lambda *_: (_ for _ in ()).throw(MemoryError()))

@@ -15,6 +15,7 @@ import struct
 
 import pytest
 
+from handler.instances import instances_of
 from handler.request_parsing import ParsedRequest, RequestError, error_body, parse_request
 from model.styles import OptionError, make_plan
 
@@ -499,3 +500,10 @@ def test_requests_are_split_into_one_task_each_for_threads_and_one_run_per_proce
     tasks = split_into_tasks(count, processes)
     assert sorted(len(task) for task in tasks) == sorted(sizes)
     assert [idx for task in tasks for idx in task] == list(range(count))
+
+
+def test_a_v1_request_may_carry_exactly_max_instances():
+    row = {"body": {"instances": [{"image": IMAGE_B64}] * 3}}
+    assert len(instances_of(row, max_instances=3)) == 3
+    with pytest.raises(RequestError, match="at most 2 instances per request, got 3"):
+        instances_of(row, max_instances=2)
