@@ -567,6 +567,9 @@ def test_invalid_handler_settings_fail_the_worker_start(tmp_path):
         make_service(make_model_dir(tmp_path / "e", {"max_instances": 0}))
     with pytest.raises(SettingsError, match="max_repetition_penalty must be at least 0.01"):
         make_service(make_model_dir(tmp_path / "f", {"limits": {"max_repetition_penalty": 0.005}}))
+    for bad in (0, -1, True, "8", 2.5):  # a limit is a positive number, an integer where its default is one
+        with pytest.raises(SettingsError, match="handler.limits: max_num_captions must be"):
+            HandlerSettings.from_dict({"limits": {"max_num_captions": bad}})
     for name, path in (("vocab", "/usr/share/dict/words"), ("vocab", "../vocab.txt"),
                        ("model_config", "configs/../../caption_config.json"), ("vocab", "")):
         with pytest.raises(SettingsError, match=f"{name} must be a path inside the archive"):
