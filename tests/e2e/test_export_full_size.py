@@ -189,3 +189,21 @@ def test_source_date_epoch_dates_the_archive(tmp_path, monkeypatch):
     with pytest.raises(ExportError, match="SOURCE_DATE_EPOCH='yesterday'"):
         _tiny_archive(SEED / "weights.pt", tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_source_date_before_1980_dates_the_archive_1980(monkeypatch):
+    from export.archive import ZIP_EPOCH, source_date
+
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "0")  # a zip entry cannot hold a date before 1980-01-01
+    assert source_date() == ZIP_EPOCH
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", str(ZIP_EPOCH + 1))
+    assert source_date() == ZIP_EPOCH + 1
+
+
+def test_only_python_sources_and_package_data_are_shipped(tmp_path):
+    from export.archive import PACKAGE_DATA, _not_shipped
+
+    (tmp_path / "sub").mkdir()
+    names = ["engine.py", ".#engine.py", ".hidden.py", "__pycache__", "notes.txt", "engine.py~", "sub"]
+    assert _not_shipped(str(tmp_path), names) == {".#engine.py", ".hidden.py", "__pycache__", "notes.txt", "engine.py~"}
+    assert _not_shipped(str(tmp_path / PACKAGE_DATA), ["vocab.txt", ".DS_Store"]) == {".DS_Store"}
