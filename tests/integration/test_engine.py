@@ -67,6 +67,14 @@ def test_seeded_sampling_is_reproducible_across_batch_compositions(tiny_engine, 
     assert other_seed != first  # the seed really drives the noise (only the seed differs)
 
 
+def test_without_a_seed_each_request_draws_its_own_captions(tiny_engine, golden_pixels):
+    _, pixels = golden_pixels
+    plan = make_plan({"temperature": 1.5, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0,
+                      "no_repeat_ngram_size": 0, "num_captions": 2})
+    first, second = (tiny_engine.generate(pixels[:1], [plan])[1] for _ in range(2))
+    assert first != second  # a fresh random seed per request, not a fixed one
+
+
 def test_compaction_and_static_shape_paths_agree(tiny_engine, golden_pixels):
     _, pixels = golden_pixels
     plans = [make_plan({"seed": s, "max_new_tokens": m}) for s, m in ((1, 40), (2, 5), (3, 17))]
