@@ -161,8 +161,12 @@ def row_stream(seed: torch.Tensor, row_key: torch.Tensor, step) -> torch.Tensor:
 def gumbel_noise(stream: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     """Gumbel(0, 1) noise for each (row, token id): stream (R,), token_ids (R, K) -> (R, K)."""
     bits = _mix32(stream[:, None] ^ token_ids) >> (32 - _NOISE_BITS)
-    uniform = (bits.float() + 0.5) / float(1 << _NOISE_BITS)
-    return -torch.log(-torch.log(uniform))
+    return -torch.log(-torch.log(uniform_from_bits(bits)))
+
+
+def uniform_from_bits(bits: torch.Tensor) -> torch.Tensor:
+    """Integers in [0, 2**_NOISE_BITS) -> floats strictly inside (0, 1): the noise stays finite."""
+    return (bits.float() + 0.5) / float(1 << _NOISE_BITS)
 
 
 def _written(history: torch.Tensor, length) -> torch.Tensor:

@@ -191,6 +191,17 @@ def test_a_row_gathers_its_own_candidate_count_whatever_its_batch():
     assert not params.select([0, 1]).groups and params.select([0, 1]).candidates == 64
 
 
+def test_candidate_counts_are_a_few_powers_of_two():
+    """A row's top-k rounded up to a power of two, at least 64, at most the vocabulary: few
+    distinct counts, so a compiled step's graphs are reused across requests."""
+    from model.sampling import MIN_CANDIDATES, candidate_count
+
+    vocab = 30522
+    assert [candidate_count(k, vocab) for k in (1, 3, 30, 64)] == [MIN_CANDIDATES] * 4
+    assert [candidate_count(k, vocab) for k in (65, 100, 128, 129, 5000)] == [128, 128, 128, 256, 8192]
+    assert candidate_count(20000, vocab) == candidate_count(0, vocab) == vocab  # 32768 capped; 0: no top-k
+
+
 def test_the_noise_stream_depends_on_seed_row_and_step():
     """Every input of the hash moves the stream: the seed's low and high 32 bits, the row key
     and the step (a stream that ignored one would give equal captions where they must differ)."""
@@ -252,11 +263,12 @@ def test_finished_rows_emit_end_tokens_and_respect_max_new_tokens():
 
 
 def test_gumbel_noise_is_finite_for_every_hash_value():
-    from model.sampling import _NOISE_BITS
+    from model.sampling import _NOISE_BITS, uniform_from_bits
 
     extremes = torch.tensor([[0, 1, (1 << _NOISE_BITS) - 1]], dtype=torch.long)
-    uniform = (extremes.float() + 0.5) / float(1 << _NOISE_BITS)
+    uniform = uniform_from_bits(extremes)
     assert bool(((uniform > 0) & (uniform < 1)).all())
+    assert bool(torch.isfinite(-torch.log(-torch.log(uniform))).all())
     noise = gumbel_noise(torch.arange(1000), torch.arange(30522)[None].expand(1000, -1))
     assert bool(torch.isfinite(noise).all())
 
