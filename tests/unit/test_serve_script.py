@@ -113,6 +113,23 @@ def test_the_archive_is_stale_when_the_code_it_packs_changes_whatever_the_file_t
     record()
     (tmp_path / "export/new.py").write_text("")
     assert serve.stale_reason(weights, "zip-store") == "export/new.py is new since it was built"
+    record()
+    archive.write_bytes(b"another mar")  # e.g. a python -m export by hand into model-store/
+    os.utime(archive, ns=(archive.stat().st_mtime_ns + 10**9,) * 2)
+    assert serve.stale_reason(weights, "zip-store") == "the archive was replaced since make built it"
+    record()
+    (tmp_path / "other.pt").write_bytes(b"w")
+    assert serve.stale_reason(tmp_path / "other.pt", "zip-store").startswith(f"it was built from {weights}")
+
+
+@pytest.mark.parametrize("address, url", [
+    ("http://0.0.0.0:8080", "http://127.0.0.1:8080"),
+    ("http://[::]:8081", "http://127.0.0.1:8081"),
+    ("https://127.0.0.1:8443", "https://127.0.0.1:8443"),
+    ("http://10.1.2.3:8082", "http://10.1.2.3:8082"),
+])
+def test_a_listening_address_becomes_the_url_a_local_client_uses(address, url):
+    assert serve.local_url(address) == url
 
 
 def test_the_worker_gets_the_usable_cores_but_one(monkeypatch):
