@@ -84,7 +84,8 @@ def test_a_worker_that_fails_to_load_ends_the_wait_with_its_error(tmp_path, monk
 
 
 def test_the_archive_is_stale_when_the_code_it_packs_changes_whatever_the_file_times(tmp_path, monkeypatch):
-    """Contents decide: an edit, a new file, a deletion or a rename (which keeps the file's time)."""
+    """Contents decide: an edit, a new file, a deletion or a rename (which keeps the file's time);
+    so do an archive replaced behind make's back and another checkpoint."""
     for name, text in (("model/a.py", "a = 1\n"), ("handler/b.py", "b = 2\n"), ("export/c.py", "c = 3\n")):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
