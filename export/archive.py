@@ -104,7 +104,7 @@ def build_archive(
     model_config = Path(model_config) if model_config else DEFAULT_MODEL_CONFIG
     _check_name(model_name)
     if archive_format not in COMPRESSION:
-        raise ExportError(f"archive format {archive_format!r} is not supported here (use default or zip-store)")
+        raise ExportError(f"archive format {archive_format!r} is not supported here (use {' or '.join(COMPRESSION)})")
     timestamp = source_date()
 
     caption_config = _load_config(config)

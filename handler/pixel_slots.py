@@ -56,12 +56,17 @@ class InSlot:
     index: int
 
 
+def block_bytes(count: int, shape: tuple[int, ...], dtype: np.dtype) -> int:
+    """Size of a block of `count` slots of `shape` pixels in `dtype`."""
+    return count * int(np.prod(shape)) * np.dtype(dtype).itemsize
+
+
 class PixelSlots:
     """The worker's block: made (and reserved) here, read by copying a slot out, unlinked by `close`."""
 
     def __init__(self, count: int, shape: tuple[int, ...], dtype: np.dtype):
         dtype = np.dtype(dtype)
-        size = count * int(np.prod(shape)) * dtype.itemsize
+        size = block_bytes(count, shape, dtype)
         self._memory = shared_memory.SharedMemory(create=True, size=size)
         try:
             if hasattr(os, "posix_fallocate"):  # Linux; elsewhere the pages come on first write
@@ -98,7 +103,7 @@ def make_slots(count: int, shape: tuple[int, ...], dtype: np.dtype) -> PixelSlot
     try:
         return PixelSlots(count, shape, dtype)
     except (OSError, ValueError) as error:
-        size_mb = count * int(np.prod(shape)) * np.dtype(dtype).itemsize / 2**20
+        size_mb = block_bytes(count, shape, dtype) / 2**20
         logger.warning("no shared memory for %d decoded images (%.0f MB): %s; their pixels travel through pipes "
                        "(slower). Give the container a larger /dev/shm (docker run --shm-size=1g).",
                        count, size_mb, error)

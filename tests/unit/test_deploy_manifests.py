@@ -16,9 +16,11 @@ import re
 from pathlib import Path
 
 import kubernetes_validate
+import numpy as np
 import pytest
 import yaml
 
+from handler.pixel_slots import block_bytes
 from model.config import PRESETS
 
 pytestmark = pytest.mark.unit
@@ -264,10 +266,12 @@ def test_torchserve_gets_a_dev_shm_for_a_batch_of_decoded_images(where):
     (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
     assert volume["emptyDir"]["medium"] == "Memory"
     archive = yaml.safe_load((REPO / "handler" / "model-config.yaml").read_text())
-    image_bytes = 3 * PRESETS["seed-full"].image_size ** 2  # uint8 pixels, as a GPU worker keeps them
+    size = PRESETS["seed-full"].image_size
     images = archive["batchSize"] * archive["handler"]["max_instances"]  # KServe v1: several per request
-    assert _quantity_bytes(volume["emptyDir"]["sizeLimit"]) >= 4 * images * image_bytes  # and for 4x the batchSize
-    assert _quantity_bytes(volume["emptyDir"]["sizeLimit"]) < _quantity_bytes(container["resources"]["limits"]["memory"])
+    batch_bytes = block_bytes(images, (3, size, size), np.uint8)  # uint8 pixels, as a GPU worker keeps them
+    shm_bytes = _quantity_bytes(volume["emptyDir"]["sizeLimit"])
+    assert shm_bytes >= 4 * batch_bytes  # and for 4x the batchSize
+    assert shm_bytes < _quantity_bytes(container["resources"]["limits"]["memory"])
 
 
 def test_kserve_config_properties_fits_the_runtime_layout():
