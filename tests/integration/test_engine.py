@@ -190,6 +190,20 @@ def test_a_batch_beyond_the_largest_static_shape_runs_in_parts(tiny_engine, gold
     assert static.last_stats["row_buckets"][0] == 12 and set(static._static_caches) <= set(STATIC_ROW_BUCKETS)
 
 
+def test_a_batch_of_more_images_than_the_largest_image_major_shape_runs_in_parts(tiny_engine, golden_pixels,
+                                                                                   monkeypatch):
+    """The image-major layout caps images as well as rows (256 images of one caption each are far
+    below its 6144 rows): each part holds at most `max_images` images."""
+    from model.layouts import ImageMajor
+
+    _, pixels = golden_pixels
+    monkeypatch.setattr(ImageMajor, "max_images", 2)  # instead of 256
+    plans = [make_plan({"seed": s, "styles": ["concise"], "num_captions": 1, "max_new_tokens": 4}) for s in range(3)]
+    static = CaptionEngine(tiny_engine.model, tiny_engine.vocab, static_shapes=True, static_layout="images")
+    assert static._parts(plans) == [slice(0, 2), slice(2, 3)]  # 2 rows, then 1: the row cap is far away
+    assert static.generate(pixels, plans) == tiny_engine.generate(pixels, plans)
+
+
 def test_compiled_encoder_runs_power_of_two_batches_only(plain_tiny_engine, golden_pixels):
     """After warm-up a partial batch (3 images) pads to the 4-image graph: no new compilation,
     and each image's tokens are those of the plain encoder."""

@@ -389,6 +389,11 @@ def test_metrics_are_emitted_with_the_declared_dimensions(served, caplog):
     assert emitted["CaptionServerErrorsTotal"].startswith("[METRICS]CaptionServerErrorsTotal.Count:0|")  # a 400
     assert "#type:COUNTER" in emitted["CaptionHandlerMsTotal"]
     assert "#type:COUNTER" in emitted["CaptionTokensTotal"]
+    # every new token of the six greedy captions, each ending with its [SEP] (golden ids: [CLS] ... [SEP])
+    goldens = torch.load(handler_harness.SEED / "golden.pt", weights_only=True)["images"]
+    new_tokens = sum(len(goldens[name]["greedy"][style]["ids"]) - 1 for name in ("chelsea.png", "rocket.jpg")
+                     for style in STYLES)
+    assert emitted["CaptionTokensTotal"].startswith(f"[METRICS]CaptionTokensTotal.Count:{new_tokens}|")
     assert "#type:HISTOGRAM" in emitted["CaptionBatchSeconds"]
     handler_ms = float(emitted["CaptionHandlerMs"].split(":", 1)[1].split("|", 1)[0])
     batch_seconds = float(emitted["CaptionBatchSeconds"].split(":", 1)[1].split("|", 1)[0])
