@@ -343,6 +343,7 @@ def test_batch_of_only_invalid_requests(served):
     (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), 507),
     (RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
                   "you tried to allocate 123456789 bytes."), 507),
+    (RuntimeError("could not create a primitive"), 507),  # oneDNN (the encoder's conv2d) short of memory
     (MemoryError(), 507),
     (RuntimeError("shape mismatch in some kernel"), 500),
     (KeyError("boom"), 500),
@@ -511,6 +512,15 @@ def test_failures_come_back_from_a_decode_process_as_plain_values():
         pool.shutdown()
     assert outcomes == [{"id": 0}, PreparationFailure(422, "odd (422)"), PreparationFailure(400, "holds a lambda"),
                         PreparationFailure(500, "internal error while decoding the image (RuntimeError)"), {"id": 4}]
+
+
+def test_an_archive_whose_code_is_shadowed_by_another_copy_stops_the_worker(tmp_path):
+    """From an extracted archive (MAR-INF), `model` and `handler` must be the archive's own copies:
+    here they come from the checkout, as a stale copy on PYTHONPATH would."""
+    assert captioner_handler._check_code_origin(tmp_path) == str(REPO)  # a plain model directory: any origin
+    (tmp_path / "MAR-INF").mkdir()
+    with pytest.raises(RuntimeError, match="packages not loaded from the model archive .*shadows them"):
+        captioner_handler._check_code_origin(tmp_path)
 
 
 def test_a_missing_dependency_is_named_not_taken_for_a_missing_handler():
