@@ -40,6 +40,25 @@ def test_int8_products_stay_within_two_percent_of_the_range(dtype, reduce_range)
     assert 0 < error < (0.03 if reduce_range else 0.02), error  # int8, not a copy of the float product
 
 
+@pytest.mark.parametrize("reduce_range, levels", [(False, 127), (True, 63)])
+def test_int8_products_are_the_quantized_rows_times_the_quantized_weight(reduce_range, levels):
+    """Each row mapped onto [-1, 1] by its midpoint and half-range is rounded to `levels` steps per
+    unit (8 bits: 255 values; 7 bits, CPUs without VNNI: 127), then multiplied by the int8 weight:
+    the same as that arithmetic in float64."""
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 200, bias=True)
+    x = torch.randn(6, 96) * 3 + 1
+    got = Int8Linear(linear, reduce_range)(x).double()
+    weight = linear.weight.double()
+    scale = weight.abs().amax(dim=1, keepdim=True) / 127
+    weight = (weight / scale).round() * scale  # int8 per output channel
+    low, high = x.double().aminmax(dim=1, keepdim=True)
+    mid, half = (high + low) / 2, (high - low) / 2
+    unit = ((x.double() - mid) / half * levels).round() / levels
+    expected = half * unit @ weight.T + mid * weight.sum(dim=1) + linear.bias.double()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+
+
 def golden_sequences_reproduced(engine, golden, golden_pixels, kind: str, options: dict) -> tuple[int, int]:
     """How many of the golden `kind` sequences (one caption per image and style) the engine writes."""
     names, pixels = golden_pixels

@@ -15,6 +15,9 @@ def test_target_verdicts():
         "cpu_one_image_s: 1.200 s (target <= 1.5 s) -> MET",
         "gpu_images_per_s: 120.000 images/s (target >= 300.0 images/s) -> MISSED",
     ]
+    # a figure exactly at its limit meets the target ("at most", "at least")
+    assert [line.rsplit(" ", 1)[1] for line in check_targets({"cpu_one_image_s": 1.5, "gpu_images_per_s": 300.0})] \
+        == ["MET", "MET"]
     assert check_targets({"cpu_one_image_s": None}) == []
     (line,) = check_targets({"cpu_one_image_s": 0.05}, full_size=False)
     assert line.endswith("-> not judged (not the full-size model)")
