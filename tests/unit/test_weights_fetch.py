@@ -2,7 +2,8 @@
 
 The server runs in a thread on 127.0.0.1 and a free port and serves a few MB of generated
 bytes with `Range` support; per test it can cut the first transfer after N bytes, ignore
-`Range`, or serve a Git LFS pointer. Every request's `Range` header is recorded so that
+`Range`, misstate a range's start or the file's total, stream without a length, or serve a Git
+LFS pointer. Every request's `Range` header is recorded so that
 the tests can see a resume happen.
 """
 
@@ -61,9 +62,12 @@ class _Handler(BaseHTTPRequestHandler):
                 self.end_headers()
                 return
             self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+            self.send_header("Content-Range", f"bytes {start + srv.range_shift}-{len(body) - 1}/{srv.total or len(body)}")
         else:
             self.send_response(200)
+        if srv.unsized_extra is not None:
+            self._stream_without_length(body[start:], srv.unsized_extra)
+            return
         self.send_header("Content-Length", str(len(body) - start))
         self.send_header("Accept-Ranges", "bytes" if srv.honour_range else "none")
         self.end_headers()
@@ -77,14 +81,32 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self.wfile.write(chunk)
 
+    def _stream_without_length(self, chunk: bytes, extra: int) -> None:
+        """No Content-Length (HTTP/1.0: the body ends when the connection closes): the bytes, then
+        `extra` more, counting what reached the socket until the client hangs up."""
+        self.end_headers()
+        block = b"\0" * (1 << 16)
+        try:
+            self.wfile.write(chunk)
+            self.server.sent += len(chunk)
+            while self.server.sent < len(chunk) + extra:
+                self.wfile.write(block)
+                self.server.sent += len(block)
+        except OSError:  # the client stopped reading and closed
+            pass
+
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, body: bytes, honour_range: bool = True, cut_first_after: int | None = None):
+    def __init__(self, body: bytes, honour_range: bool = True, cut_first_after: int | None = None,
+                 range_shift: int = 0, total: int | None = None, unsized_extra: int | None = None):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.body, self.honour_range, self.cut_first_after = body, honour_range, cut_first_after
+        # a 206's Content-Range start moved by `range_shift`, its total stated as `total`
+        self.range_shift, self.total, self.unsized_extra = range_shift, total, unsized_extra
         self.ranges: list[str | None] = []
+        self.sent = 0
 
     @property
     def url(self) -> str:
@@ -256,6 +278,61 @@ def test_complete_part_file_is_verified_and_renamed(serve, payload, digest, tmp_
     _fetch(srv, tmp_path / "weights.pt", digest, len(payload))
     assert srv.ranges == []  # nothing left to download
     assert (tmp_path / "weights.pt").read_bytes() == payload
+
+
+def test_part_file_longer_than_the_checkpoint_is_discarded_and_the_download_starts_over(serve, payload, digest,
+                                                                                         tmp_path):
+    srv = serve(payload)
+    (tmp_path / "weights.pt.part").write_bytes(payload + b"trailing junk")
+    _fetch(srv, tmp_path / "weights.pt", digest, len(payload))
+    assert srv.ranges == [None]  # no Range: it cannot be a prefix of the file
+    assert (tmp_path / "weights.pt").read_bytes() == payload
+
+
+def test_without_a_known_size_a_complete_part_file_is_finished_by_the_servers_416(serve, payload, digest, tmp_path):
+    srv = serve(payload)
+    (tmp_path / "weights.pt.part").write_bytes(payload)
+    _fetch(srv, tmp_path / "weights.pt", digest, None)
+    assert srv.ranges == [f"bytes={len(payload)}-"]  # answered 416: nothing left to send
+    assert (tmp_path / "weights.pt").read_bytes() == payload
+
+
+def test_a_range_answer_that_starts_elsewhere_is_refused_and_the_part_file_kept(serve, payload, digest, tmp_path):
+    srv = serve(payload, range_shift=-100)
+    part = tmp_path / "weights.pt.part"
+    part.write_bytes(payload[:CUT_AFTER])
+    with pytest.raises(FetchError, match=f"Range bytes={CUT_AFTER}- with 'bytes {CUT_AFTER - 100}-"):
+        _fetch(srv, tmp_path / "weights.pt", digest, len(payload))
+    assert part.read_bytes() == payload[:CUT_AFTER]  # appending would have shifted every byte after it
+
+
+def test_a_resumed_range_from_a_larger_file_is_refused_and_the_part_file_kept(serve, payload, digest, tmp_path):
+    srv = serve(payload, total=len(payload) + 1000)
+    part = tmp_path / "weights.pt.part"
+    part.write_bytes(payload[:CUT_AFTER])
+    with pytest.raises(ChecksumMismatch, match=f"serves {len(payload) + 1000:,} bytes"):
+        _fetch(srv, tmp_path / "weights.pt", digest, len(payload))
+    assert part.read_bytes() == payload[:CUT_AFTER]  # still a good prefix, perhaps of the right URL's file
+
+
+def test_a_range_answer_that_ends_before_its_stated_total_is_resumed(serve, payload, digest, tmp_path):
+    """206 "bytes 100-(end)/(end + 1000)" sent in full: the transfer ended early by what the server
+    itself promised, so it is resumed, not checked (and deleted) as a wrong file."""
+    srv = serve(payload, total=len(payload) + 1000)
+    part = tmp_path / "weights.pt.part"
+    part.write_bytes(payload[:CUT_AFTER])
+    with pytest.raises(FetchError, match=f"transfer ended after {len(payload):,} of {len(payload) + 1000:,} bytes"):
+        _fetch(srv, tmp_path / "weights.pt", digest, None, retries=0)
+    assert part.read_bytes() == payload
+
+
+def test_a_stream_without_a_length_is_read_no_further_than_the_checkpoint(serve, payload, digest, tmp_path):
+    extra = 256 * 1024 * 1024  # far more than any socket buffers
+    srv = serve(payload, unsized_extra=extra)
+    with pytest.raises(ChecksumMismatch, match="bytes, expected"):
+        _fetch(srv, tmp_path / "weights.pt", digest, len(payload))
+    assert srv.sent < len(payload) + extra // 4  # the client hung up after one chunk too many
+    assert not (tmp_path / "weights.pt").exists() and not (tmp_path / "weights.pt.part").exists()
 
 
 def test_already_present_verified_file_is_skipped(serve, payload, digest, tmp_path):
