@@ -1,4 +1,4 @@
-"""scripts/serve.py's own logic, without starting TorchServe: how long it waits for READY, how many threads the worker gets."""
+"""scripts/serve.py's own logic, without starting TorchServe: how long it waits for READY, how many threads the worker gets, the port settings and the properties it reads."""
 
 import json
 import os
@@ -146,3 +146,65 @@ def test_the_worker_gets_the_usable_cores_but_one(monkeypatch):
     assert env["OMP_NUM_THREADS"] == "1"
     env = {"OMP_NUM_THREADS": "6"}
     assert "from the environment" in serve.thread_settings(env) and env["OMP_NUM_THREADS"] == "6"
+
+
+@pytest.mark.parametrize("port", ["0", "65536", "8o80", "-1", "80.5"])
+def test_a_port_setting_that_is_no_port_number_stops_the_run(port):
+    with pytest.raises(serve.Failure, match=f"INFERENCE_PORT='{port}' is not a port number"):
+        serve.server_config({"INFERENCE_PORT": port})
+
+
+def test_port_settings_go_into_a_copy_of_the_shipped_config(tmp_path, monkeypatch):
+    monkeypatch.setattr(serve, "WORK", tmp_path)
+    assert serve.server_config({"INFERENCE_PORT": " "})[0] == serve.SHIPPED_CONFIG  # blank: not given
+    path, props = serve.server_config({"INFERENCE_PORT": "65535", "GRPC_INFERENCE_PORT": "1"})
+    assert path == tmp_path / "config.properties"
+    written = serve.read_properties(path)
+    assert written["inference_address"].endswith(":65535") and written["grpc_inference_port"] == "1"
+    assert props["inference_address"] == written["inference_address"]
+    assert written["management_address"] == serve.read_properties(serve.SHIPPED_CONFIG)["management_address"]
+
+
+def test_properties_skip_comments_and_token_authorization_is_off_only_when_turned_off(tmp_path):
+    path = tmp_path / "config.properties"
+    path.write_text("# disable_token_authorization=true\n! enable_model_api=true\n  inference_address = http://h:1 \n")
+    assert serve.read_properties(path) == {"inference_address": "http://h:1"}
+    assert serve.token_authorization(serve.read_properties(path))
+    path.write_text("disable_token_authorization= True \n")
+    assert not serve.token_authorization(serve.read_properties(path))
+
+
+def test_waiting_for_ready_waits_past_a_worker_that_is_still_loading(monkeypatch):
+    """TorchServe lists a loading worker (status UNLOADING in 0.12) before it is READY."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from tests.local_http import serving
+
+    answers = ["UNLOADING", "UNLOADING", "READY"]
+    asked = []
+
+    class Management(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):  # noqa: N802 - http.server's naming
+            asked.append(self.path)
+            status = answers[min(len(asked), len(answers)) - 1]
+            body = json.dumps([{"modelName": "captioner", "workers": [{"id": "9000", "status": status}]}]).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    monkeypatch.setattr(serve, "load_failure", lambda offset: None)
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        with serving(ThreadingHTTPServer(("127.0.0.1", 0), Management)) as server:
+            props = {"management_address": f"http://127.0.0.1:{server.server_address[1]}",
+                     "disable_token_authorization": "true"}
+            description = serve.wait_ready(process, props, timeout_s=60)
+    finally:
+        process.kill()
+        process.wait()
+    assert description["workers"] == [{"id": "9000", "status": "READY"}]
+    assert asked == ["/models/captioner"] * 3
