@@ -1,4 +1,5 @@
-"""scripts/serve.py's own logic, without starting TorchServe: how long it waits for READY, how many threads the worker gets, the port settings and the properties it reads."""
+"""scripts/serve.py's own logic, without starting TorchServe: how long it waits for READY, how many
+threads the worker gets, the port settings and the properties it reads."""
 
 import json
 import os
