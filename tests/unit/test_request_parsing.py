@@ -79,6 +79,10 @@ def test_styles_text_is_left_for_make_plan_to_split():
     options = parse_request({"body": IMAGE, "styles": b"Descriptive, concise"}).options
     assert options == {"styles": "Descriptive, concise"}
     assert make_plan(options).styles == ("concise", "descriptive")
+    # never read as a number, so the error names the style the client sent
+    assert parse_request({"body": IMAGE, "styles": b"1"}).options == {"styles": "1"}
+    with pytest.raises(OptionError, match="unknown style 'nan'"):
+        make_plan(parse_request({"body": IMAGE, "styles": b"nan"}).options)
 
 
 def test_empty_query_value_means_not_given():
