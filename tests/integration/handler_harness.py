@@ -190,4 +190,6 @@ def prepare_or_raise(row, _preparation):
         raise error
     if kind == "runtime":
         raise RuntimeError("boom")
+    if kind == "pillow":  # what Pillow raises for a cut file, had decode_image not wrapped it
+        raise OSError("image file is truncated (3 bytes not processed)")
     return row

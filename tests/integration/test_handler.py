@@ -504,14 +504,16 @@ def test_failures_come_back_from_a_decode_process_as_plain_values():
     or look like a dead process, instead of its own request."""
     from handler.preparation import PreparationFailure, make_pool, prepare_requests
 
-    rows = [{"id": 0}, {"raise": "unrebuildable"}, {"raise": "unpicklable"}, {"raise": "runtime"}, {"id": 4}]
+    rows = [{"id": 0}, {"raise": "unrebuildable"}, {"raise": "unpicklable"}, {"raise": "runtime"}, {"raise": "pillow"},
+            {"id": 5}]
     pool = make_pool(processes=1, threads=1, intra_op_threads=1)
     try:
         outcomes = pool.submit(prepare_requests, rows, None, handler_harness.prepare_or_raise).result(timeout=120)
     finally:
         pool.shutdown()
     assert outcomes == [{"id": 0}, PreparationFailure(422, "odd (422)"), PreparationFailure(400, "holds a lambda"),
-                        PreparationFailure(500, "internal error while decoding the image (RuntimeError)"), {"id": 4}]
+                        PreparationFailure(500, "internal error while decoding the image (RuntimeError)"),
+                        PreparationFailure(400, "image file is truncated (3 bytes not processed)"), {"id": 5}]
 
 
 def test_an_archive_whose_code_is_shadowed_by_another_copy_stops_the_worker(tmp_path):

@@ -18,6 +18,7 @@ pytestmark = pytest.mark.unit
         ("it was 3 . 5 m tall , 1 , 000 people came", "It was 3.5 m tall, 1,000 people came."),
         ("a man ( in red ) waves", "A man (in red) waves."),
         ("a dog ,", "A dog."),
+        ("a cat,a dog.it sleeps;well", "A cat, a dog. It sleeps; well."),  # one space after punctuation
         ("  spaced   out  ", "Spaced out."),
         ("", ""),
     ],
