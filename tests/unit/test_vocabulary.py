@@ -52,6 +52,13 @@ def test_encode_round_trips_golden_input_ids(golden):
         assert [CLS_ID] + vocab.encode(golden["captions"][name]["concise"]) == ids
 
 
+def test_encode_lower_cases_strips_accents_and_splits_punctuation_as_bert_uncased_does():
+    vocab = Vocabulary()
+    ids = vocab.encode("Café, naïve!")
+    assert [vocab.tokens[i] for i in ids] == ["cafe", ",", "naive", "!"]
+    assert ids == vocab.encode("cafe , naive !")
+
+
 def test_bad_vocabulary_file(tmp_path):
     short = tmp_path / "vocab.txt"
     short.write_text("[PAD]\n[UNK]\n")
