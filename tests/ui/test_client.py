@@ -71,6 +71,19 @@ def test_400_from_torchserve_message_field(stub):
     assert result.kind == client.BAD_REQUEST and "Parameter model_name is required." in result.message
 
 
+def test_a_long_error_text_is_cut_to_its_limit(stub):
+    stub.reply(400, {"error": "x" * 5000})
+    result = client.caption(settings(stub.url), SAMPLE)
+    assert len(result.detail) == client.DETAIL_LIMIT and result.detail == "x" * (client.DETAIL_LIMIT - 1) + "…"
+
+
+def test_413_too_large(stub):
+    stub.reply(413, {"code": 413, "type": "RequestEntityTooLargeException", "message": "request too large"})
+    result = client.caption(settings(stub.url), SAMPLE)
+    assert result.kind == client.BAD_REQUEST and result.status == 413
+    assert "too large for the server" in result.message and "smaller file" in result.message
+
+
 @pytest.mark.parametrize("status", [401, 403])
 def test_wrong_key(stub, status):
     stub.reply(status, {"code": status, "type": "InvalidKeyException", "message": "Token Authorization failed."})
@@ -144,6 +157,8 @@ def test_an_address_that_does_not_answer_fails_within_the_connect_timeout():
     result = client.caption(settings("http://10.255.255.1:8080", timeout=120), SAMPLE, session=Session())
     assert seen["timeout"] == (client.CONNECT_TIMEOUT, 120) and client.CONNECT_TIMEOUT <= 10
     assert result.kind == client.CONNECTION and f"no answer within {client.CONNECT_TIMEOUT:g} s" in result.message
+    client.caption(settings("http://10.255.255.1:8080", timeout=2), SAMPLE, session=Session())
+    assert seen["timeout"] == (2, 2)  # a whole timeout shorter than the connect one bounds connecting too
 
 
 @pytest.mark.parametrize("body, content_type", [
