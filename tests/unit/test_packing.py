@@ -37,10 +37,13 @@ def test_packed_linear_equals_linear(shape, bias, dtype):
     assert "oneDNN-packed" in repr(packed)
 
 
-def test_bfloat16_is_packed_exactly_where_onednn_multiplies_it():
+def test_bfloat16_is_packed_exactly_where_onednn_multiplies_it(monkeypatch):
     cpu = torch.device("cpu")
     assert prepack_available(cpu, torch.float32)
     assert prepack_available(cpu, torch.bfloat16) == ONEDNN_BF16
+    with monkeypatch.context() as patch:  # a CPU without bf16 products, whatever this one has
+        patch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+        assert not prepack_available(cpu, torch.bfloat16) and prepack_available(cpu, torch.float32)
     assert not prepack_available(cpu, torch.float16)
     assert not prepack_available(torch.device("cuda"), torch.float32)
     if not ONEDNN_BF16:  # what the check protects against
