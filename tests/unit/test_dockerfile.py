@@ -279,15 +279,16 @@ def test_entrypoint_runs_other_commands(container):
 
 def test_render_config_replaces_in_place_and_appends(tmp_path):
     base = tmp_path / "base.properties"
-    base.write_text("# comment\na=1\nb: 2\n\nc=3\na=again\n")
+    base.write_text("# comment\na=1\nb: 2\n\nc=3\na=again\ne: 5\n")
     out = tmp_path / "out" / "config.properties"
-    result = subprocess.run([sys.executable, str(RENDER), str(base), str(out), "a=10", "d=4", "url=http://x:1/y=z"],
-                            capture_output=True, text=True)
+    result = subprocess.run([sys.executable, str(RENDER), str(base), str(out), "a=10", "d=4", "url=http://x:1/y=z",
+                             "e=50"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     lines = out.read_text().splitlines()
     assert lines[0].startswith("# GENERATED")
     assert lines[1:6] == ["# comment", "a=10", "b: 2", "", "c=3"]
     assert lines.count("a=10") == 1 and "a=again" not in lines
+    assert "e=50" in lines and "e: 5" not in lines  # ':' separates a key too (Java properties)
     assert lines[-2:] == ["d=4", "url=http://x:1/y=z"]
     bad = subprocess.run([sys.executable, str(RENDER), str(base), str(out), "novalue"], capture_output=True, text=True)
     assert bad.returncode == 1 and "key=value" in bad.stderr
