@@ -47,7 +47,7 @@ def test_styles_as_comma_string():
         ({"top_p": 1.5}, "'top_p' must be between 0.0 and 1.0"),
         ({"top_k": True}, "must be a number"),
         ({"seed": -1}, "'seed' must be between"),
-        ({"seed": 2**63}, "'seed' must be between 0 and 9223372036854775807"),  # beyond int64: a tensor could not hold it
+        ({"seed": 2**63}, "'seed' must be between 0 and 9223372036854775807"),  # beyond int64 tensors
         ({"repetition_penalty": 0}, "'repetition_penalty' must be between 0.01 and 10.0, got 0"),
         ({"repetition_penalty": 1e-300}, "'repetition_penalty' must be between 0.01 and 10.0"),
         ({"repetition_penalty": 10.5}, "'repetition_penalty' must be between 0.01 and 10.0"),

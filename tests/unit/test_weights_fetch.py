@@ -3,8 +3,8 @@
 The server runs in a thread on 127.0.0.1 and a free port and serves a few MB of generated
 bytes with `Range` support; per test it can cut the first transfer after N bytes, ignore
 `Range`, misstate a range's start or the file's total, stream without a length, or serve a Git
-LFS pointer. Every request's `Range` header is recorded so that
-the tests can see a resume happen.
+LFS pointer. Every request's `Range` header is recorded so that the tests can see a resume
+happen.
 """
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self.end_headers()
                 return
             self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start + srv.range_shift}-{len(body) - 1}/{srv.total or len(body)}")
+            total = srv.total or len(body)
+            self.send_header("Content-Range", f"bytes {start + srv.range_shift}-{len(body) - 1}/{total}")
         else:
             self.send_response(200)
         if srv.unsized_extra is not None:
@@ -316,8 +317,8 @@ def test_a_resumed_range_from_a_larger_file_is_refused_and_the_part_file_kept(se
 
 
 def test_a_range_answer_that_ends_before_its_stated_total_is_resumed(serve, payload, digest, tmp_path):
-    """206 "bytes 100-(end)/(end + 1000)" sent in full: the transfer ended early by what the server
-    itself promised, so it is resumed, not checked (and deleted) as a wrong file."""
+    """A 206 "bytes N-(last)/(size + 1000)" sent in full, no size expected: the transfer ended short of
+    what the server itself promised, so it is left to resume, not checked (and deleted) as a wrong file."""
     srv = serve(payload, total=len(payload) + 1000)
     part = tmp_path / "weights.pt.part"
     part.write_bytes(payload[:CUT_AFTER])
