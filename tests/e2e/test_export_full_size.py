@@ -146,6 +146,18 @@ def test_export_refuses_a_model_config_with_a_pt2_section(tmp_path):
                       model_config=model_config, progress=lambda _line: None)
 
 
+@pytest.mark.parametrize("name", ["build_info.json", "model", "captioner_handler.py", "model-config.yaml"])
+def test_export_refuses_a_weights_file_named_like_an_archive_file(tmp_path, name):
+    """The archive's files sit side by side in the model directory: a checkpoint named like one of
+    them would replace it (or be replaced)."""
+    weights = tmp_path / "in" / name
+    weights.parent.mkdir()
+    shutil.copy(SEED / "weights.pt", weights)
+    with pytest.raises(ExportError, match=f"the weights file name '{name}' clashes with an archive file"):
+        build_archive(weights, SEED / "config.json", output=tmp_path / "out", progress=lambda _line: None)
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
 def _tiny_archive(weights: Path, output: Path, archive_format: str = "default") -> ArchiveResult:
     return build_archive(weights, SEED / "config.json", output=output, archive_format=archive_format,
                          progress=lambda _line: None)
