@@ -137,6 +137,7 @@ def test_weights_that_are_not_dense_floats_are_refused_by_name(tmp_path, change,
     # sizes a worker would only trip over at load or at the first image (export used to pass them)
     ({"image_size": 80}, "image_size 80 must be a multiple of 32"),
     ({"embed_dim": "64"}, "field 'embed_dim' must be a JSON int, got '64'"),
+    ({"depth": True}, "field 'depth' must be a JSON int, got True"),  # Python's bool is an int
     ({"num_heads": 0}, "field 'num_heads' must be positive"),
     ({"embed_dim": 60, "num_heads": 4}, "embed_dim 60 must split into num_heads 4 heads of an even size"),
     ({"vision": {"num_attention_heads": 5}}, "vision hidden_size 384 must divide by its num_attention_heads 5"),

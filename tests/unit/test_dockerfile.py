@@ -361,6 +361,9 @@ def test_healthcheck_fails_on_wrong_key_unhealthy_model_or_missing_file(ping_ser
     ping_server.answer = (500, {"status": "Unhealthy"})
     unhealthy = _check(ping_server, tmp_path)
     assert unhealthy.returncode == 1 and "Unhealthy" in unhealthy.stdout
+    ping_server.answer = (200, {"status": "Partial Healthy"})  # 200, but not every model has its workers
+    partial = _check(ping_server, tmp_path)
+    assert partial.returncode == 1 and "Partial Healthy" in partial.stdout
     missing = _check(ping_server, tmp_path / "nowhere")
     assert missing.returncode == 1 and "still starting" in missing.stdout
 

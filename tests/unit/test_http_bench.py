@@ -255,6 +255,14 @@ def test_metric_totals_and_mean_batch_size(stub):
     assert http_server.metric_totals(f"http://127.0.0.1:{http_bench_free_port()}", "m") is None
 
 
+def test_mean_batch_size_waits_until_every_request_is_counted(monkeypatch):
+    """Metrics reach the frontend through the worker's log: a read right after the level can miss
+    the last batches."""
+    reads = iter([(6.0, 2.0), (12.0, 3.0)])  # 2 of 8 requests counted, then all 8 in 2 batches
+    monkeypatch.setattr(http_server, "metric_totals", lambda url, model: next(reads))
+    assert http_server.mean_batch_size("http://metrics", "m", (4.0, 1.0), expected_requests=8) == pytest.approx(4.0)
+
+
 def test_registration_settings_are_checked():
     mode = Mode("b8-d50", "m-b8", 8, 50)
     http_server.check_applied(mode, {"batchSize": 8, "maxBatchDelay": 50})

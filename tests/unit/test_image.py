@@ -24,6 +24,7 @@ from model.image import (
     decode_image,
     image_to_uint8_tensor,
     jpeg_scan_count,
+    limit_aspect_ratio,
     load_pixel_values,
     normalize,
     resize_shorter_side,
@@ -199,6 +200,17 @@ def test_extreme_strips_are_cropped_quickly(size):
     assert time.monotonic() - started < 5
     expected = normalize(torch.tensor(BLUE, dtype=torch.uint8).view(3, 1, 1)).flatten()
     assert torch.allclose(values.mean(dim=(1, 2)), expected, atol=TOLERANCE)
+
+
+def test_aspect_crop_keeps_the_centre_at_ten_to_one():
+    strip = Image.new("RGB", (10000, 20))
+    strip.paste(RED, (4900, 0, 5100, 20))  # exactly the centre 10:1 region
+    for image in (strip, strip.transpose(Image.Transpose.ROTATE_90)):
+        cropped = limit_aspect_ratio(image)
+        assert sorted(cropped.size) == [20, 200]
+        assert cropped.getcolors() == [(200 * 20, RED)]
+    photo = Image.new("RGB", (200, 20))  # 10:1 already: the same object back
+    assert limit_aspect_ratio(photo) is photo
 
 
 def test_aspect_crop_does_not_change_the_centre_of_a_moderate_strip():
