@@ -89,6 +89,14 @@ def test_wrong_shape_missing_and_unexpected_keys_are_named(tmp_path):
     assert "unexpected key(s): extra.weight" in message
 
 
+def test_a_long_list_of_keys_is_cut_and_counted(tmp_path):
+    state = torch.load(SEED_TINY / "weights.pt", weights_only=True)
+    state.update({f"extra.{k:02d}": torch.zeros(1) for k in range(20)})
+    torch.save(state, tmp_path / "extra.pt")
+    with pytest.raises(CheckpointError, match=r"20 unexpected key\(s\): extra.00, .*, extra.07 \.\.\. and 12 more"):
+        load_state_dict(tmp_path / "extra.pt", CaptionConfig.from_json(SEED_TINY / "config.json"))
+
+
 def test_full_size_checkpoint_against_tiny_config_fails(tmp_path):
     with pytest.raises(CheckpointError, match="mis-shaped"):
         load_state_dict(SEED_TINY / "weights.pt", PRESETS["seed-full"])
