@@ -33,14 +33,21 @@ class CaptionModel(nn.Module):
         self.token_embeddings = nn.Embedding(config.vocab_size, config.embed_dim)
         self.vision_encoder = VisionEncoder(config)
         self.text_transformer = DecoderTransformer(config)
-        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_base, config.rope_table_dtype)
+        cos, sin = self._rope_tables()
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
+    def _rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        config = self.config
+        return rope_tables(config.head_dim, config.max_seq_len, config.rope_base, config.rope_table_dtype)
+
     def _apply(self, fn, recurse=True):
-        # Keep the RoPE tables in float32 whatever dtype the weights are cast to.
+        # The RoPE tables follow the weights' device but keep their float32 values, rounded once
+        # as the config says, whatever dtype the weights are cast to (a cast and back would round
+        # a float32 or float16 table to the weights' dtype).
         super()._apply(fn, recurse)
-        self.rope_cos, self.rope_sin = self.rope_cos.float(), self.rope_sin.float()
+        device = self.rope_cos.device
+        self.rope_cos, self.rope_sin = (table.to(device) for table in self._rope_tables())
         return self
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

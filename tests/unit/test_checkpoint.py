@@ -50,6 +50,22 @@ def test_marker_embeddings_come_from_the_checkpoint():
     assert torch.equal(prefix[0, -1], state["token_embeddings.weight"][30523].float())
 
 
+def test_rope_tables_stay_float32_when_the_model_is_cast():
+    """The tables are rounded once, as the config says (the seed's bfloat16), and keep that exact
+    float32 value whatever dtype the weights take: a float32-table config keeps every bit."""
+    import dataclasses
+
+    from model.captioner import CaptionModel
+    from model.layers import rope_tables
+
+    config = dataclasses.replace(PRESETS["seed-tiny"], rope_table_dtype="float32")
+    model = CaptionModel(config).to(torch.bfloat16)
+    cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_base, "float32")
+    assert model.rope_cos.dtype == model.rope_sin.dtype == torch.float32
+    assert torch.equal(model.rope_cos, cos) and torch.equal(model.rope_sin, sin)
+    assert not torch.equal(cos, cos.bfloat16().float())  # so a bfloat16 cast would have shown
+
+
 def test_truncated_file(tmp_path):
     data = (SEED_TINY / "weights.pt").read_bytes()
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
