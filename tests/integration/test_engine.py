@@ -16,6 +16,7 @@ OPTION_SETS = [
     {"seed": 3},
     {"seed": 11, "temperature": 1.0, "top_k": 0, "top_p": 0.95, "num_captions": 3},
     {"seed": 5, "styles": ["narrative"], "repetition_penalty": 1.0, "no_repeat_ngram_size": 4, "max_new_tokens": 12},
+    {"seed": 2, "no_repeat_ngram_size": 8, "max_new_tokens": 3},  # n-grams longer than the whole caption
 ]
 
 
