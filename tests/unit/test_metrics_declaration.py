@@ -31,7 +31,6 @@ def test_every_handler_metric_is_declared_with_its_type_and_unit():
         assert declared[name][2] == ["ModelName", "Level"], name
 
 
-
 def test_a_metrics_failure_never_reaches_the_requests(caplog):
     """`emit` is best effort: whatever the metrics library raises is logged, not raised into the
     batch (whose answers are ready by then)."""

@@ -14,18 +14,22 @@ from scripts import serve
 pytestmark = pytest.mark.unit
 
 
-def test_waiting_for_ready_gives_up_with_the_worker_log(tmp_path, monkeypatch):
+@pytest.fixture
+def server_process():
+    """A stand-in for TorchServe's process that stays up while a test waits on it."""
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    yield process
+    process.kill()
+    process.wait()
+
+
+def test_waiting_for_ready_gives_up_with_the_worker_log(tmp_path, monkeypatch, server_process):
     monkeypatch.setattr(serve, "KEY_FILE", tmp_path / "key_file.json")  # never written: the server is stuck
     monkeypatch.setattr(serve, "log_tail", lambda name: f"tail of {name}")
-    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
-    try:
-        started = time.monotonic()
-        with pytest.raises(serve.Failure, match=r"not ready after 1 s (?s:.*)tail of model_log.log"):
-            serve.wait_ready(process, {"management_address": "http://127.0.0.1:9"}, timeout_s=1)
-        assert time.monotonic() - started < 10
-    finally:
-        process.kill()
-        process.wait()
+    started = time.monotonic()
+    with pytest.raises(serve.Failure, match=r"not ready after 1 s (?s:.*)tail of model_log.log"):
+        serve.wait_ready(server_process, {"management_address": "http://127.0.0.1:9"}, timeout_s=1)
+    assert time.monotonic() - started < 10
 
 
 def test_ready_timeout_outlasts_the_archive_startup_timeout():
@@ -58,7 +62,7 @@ def test_the_compile_cache_outlives_the_run():
     assert serve.compile_cache_env({"TORCHINDUCTOR_CACHE_DIR": "/data/cache"}) == {"TORCHINDUCTOR_CACHE_DIR": "/data/cache"}
 
 
-def test_a_worker_that_fails_to_load_ends_the_wait_with_its_error(tmp_path, monkeypatch):
+def test_a_worker_that_fails_to_load_ends_the_wait_with_its_error(tmp_path, monkeypatch, server_process):
     """TorchServe retries a worker whose initialize raised, for up to startupTimeout; make serve
     stops at the first failure of this run (earlier runs' lines in the appended log do not count)."""
     (tmp_path / "logs").mkdir()
@@ -72,16 +76,11 @@ def test_a_worker_that_fails_to_load_ends_the_wait_with_its_error(tmp_path, monk
     with open(log, "a") as out:
         out.write("2026-01-01 [INFO ] W-9000-captioner_1.0-stdout MODEL_LOG - Failed to load model captioner, "
                   "exception TorchServe assigned GPU 0 to this worker, but PyTorch cannot use CUDA\n")
-    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
-    try:
-        started = time.monotonic()
-        with pytest.raises(serve.Failure, match="could not load captioner: Failed to load model captioner, exception "
-                                                "TorchServe assigned GPU 0"):
-            serve.wait_ready(process, {"management_address": "http://127.0.0.1:9"}, timeout_s=600, log_offset=offset)
-        assert time.monotonic() - started < 10
-    finally:
-        process.kill()
-        process.wait()
+    started = time.monotonic()
+    with pytest.raises(serve.Failure, match="could not load captioner: Failed to load model captioner, exception "
+                                            "TorchServe assigned GPU 0"):
+        serve.wait_ready(server_process, {"management_address": "http://127.0.0.1:9"}, timeout_s=600, log_offset=offset)
+    assert time.monotonic() - started < 10
 
 
 def test_the_archive_is_stale_when_the_code_it_packs_changes_whatever_the_file_times(tmp_path, monkeypatch):
@@ -175,7 +174,7 @@ def test_properties_skip_comments_and_token_authorization_is_off_only_when_turne
     assert not serve.token_authorization(serve.read_properties(path))
 
 
-def test_waiting_for_ready_waits_past_a_worker_that_is_still_loading(monkeypatch):
+def test_waiting_for_ready_waits_past_a_worker_that_is_still_loading(monkeypatch, server_process):
     """TorchServe lists a loading worker (status UNLOADING in 0.12) before it is READY."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -198,14 +197,9 @@ def test_waiting_for_ready_waits_past_a_worker_that_is_still_loading(monkeypatch
             self.wfile.write(body)
 
     monkeypatch.setattr(serve, "load_failure", lambda offset: None)
-    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
-    try:
-        with serving(ThreadingHTTPServer(("127.0.0.1", 0), Management)) as server:
-            props = {"management_address": f"http://127.0.0.1:{server.server_address[1]}",
-                     "disable_token_authorization": "true"}
-            description = serve.wait_ready(process, props, timeout_s=60)
-    finally:
-        process.kill()
-        process.wait()
+    with serving(ThreadingHTTPServer(("127.0.0.1", 0), Management)) as server:
+        props = {"management_address": f"http://127.0.0.1:{server.server_address[1]}",
+                 "disable_token_authorization": "true"}
+        description = serve.wait_ready(server_process, props, timeout_s=60)
     assert description["workers"] == [{"id": "9000", "status": "READY"}]
     assert asked == ["/models/captioner"] * 3
